@@ -1,0 +1,227 @@
+"""
+The Stable Diffusion parts, through diffusers/transformers classes only: load them from a hub id or a folder in
+the SD1.5 layout (unet/ vae/ text_encoder/ tokenizer/ scheduler/), encode prompts and images, noise, and a
+plain-torch DDIM sampler with classifier-free guidance that training (self-sampling) and evaluation share.
+A model without vae/ works in pixel space: that is the tiny world's model, built by `build_tiny_model`.
+"""
+import json
+import os
+
+import diffusers
+import torch
+import transformers
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+# the libraries' per-file progress bars and their hint to install accelerate would bury our own progress bar
+for _lib in (diffusers, transformers):
+    _lib.utils.logging.set_verbosity_error()
+    _lib.utils.logging.disable_progress_bar()
+
+PARTS = ("unet", "text_encoder", "tokenizer", "scheduler")  # + "vae" for latent models
+
+
+def check_model_path(path):
+    """FileNotFoundError unless `path` is an SD-layout folder or looks like a hub id. Reads no weights."""
+    local = os.path.isdir(path)
+    if not local and (path.startswith((".", "/", "~")) or os.path.exists(path)):
+        raise FileNotFoundError(f"model folder {path!r} does not exist (expected an SD-layout folder or a hub id)")
+    if local:
+        missing = [p for p in PARTS if not os.path.isdir(os.path.join(path, p))]
+        if missing:
+            raise FileNotFoundError(f"model folder {path!r} lacks {', '.join(missing)}/ (SD1.5 layout: "
+                                    f"{' '.join(p + '/' for p in PARTS)} and optionally vae/)")
+    return local
+
+
+def load_model(path, device="cpu", frozen_dtype=torch.float32):
+    """-> dict(unet, vae or None, text_encoder, tokenizer, scheduler). The UNet stays fp32 (master weights);
+    the frozen text encoder and VAE may be cast to `frozen_dtype`."""
+    local = check_model_path(path)
+    kw = dict(local_files_only=local)
+    m = {
+        "unet": UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw).to(device),
+        "text_encoder": CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw),
+        "tokenizer": CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw),
+        # DDIMScheduler reads SD1.5's PNDM config too; we use its betas/alphas, never its .step()
+        "scheduler": DDIMScheduler.from_pretrained(path, subfolder="scheduler", **kw),
+        "vae": None,
+    }
+    if not local or os.path.isdir(os.path.join(path, "vae")):
+        m["vae"] = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
+    if m["scheduler"].config.prediction_type != "epsilon":
+        raise ValueError(f"{path}: prediction_type={m['scheduler'].config.prediction_type!r}; only 'epsilon' "
+                         "(SD1.x) is implemented")
+    for k in ("text_encoder", "vae"):
+        if m[k] is not None:
+            m[k].to(device=device, dtype=frozen_dtype).eval().requires_grad_(False)
+    return m
+
+
+def save_frozen_parts(m, out_dir):
+    """Write everything but the UNet (text encoder, tokenizer, scheduler, vae) so out_dir is an SD-layout folder."""
+    for k in ("text_encoder", "tokenizer", "scheduler", "vae"):
+        if m[k] is not None:
+            m[k].save_pretrained(os.path.join(out_dir, k))
+    index = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
+             "feature_extractor": [None, None], "requires_safety_checker": False}
+    if m["vae"] is not None:
+        index["vae"] = ["diffusers", "AutoencoderKL"]
+    with open(os.path.join(out_dir, "model_index.json"), "w") as f:
+        json.dump(index, f, indent=2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# encoding
+
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder, prompts):
+    """list of B strings -> (B, 77, D) last hidden states, as SD1.5 conditions on them (padded to 77 tokens)."""
+    ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids.to(text_encoder.device)
+    return text_encoder(ids)[0]
+
+
+@torch.no_grad()
+def images_to_latents(vae, images, generator=None):
+    """(B, 3, H, W) in [-1, 1] -> diffusion space: VAE latents x scaling factor (0.18215 for SD1.5), or the
+    pixels themselves for a pixel-space model."""
+    if vae is None:
+        return images
+    dist = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
+    return (dist.sample(generator) * vae.config.scaling_factor).float()
+
+
+@torch.no_grad()
+def latents_to_images(vae, x):
+    """diffusion space -> (B, 3, H, W) float images in [-1, 1]."""
+    if vae is not None:
+        x = vae.decode((x / vae.config.scaling_factor).to(vae.dtype)).sample
+    return x.float().clamp(-1, 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# noising and sampling
+
+def add_noise(alphas_cumprod, x0, eps, t):
+    """DDPM forward process: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps."""
+    a = alphas_cumprod.to(x0.device)[t].view(-1, 1, 1, 1)
+    return a.sqrt() * x0 + (1 - a).sqrt() * eps
+
+
+def denoising_error(unet, alphas_cumprod, x0, eps, t, context):
+    """Per-sample mean over C,H,W of (eps - unet(x_t))^2 in float32: shape (B,). Mean, not sum (SSPO.md 1)."""
+    pred = unet(add_noise(alphas_cumprod, x0, eps, t), t, encoder_hidden_states=context).sample
+    return (pred.float() - eps.float()).pow(2).mean(dim=(1, 2, 3))
+
+
+@torch.no_grad()
+def ddim_sample(unet, scheduler, cond, uncond, noise, steps=20, guidance=7.5, eta=0.0, generator=None):
+    """DDIM (Song et al. 2021, eq. 12), the same update as diffusers' DDIMScheduler.step (tested against it),
+    with classifier-free guidance: cond and uncond in one batched forward. cond (B, 77, D), uncond (1 or B, 77, D),
+    noise (B, C, H, W) = x_T. Returns x_0 in the model's space (latents, or pixels), float32."""
+    cfg = scheduler.config
+    abar = scheduler.alphas_cumprod.to(noise.device, torch.float32)
+    ratio = cfg.num_train_timesteps // steps
+    # "leading" spacing + steps_offset, as SD1.5's DDIM/PNDM configs use
+    ts = (torch.arange(steps, device=noise.device) * ratio).flip(0) + cfg.steps_offset
+    final_abar = torch.tensor(1.0, device=noise.device) if cfg.set_alpha_to_one else abar[0]
+    B = noise.shape[0]
+    context = torch.cat([uncond.expand(B, -1, -1), cond]) if guidance != 1.0 else cond
+    x = noise.float()
+    dtype = next(unet.parameters()).dtype
+    for t in ts:
+        if guidance != 1.0:
+            e_u, e_c = unet(torch.cat([x, x]).to(dtype), t, encoder_hidden_states=context).sample.float().chunk(2)
+            eps = e_u + guidance * (e_c - e_u)
+        else:
+            eps = unet(x.to(dtype), t, encoder_hidden_states=context).sample.float()
+        a_t = abar[t]
+        a_prev = abar[t - ratio] if t - ratio >= 0 else final_abar
+        x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        if cfg.clip_sample:
+            x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
+        var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+        std = eta * var.sqrt()
+        x = a_prev.sqrt() * x0 + (1 - a_prev - std ** 2).sqrt() * eps
+        if eta > 0:
+            x = x + std * torch.randn(x.shape, generator=generator, device="cpu").to(x.device)
+    return x
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a tiny random model in the SD1.5 folder layout (the tiny world's model, and the SD path's test model)
+
+def _bytes_to_unicode():
+    # the byte -> printable-character table of GPT-2/CLIP BPE
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def build_tokenizer(words, out_dir):
+    """A real CLIPTokenizer whose BPE knows `words` whole (any other text falls back to single bytes).
+    Same special tokens, lower-casing and 77-token padding as SD1.5's; a few hundred ids instead of 49,408."""
+    base = _bytes_to_unicode()
+    vocab, merges = base + [c + "</w>" for c in base], []
+    for w in sorted(set(words)):
+        toks = list(w[:-1]) + [w[-1] + "</w>"]
+        while len(toks) > 1:  # merge left to right: r e d</w> -> re d</w> -> red</w>
+            merge, new = f"{toks[0]} {toks[1]}", toks[0] + toks[1]
+            if merge not in merges:
+                merges.append(merge)
+            if new not in vocab:
+                vocab.append(new)
+            toks = [new] + toks[2:]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    os.makedirs(out_dir, exist_ok=True)
+    tmp_vocab, tmp_merges = os.path.join(out_dir, "_vocab.json"), os.path.join(out_dir, "_merges.txt")
+    with open(tmp_vocab, "w") as f:
+        json.dump({t: i for i, t in enumerate(vocab)}, f)
+    with open(tmp_merges, "w") as f:
+        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")  # the loader skips the first line
+    tok = CLIPTokenizer(tmp_vocab, tmp_merges, pad_token="<|endoftext|>", model_max_length=77)
+    os.remove(tmp_vocab), os.remove(tmp_merges)
+    tok.save_pretrained(out_dir)
+    return tok
+
+
+def build_tiny_model(out_dir, words, resolution=16, channels=(32, 64), text_dim=32, with_vae=False, seed=0):
+    """Save a random SD-layout model to out_dir. Pixel space (no vae/) unless with_vae: then a tiny AutoencoderKL
+    with 4 latent channels and a downsampling factor of 2. Loaded back only through `load_model`."""
+    torch.manual_seed(seed)
+    tok = build_tokenizer(words, os.path.join(out_dir, "tokenizer"))
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=text_dim, intermediate_size=2 * text_dim, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    vae = None
+    in_ch, size = 3, resolution
+    if with_vae:
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+                            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                            layers_per_block=1, norm_num_groups=8, sample_size=resolution)
+        in_ch, size = 4, resolution // 2
+    unet = UNet2DConditionModel(
+        sample_size=size, in_channels=in_ch, out_channels=in_ch, layers_per_block=1,
+        block_out_channels=tuple(channels), norm_num_groups=8, cross_attention_dim=text_dim, attention_head_dim=8,
+        # attention only below full resolution: at 16x16 a full-resolution attention block costs ~3x the step
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(channels) - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (len(channels) - 1) + ("UpBlock2D",))
+    if with_vae:  # SD1.5's noise schedule and DDIM settings
+        sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    else:  # pixel space: the DDPM schedule, predicted x0 clipped to the image range
+        sched = DDIMScheduler(beta_start=1e-4, beta_end=0.02, beta_schedule="linear", clip_sample=True,
+                              set_alpha_to_one=False, steps_offset=1)
+    m = {"unet": unet, "text_encoder": text_encoder, "tokenizer": tok, "scheduler": sched, "vae": vae}
+    unet.save_pretrained(os.path.join(out_dir, "unet"))
+    save_frozen_parts(m, out_dir)
+    return out_dir

@@ -1,0 +1,157 @@
+"""The training script: strict config, the loss, one-line errors, exact resume, and DDP == one process."""
+import os
+
+import pytest
+import torch
+
+import train_sspo
+from conftest import FAST
+
+
+def test_config_files_and_overrides(tmp_path):
+    f = tmp_path / "c.py"
+    f.write_text("max_steps = 7\nlr = 1  # an int for a float key is fine\nunet_channels = (16, 32)\n")
+    cfg = train_sspo.get_config([str(f), "--max_steps=9", "--out_dir=out/x", "--guidance=1.5"])
+    assert cfg["max_steps"] == 9 and cfg["lr"] == 1.0 and type(cfg["lr"]) is float
+    assert cfg["out_dir"] == "out/x" and cfg["unet_channels"] == (16, 32) and cfg["guidance"] == 1.5
+    assert set(cfg) == set(train_sspo.DEFAULTS)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--max_stepz=3"], r"unknown key 'max_stepz' in --max_stepz=3 \(did you mean 'max_steps'\?\)"),
+    (["--max_steps=3.5"], r"max_steps in --max_steps=3.5 must be int"),
+    (["--max_steps=True"], r"max_steps .* must be int"),
+    (["--random_flip=1"], r"random_flip .* must be bool"),
+    (["--method=ppo"], r"method='ppo' is not one of 'sft'"),
+    (["--max_steps"], r"must be --key=value"),
+    (["configs/nope.py"], r"config file 'configs/nope.py' not found"),
+    (["--dataset=imagefolder"], r"needs data_path"),
+    (["--dataset=imagefolder", "--data_path=/no/such/folder"], r"data_path '/no/such/folder' does not exist"),
+    (["--batch_size=0"], r"batch_size must be >= 1"),
+])
+def test_config_errors(argv, match):
+    with pytest.raises(SystemExit, match=match):
+        train_sspo.get_config(argv)
+
+
+def test_config_file_errors(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("lr = 1e-4\nbatchsize = 4\n")
+    with pytest.raises(SystemExit, match=r"unknown key 'batchsize' in .*bad.py \(did you mean 'batch_size'\?\)"):
+        train_sspo.get_config([str(bad)])
+    broken = tmp_path / "broken.py"
+    broken.write_text("lr = (\n")
+    with pytest.raises(SystemExit, match=r"broken.py does not run: SyntaxError"):
+        train_sspo.get_config([str(broken)])
+
+
+def test_every_config_in_configs_dir_is_valid():
+    for name in sorted(os.listdir("configs")):
+        if name.endswith(".py"):
+            argv = [os.path.join("configs", name)]
+            if name == "sd15.py":  # its data path is the user's; check the rest of it
+                argv.append(f"--data_path={os.getcwd()}")
+            train_sspo.get_config(argv)
+
+
+def test_sft_loss_by_hand():
+    err = torch.tensor([0.5, 1.5, 4.0], requires_grad=True)
+    loss, stats = train_sspo.sft_loss(err)
+    assert loss.item() == pytest.approx(2.0)
+    loss.backward()
+    assert torch.allclose(err.grad, torch.full((3,), 1 / 3))
+
+
+def test_lr_schedule():
+    cfg = dict(train_sspo.DEFAULTS, lr=1.0, warmup_steps=10, max_steps=110, lr_schedule="cosine")
+    assert train_sspo.lr_at(0, cfg) == pytest.approx(0.1)
+    assert train_sspo.lr_at(9, cfg) == pytest.approx(1.0)
+    assert train_sspo.lr_at(60, cfg) == pytest.approx(0.55)
+    assert train_sspo.lr_at(110, cfg) == pytest.approx(0.1)
+    assert train_sspo.lr_at(60, dict(cfg, lr_schedule="constant")) == 1.0
+
+
+def test_step_randomness_is_dealt_like_the_sampler():
+    """Two ranks' draws, interleaved, are the one-process draws of the same global batch."""
+    cfg = dict(train_sspo.DEFAULTS, caption_dropout=0.5)
+    one = train_sspo.step_randomness(cfg, 3, 0, 0, 1, (8, 3, 4, 4), 1000)
+    r0 = train_sspo.step_randomness(cfg, 3, 0, 0, 2, (4, 3, 4, 4), 1000)
+    r1 = train_sspo.step_randomness(cfg, 3, 0, 1, 2, (4, 3, 4, 4), 1000)
+    for a, b, full in zip(r0, r1, one):
+        assert torch.equal(torch.stack([a, b], 1).flatten(0, 1), full)
+    other = train_sspo.step_randomness(cfg, 4, 0, 0, 1, (8, 3, 4, 4), 1000)
+    assert not torch.equal(one[0], other[0])
+
+
+def unet_weights(run_dir):
+    return torch.load(os.path.join(run_dir, "ckpt.pt"), map_location="cpu", weights_only=False)["unet"]
+
+
+def test_run_writes_a_loadable_run_and_refuses_to_overwrite(tmp_path, run):
+    out = str(tmp_path / "run")
+    p = run(FAST + [f"--out_dir={out}"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "eval step 0: eval_loss" in p.stdout and "eval step 4:" in p.stdout and "judge_heldout" in p.stdout
+    for f in ("ckpt.pt", "log.txt", "unet/config.json", "text_encoder/config.json", "tokenizer/tokenizer.json",
+              "scheduler/scheduler_config.json", "model_index.json", "samples/step000000.png", "samples/step000004.png"):
+        assert os.path.exists(os.path.join(out, f)), f
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=False)
+    assert ckpt["step"] == 4 and ckpt["config"]["max_steps"] == 4 and "optimizer" in ckpt
+    # unet/ holds the same weights as the checkpoint
+    import model
+    m = model.load_model(out)
+    for k, v in m["unet"].state_dict().items():
+        assert torch.equal(v, ckpt["unet"][k]), k
+    p = run(FAST + [f"--out_dir={out}"])
+    assert p.returncode != 0 and "already holds a run" in p.stderr
+    assert torch.equal(unet_weights(out)["conv_in.weight"], ckpt["unet"]["conv_in.weight"])  # nothing lost
+
+
+def test_resume_is_exact(tmp_path, run):
+    """Stopped at step 3 of 6 and resumed == 6 straight: the same weights, bit for bit (CPU)."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    args = FAST + ["--max_steps=6", "--grad_accum=2", "--tiny_size=40"]  # 40 examples: the epoch turns mid-run
+    assert run(args + [f"--out_dir={a}"]).returncode == 0
+    p = run(args + [f"--out_dir={b}", "--max_steps=3"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = run(args + [f"--out_dir={b}", "--init_from=resume"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resuming" in p.stdout and "config changed since: {'max_steps': (3, 6)}" in p.stdout
+    wa, wb = unet_weights(a), unet_weights(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    wc = torch.load(os.path.join(b, "ckpt.pt"), weights_only=False)
+    assert wc["step"] == 6 and wc["data_pos"] == (2, 2)  # 5 micro-batches an epoch; 12 taken = 5 + 5 + 2
+
+
+def test_resume_without_checkpoint_is_an_error(tmp_path, run):
+    p = run(FAST + [f"--out_dir={tmp_path}/none", "--init_from=resume"])
+    assert p.returncode != 0 and p.stderr.strip().splitlines()[-1].endswith("ckpt.pt does not exist")
+
+
+def test_ddp_two_processes_equal_one(tmp_path, run):
+    """torchrun with 2 processes x batch 4 ends with the weights of 1 process x batch 8 (float tolerance)."""
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    args = FAST + ["--max_steps=3", "--grad_accum=2", "--caption_dropout=0.5"]
+    p = run(args + [f"--out_dir={one}", "--batch_size=8"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = run(args + [f"--out_dir={two}", "--batch_size=4"], torchrun=2)
+    assert p.returncode == 0, p.stderr[-3000:] + p.stdout[-3000:]
+    assert "2 process(es)" in p.stdout
+    w1, w2 = unet_weights(one), unet_weights(two)
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-6, rtol=1e-5) for k in w1)
+    # and the comparison has teeth: a different global batch ends elsewhere
+    three = str(tmp_path / "three")
+    assert run(args + [f"--out_dir={three}", "--batch_size=8", "--seed=1"]).returncode == 0
+    w3 = unet_weights(three)
+    assert not all(torch.allclose(w1[k], w3[k], atol=1e-6, rtol=1e-5) for k in w1)
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--max_stepz=3"], "unknown key 'max_stepz'"),
+    (["--dataset=pickapic", "--data_path=/no/such/shards"], "data_path '/no/such/shards' does not exist"),
+    (["--init_from=/no/such/model"], "model folder '/no/such/model' does not exist"),
+])
+def test_errors_are_one_line(tmp_path, run, args, match):
+    p = run(FAST + [f"--out_dir={tmp_path}/r"] + args)
+    assert p.returncode != 0
+    assert len(p.stderr.strip().splitlines()) == 1 and match in p.stderr, p.stderr[-3000:]
