@@ -24,7 +24,8 @@ POSITIONS = {"left": (0.28, 0.5), "right": (0.72, 0.5), "top": (0.5, 0.28), "bot
 PREP = {"left": "on the", "right": "on the", "top": "at the", "bottom": "at the"}
 WORDS = [*COLOURS, *SHAPES, *POSITIONS, "a", "on", "at", "the"]
 RADIUS = 0.22  # half-size of a shape, as a fraction of the image side
-FLAWS = ("colour", "position", "shape", "noise", "blur")  # what the base distribution gets wrong
+ALL_FLAWS = ("colour", "position", "shape", "blur", "extra", "noise")  # what render() can get wrong
+FLAWS = ("colour", "position", "shape", "blur")  # the base distribution's default (see TinyWorld)
 
 ALL_COMBOS = list(itertools.product(COLOURS, SHAPES, POSITIONS))  # 48 prompts
 # 8 combinations never seen in training; each colour and position is held out twice, each shape two or three
@@ -62,7 +63,11 @@ def render(combo, resolution=16, rng=None, flaw=None):
     if flaw == "blur":
         img = img.filter(ImageFilter.GaussianBlur(0.09 * resolution))
     x = np.asarray(img, dtype=np.float32)
-    if flaw == "noise":
+    if flaw == "extra":  # a second shape of another colour somewhere else
+        other = (rng.choice([c for c in COLOURS if c != colour]), rng.choice(SHAPES),
+                 rng.choice([p for p in POSITIONS if p != position]))
+        x = np.maximum(x, render(other, resolution, rng))
+    if flaw == "noise":  # per-pixel noise: not a default flaw, it makes a small model's samples grainy everywhere
         x = x + rng.normal(0, 60, x.shape)
     return np.clip(x, 0, 255).round().astype(np.uint8)
 
@@ -180,11 +185,11 @@ class TinyWorld(torch.utils.data.Dataset):
     Pick-a-Pic drops its ties."""
 
     def __init__(self, mode="base", size=50_000, resolution=16, p_correct=0.4, seed=0, tie_margin=0.02,
-                 combos=None):
+                 combos=None, flaws=FLAWS):
         if mode not in ("base", "pairs"):
             raise ValueError(f"TinyWorld mode must be 'base' or 'pairs', got {mode!r}")
         self.mode, self.size, self.resolution, self.p_correct = mode, size, resolution, p_correct
-        self.seed, self.tie_margin, self.combos = seed, tie_margin, combos or TRAIN_COMBOS
+        self.seed, self.tie_margin, self.combos, self.flaws = seed, tie_margin, combos or TRAIN_COMBOS, tuple(flaws)
         self.epoch = 0  # the tiny world has no augmentation: items do not change across epochs
 
     def set_epoch(self, epoch):
@@ -194,7 +199,7 @@ class TinyWorld(torch.utils.data.Dataset):
         return self.size
 
     def draw(self, combo, rng):
-        flaw = None if rng.random() < self.p_correct else FLAWS[rng.integers(len(FLAWS))]
+        flaw = None if rng.random() < self.p_correct or not self.flaws else self.flaws[rng.integers(len(self.flaws))]
         return render(combo, self.resolution, rng, flaw)
 
     def __getitem__(self, i):

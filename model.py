@@ -76,12 +76,13 @@ def save_frozen_parts(m, out_dir):
 # ---------------------------------------------------------------------------------------------------------------
 # encoding
 
-@torch.no_grad()
 def encode_prompts(tokenizer, text_encoder, prompts):
-    """list of B strings -> (B, 77, D) last hidden states, as SD1.5 conditions on them (padded to 77 tokens)."""
+    """list of B strings -> (B, 77, D) last hidden states, as SD1.5 conditions on them (padded to 77 tokens).
+    Gradients flow only when the encoder is being trained (in train mode with requires_grad)."""
     ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids.to(text_encoder.device)
-    return text_encoder(ids)[0]
+    with torch.set_grad_enabled(text_encoder.training and torch.is_grad_enabled()):
+        return text_encoder(ids)[0]
 
 
 @torch.no_grad()
@@ -113,7 +114,8 @@ def add_noise(alphas_cumprod, x0, eps, t):
 
 def denoising_error(unet, alphas_cumprod, x0, eps, t, context):
     """Per-sample mean over C,H,W of (eps - unet(x_t))^2 in float32: shape (B,). Mean, not sum (SSPO.md 1)."""
-    pred = unet(add_noise(alphas_cumprod, x0, eps, t), t, encoder_hidden_states=context).sample
+    dtype = next(unet.parameters()).dtype  # a bf16 reference takes bf16 inputs; autocast handles the policy
+    pred = unet(add_noise(alphas_cumprod, x0, eps, t).to(dtype), t, encoder_hidden_states=context.to(dtype)).sample
     return (pred.float() - eps.float()).pow(2).mean(dim=(1, 2, 3))
 
 
@@ -129,9 +131,9 @@ def ddim_sample(unet, scheduler, cond, uncond, noise, steps=20, guidance=7.5, et
     ts = (torch.arange(steps, device=noise.device) * ratio).flip(0) + cfg.steps_offset
     final_abar = torch.tensor(1.0, device=noise.device) if cfg.set_alpha_to_one else abar[0]
     B = noise.shape[0]
-    context = torch.cat([uncond.expand(B, -1, -1), cond]) if guidance != 1.0 else cond
-    x = noise.float()
     dtype = next(unet.parameters()).dtype
+    context = (torch.cat([uncond.expand(B, -1, -1), cond]) if guidance != 1.0 else cond).to(dtype)
+    x = noise.float()
     for t in ts:
         if guidance != 1.0:
             e_u, e_c = unet(torch.cat([x, x]).to(dtype), t, encoder_hidden_states=context).sample.float().chunk(2)
@@ -193,7 +195,8 @@ def build_tokenizer(words, out_dir):
     return tok
 
 
-def build_tiny_model(out_dir, words, resolution=16, channels=(32, 64), text_dim=32, with_vae=False, seed=0):
+def build_tiny_model(out_dir, words, resolution=16, channels=(32, 64), text_dim=32, with_vae=False, seed=0,
+                     schedule="scaled_linear"):
     """Save a random SD-layout model to out_dir. Pixel space (no vae/) unless with_vae: then a tiny AutoencoderKL
     with 4 latent channels and a downsampling factor of 2. Loaded back only through `load_model`."""
     torch.manual_seed(seed)
@@ -215,12 +218,10 @@ def build_tiny_model(out_dir, words, resolution=16, channels=(32, 64), text_dim=
         # attention only below full resolution: at 16x16 a full-resolution attention block costs ~3x the step
         down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(channels) - 1),
         up_block_types=("CrossAttnUpBlock2D",) * (len(channels) - 1) + ("UpBlock2D",))
-    if with_vae:  # SD1.5's noise schedule and DDIM settings
-        sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
-    else:  # pixel space: the DDPM schedule, predicted x0 clipped to the image range
-        sched = DDIMScheduler(beta_start=1e-4, beta_end=0.02, beta_schedule="linear", clip_sample=True,
-                              set_alpha_to_one=False, steps_offset=1)
+    # SD1.5's schedule by default; a pixel-space model also clips its predicted x0 to the image range
+    betas = {"scaled_linear": (0.00085, 0.012), "linear": (1e-4, 0.02), "squaredcos_cap_v2": (1e-4, 0.02)}[schedule]
+    sched = DDIMScheduler(beta_start=betas[0], beta_end=betas[1], beta_schedule=schedule, clip_sample=not with_vae,
+                          set_alpha_to_one=False, steps_offset=1)
     m = {"unet": unet, "text_encoder": text_encoder, "tokenizer": tok, "scheduler": sched, "vae": vae}
     unet.save_pretrained(os.path.join(out_dir, "unet"))
     save_frozen_parts(m, out_dir)

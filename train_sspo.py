@@ -1,6 +1,6 @@
 """
-Train a text-to-image diffusion model (a Stable Diffusion UNet, or the tiny world's pixel-space one) with SFT, and
-soon Diffusion-DPO and SSPO (Self-Sampling Preference Optimization, arXiv 2410.05255).
+Align a text-to-image diffusion model (a Stable Diffusion UNet, or the tiny world's pixel-space one) with SSPO,
+Self-Sampling Preference Optimization (arXiv 2410.05255), or its baselines SFT and Diffusion-DPO.
 
     python train_sspo.py configs/tiny_base.py                     # one process, CPU or one GPU
     torchrun --nproc_per_node=8 train_sspo.py configs/sd15.py      # DDP (nccl on GPU, gloo on CPU)
@@ -9,10 +9,12 @@ soon Diffusion-DPO and SSPO (Self-Sampling Preference Optimization, arXiv 2410.0
 Importing this file runs nothing: the loss functions and the config reader are importable for tests and forks.
 """
 import ast
+import copy
 import difflib
 import math
 import os
 import shutil
+import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -20,12 +22,14 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 import data
 import model
+import replay
 
 # -----------------------------------------------------------------------------------------------------------------
 # defaults: every tunable, one per line. A file in configs/ restates only what differs; --key=value beats both.
@@ -41,6 +45,7 @@ data_path = ""                  # parquet file or folder (pickapic); folder with
 tiny_mode = "base"              # 'base': draws of the flawed base distribution | 'pairs': judge-ranked pairs
 tiny_size = 50_000              # examples in the tiny world's training set (each a pure function of seed and index)
 tiny_p_correct = 0.4            # share of flawless images in the base distribution
+tiny_flaws = ("colour", "position", "shape", "blur")  # what the other draws get wrong, one each (data.ALL_FLAWS)
 resolution = 16                 # training image side in pixels (512 for SD1.5)
 random_flip = False             # horizontal flips as the peers do for real data; never the tiny world (left/right)
 random_crop = False             # random instead of center crop after resizing the short side
@@ -49,8 +54,24 @@ num_workers = 0                 # DataLoader worker processes per rank
 # model (init_from='scratch' only: the tiny world's model; an SD model brings its own architecture)
 unet_channels = (32, 64)        # block_out_channels; attention at every level but the first
 text_dim = 32                   # width of the tiny CLIP text encoder
-# method (the loss functions below; 'dpo' and 'sspo' arrive with the checkpoint ring)
-method = "sft"                  # 'sft': eps-MSE on image_w (also how the base is pretrained)
+train_text_encoder = False      # also train the text encoder: for pretraining from scratch, where a random frozen one
+                                # is a weak condition (SD1.5 and all alignment runs keep it frozen)
+noise_schedule = "scaled_linear"  # SD1.5's betas (0.00085-0.012) | 'squaredcos_cap_v2' | 'linear' (DDPM's)
+# method (the loss functions below)
+method = "sft"                  # 'sft': eps-MSE on image_w (also base pretraining) | 'dpo': pairs, frozen base as
+                                # reference | 'sspo': winners only, losers sampled by a replayed snapshot
+beta = 5000.0                   # DPO/SSPO inverse temperature in the 1/2 convention (SSPO.md 2; SD1.5: 5000)
+ssr = "sign"                    # SSPO's Self-Sampling Regularization: 'sign' (v1) | 'indicator' (v2) | 'off'
+ref_policy = "uniform"          # SSPO reference draw: 'uniform' over all snapshots (RCR) | 'first' | 'last' (SPIN)
+ref_redraw = "stretch"          # new reference every ckpt_every updates ('stretch'; not stated in the paper) | 'step'
+ckpt_every = 30                 # updates between snapshots pushed into the reference pool (paper: 30)
+pool_capacity = 0               # snapshots kept: 0 = all (paper); else theta_0 + a reservoir sample (replay.py)
+pool_storage = "memory"         # 'memory' (CPU RAM) | 'disk' (out_dir/pool/*.safetensors)
+ref_dtype = "float32"           # the reference UNet and the snapshots: 'float32' | 'bfloat16' (fine for SD1.5)
+self_sample_steps = 20          # DDIM steps of SSPO's self-sampling (not stated in the paper; our choice)
+self_sample_guidance = 3.0      # its guidance (the paper's eval pipeline uses 7.5 on SD1.5; not stated for training)
+self_sample_eta = 0.0           # its DDIM eta
+base_config = ""                # a config that trains init_from first if that folder is missing (tiny quick start)
 # optimizer
 batch_size = 64                 # per process per micro-step; effective batch = batch_size x grad_accum x processes
 grad_accum = 1                  # micro-steps per optimizer update
@@ -63,6 +84,8 @@ adam_beta1 = 0.9
 adam_beta2 = 0.999
 grad_clip = 1.0                 # max global grad norm; 0 disables
 grad_checkpointing = False      # trade compute for UNet activation memory (SD1.5 at batch > 1 per GPU)
+ema_decay = 0.0                 # >0: evaluate and save an exponential moving average of the weights (pretraining);
+                                # 0 for alignment, as Diffusion-DPO and SSPO train without one
 # sampling (eval grids; the shared DDIM sampler)
 sample_steps = 20               # DDIM steps
 guidance = 3.0                  # classifier-free guidance scale (SD1.5: 7.5); 1.0 = no guidance, one forward
@@ -74,8 +97,11 @@ mixed_precision = "bf16"        # 'bf16' autocast on CUDA with fp32 master weigh
 seed = 0                        # model init, data order, noise: a run is a pure function of its config
 # -----------------------------------------------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and type(v) in (bool, int, float, str, tuple)}
-CHOICES = {"dataset": ("tiny", "pickapic", "imagefolder"), "tiny_mode": ("base", "pairs"), "method": ("sft",),
-           "lr_schedule": ("constant", "cosine"), "device": ("auto", "cpu", "cuda"), "mixed_precision": ("bf16", "no")}
+CHOICES = {"dataset": ("tiny", "pickapic", "imagefolder"), "tiny_mode": ("base", "pairs"),
+           "method": ("sft", "dpo", "sspo"), "ssr": ("sign", "indicator", "off"), "ref_policy": replay.DRAWS,
+           "ref_redraw": ("stretch", "step"), "pool_storage": ("memory", "disk"), "ref_dtype": ("float32", "bfloat16"),
+           "lr_schedule": ("constant", "cosine"),
+           "noise_schedule": ("scaled_linear", "squaredcos_cap_v2", "linear"), "device": ("auto", "cpu", "cuda"), "mixed_precision": ("bf16", "no")}
 
 
 def get_config(argv):
@@ -118,11 +144,17 @@ def get_config(argv):
     for key, options in CHOICES.items():
         if cfg[key] not in options:
             raise SystemExit(f"config error: {key}={cfg[key]!r} is not one of {', '.join(map(repr, options))}")
+    if cfg["train_text_encoder"] and cfg["method"] != "sft":
+        raise SystemExit("config error: train_text_encoder is for SFT pretraining; alignment keeps the encoder frozen")
+    bad = [f for f in cfg["tiny_flaws"] if f not in data.ALL_FLAWS]
+    if bad:
+        raise SystemExit(f"config error: tiny_flaws has {bad}; known flaws: {', '.join(data.ALL_FLAWS)}")
     if cfg["dataset"] != "tiny" and not cfg["data_path"]:
         raise SystemExit(f"config error: dataset={cfg['dataset']!r} needs data_path")
     if cfg["dataset"] != "tiny" and not os.path.exists(cfg["data_path"]):
         raise SystemExit(f"config error: data_path {cfg['data_path']!r} does not exist")
-    for key in ("batch_size", "grad_accum", "max_steps", "eval_every", "save_every", "log_every", "sample_steps"):
+    for key in ("batch_size", "grad_accum", "max_steps", "eval_every", "save_every", "log_every", "sample_steps",
+                "ckpt_every", "self_sample_steps"):
         if cfg[key] < 1:
             raise SystemExit(f"config error: {key} must be >= 1, got {cfg[key]}")
     return cfg
@@ -134,6 +166,32 @@ def get_config(argv):
 def sft_loss(err_w):
     """Supervised fine-tuning: plain eps-MSE on the (winning) images. Also how a base model is pretrained."""
     return err_w.mean(), {}
+
+
+def dpo_loss(err_w, err_l, ref_err_w, ref_err_l, beta):
+    """Diffusion-DPO (Wallace et al. 2023) in the convention of its reference code: the 1/2 explicit, T*omega(t)
+    folded into beta (SD1.5: 5000). z > 0 when the policy improved on the winner more than on the loser."""
+    z = -0.5 * beta * ((err_w - ref_err_w) - (err_l - ref_err_l))
+    stats = {"implicit_acc": (z > 0).float().mean(), "err_w": err_w.mean(), "err_l": err_l.mean(),
+             "ref_err_w": ref_err_w.mean(), "ref_err_l": ref_err_l.mean()}
+    return -F.logsigmoid(z).mean(), {k: v.detach() for k, v in stats.items()}
+
+
+def sspo_loss(err_w, err_s, ref_err_w, ref_err_s, beta, ssr="sign"):
+    """SSPO (SSPO.md 4): Diffusion-DPO between the winner and the reference's own sample, with Self-Sampling
+    Regularization. s = sign(ref_err_w - err_w), per sample, detached: +1 when the policy already fits the winner
+    better than the reference does, so the reference's sample is judged a loser (plain DPO); otherwise the sample
+    is likely as good as the winner and the update turns SFT-like. The multiplier m on the sample's term:
+      ssr="sign" (v1):      m = s: at -1 both errors are pushed down; a tie (s = 0) keeps the winner term only
+      ssr="indicator" (v2): m = 1 if s = +1 else 0: the winner term alone
+      ssr="off" (ablation): m = 1: every self-sample is a loser (SPIN-Diffusion with ref = last)
+    The loss's form is reconstructed from the paper's reviews (SSPO.md 4), not quoted from an equation."""
+    s = torch.sign(ref_err_w - err_w).detach()
+    m = {"sign": s, "indicator": (s > 0).float(), "off": torch.ones_like(s)}[ssr]
+    z = -0.5 * beta * ((err_w - ref_err_w) - m * (err_s - ref_err_s))
+    stats = {"implicit_acc": (z > 0).float().mean(), "ssr_switched": (s <= 0).float().mean(),
+             "err_w": err_w.mean(), "err_s": err_s.mean(), "ref_err_w": ref_err_w.mean(), "ref_err_s": ref_err_s.mean()}
+    return -F.logsigmoid(z).mean(), {k: v.detach() for k, v in stats.items()}
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -196,7 +254,8 @@ def print0(*args):
 
 def make_dataset(cfg):
     if cfg["dataset"] == "tiny":
-        return data.TinyWorld(cfg["tiny_mode"], cfg["tiny_size"], cfg["resolution"], cfg["tiny_p_correct"], cfg["seed"])
+        return data.TinyWorld(cfg["tiny_mode"], cfg["tiny_size"], cfg["resolution"], cfg["tiny_p_correct"], cfg["seed"],
+                              flaws=cfg["tiny_flaws"])
     cls = data.PickAPic if cfg["dataset"] == "pickapic" else data.ImageFolder
     return cls(cfg["data_path"], cfg["resolution"], cfg["random_crop"], cfg["random_flip"], cfg["seed"])
 
@@ -217,7 +276,8 @@ def micro_batches(ds, cfg, rank, world, epoch, start):
 
 
 def step_randomness(cfg, step, micro, rank, world, shape, num_timesteps):
-    """Noise, timesteps and caption-dropout draws of one micro-step, a pure function of (seed, step, micro).
+    """Noise, timesteps, caption-dropout draws and the self-sampler's x_T of one micro-step, a pure function of
+    (seed, step, micro).
     Drawn for the whole global micro-batch and dealt like DistributedSampler deals examples (rank r takes rows
     r, r + world, ...): each example gets the same draws whatever the number of processes, and resume is exact."""
     g = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg["seed"], step, micro]).generate_state(1)[0]))
@@ -225,7 +285,8 @@ def step_randomness(cfg, step, micro, rank, world, shape, num_timesteps):
     eps = torch.randn((n, *shape[1:]), generator=g)[rank::world]
     t = torch.randint(0, num_timesteps, (n,), generator=g)[rank::world]
     drop = (torch.rand(n, generator=g) < cfg["caption_dropout"])[rank::world]
-    return eps, t, drop
+    x_T = torch.randn((n, *shape[1:]), generator=g)[rank::world]
+    return eps, t, drop, x_T
 
 
 def lr_at(step, cfg):
@@ -278,21 +339,27 @@ def run_eval(m, unet, cfg, ds, device, autocast):
     return out, images, prompts, labels
 
 
-def save_checkpoint(cfg, unet, opt, step, data_pos):
-    """ckpt.pt: everything to resume exactly; unet/: the same weights for StableDiffusionPipeline. Each written
-    under a temporary name and renamed, so a crash mid-write leaves the previous one intact."""
-    ckpt = {"unet": unet.state_dict(), "optimizer": opt.state_dict(), "step": step, "data_pos": data_pos,
-            "rng": torch.get_rng_state(), "config": cfg}
+def save_checkpoint(cfg, unet, ema, text_encoder, opt, step, data_pos, pool):
+    """ckpt.pt: everything to resume exactly; unet/: the weights for StableDiffusionPipeline (the EMA if there is
+    one). Each written under a temporary name and renamed, so a crash mid-write leaves the previous one intact."""
+    ckpt = {"unet": unet.state_dict(), "ema": ema.state_dict() if ema else None,
+            "text_encoder": text_encoder.state_dict() if cfg["train_text_encoder"] else None, "optimizer": opt.state_dict(),
+            "step": step, "data_pos": data_pos,
+            "rng": torch.get_rng_state(), "config": cfg, "pool": pool.state_dict() if pool else None}
     path = os.path.join(cfg["out_dir"], "ckpt.pt")
     torch.save(ckpt, path + ".tmp")
     os.replace(path + ".tmp", path)
-    final, tmp, old = (os.path.join(cfg["out_dir"], d) for d in ("unet", "unet.tmp", "unet.old"))
-    shutil.rmtree(tmp, ignore_errors=True)
-    unet.save_pretrained(tmp)
-    if os.path.isdir(final):
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    trained = {"unet": ema or unet, **({"text_encoder": text_encoder} if cfg["train_text_encoder"] else {})}
+    for name, module in trained.items():
+        final, tmp, old = (os.path.join(cfg["out_dir"], name + x) for x in ("", ".tmp", ".old"))
+        shutil.rmtree(tmp, ignore_errors=True)
+        module.save_pretrained(tmp)
+        if os.path.isdir(final):
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    if pool:
+        pool.prune()  # snapshot files only the previous checkpoint named
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -310,8 +377,19 @@ def main(cfg):
         raise SystemExit(f"{out} already holds a run ({ckpt_path}); resume it with --init_from=resume or choose "
                          "another out_dir (nothing is overwritten)")
     torch.manual_seed(cfg["seed"])
+    if cfg["base_config"] and cfg["init_from"] not in ("scratch", "resume") and not os.path.isdir(cfg["init_from"]):
+        if master:  # the tiny quick start: train the base this run starts from, as its own plain run
+            print(f"{cfg['init_from']} is missing: training it first with {cfg['base_config']}")
+            env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK",
+                   "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")}
+            if subprocess.run([sys.executable, __file__, cfg["base_config"]], env=env).returncode != 0:
+                raise SystemExit(f"error: training the base with {cfg['base_config']} failed")
+        barrier()
     try:  # bad input is a one-line error before any work: data first (seconds), then the model
         ds = make_dataset(cfg)
+        if cfg["method"] == "dpo" and "image_l" not in ds[0]:
+            raise ValueError(f"method='dpo' needs paired data (image_l), but dataset={cfg['dataset']!r} has none"
+                             + (" (set tiny_mode='pairs')" if cfg["dataset"] == "tiny" else ""))
         if cfg["init_from"] not in ("scratch", "resume"):
             model.check_model_path(cfg["init_from"])
     except (FileNotFoundError, ValueError, OSError) as e:
@@ -321,7 +399,7 @@ def main(cfg):
         _log_file = open(os.path.join(out, "log.txt"), "a")
         if cfg["init_from"] == "scratch":
             model.build_tiny_model(out, data.WORDS, cfg["resolution"], cfg["unet_channels"], cfg["text_dim"],
-                                   seed=cfg["seed"])
+                                   seed=cfg["seed"], schedule=cfg["noise_schedule"])
     barrier()
     use_bf16 = device.type == "cuda" and cfg["mixed_precision"] == "bf16"
     # the run directory is an SD-layout model folder: scratch and resume load from it, a model path from itself
@@ -330,24 +408,46 @@ def main(cfg):
     if master and cfg["init_from"] not in ("scratch", "resume"):
         model.save_frozen_parts(m, out)
     unet = m["unet"].train()
+    text_encoder = m["text_encoder"]
+    params = list(unet.parameters())
+    if cfg["train_text_encoder"]:
+        text_encoder.float().train().requires_grad_(True)
+        params += list(text_encoder.parameters())
     if cfg["grad_checkpointing"]:
         unet.enable_gradient_checkpointing()
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg["lr"], betas=(cfg["adam_beta1"], cfg["adam_beta2"]),
+    opt = torch.optim.AdamW(params, lr=cfg["lr"], betas=(cfg["adam_beta1"], cfg["adam_beta2"]),
                             weight_decay=cfg["weight_decay"])
+    ema = copy.deepcopy(unet).requires_grad_(False) if cfg["ema_decay"] > 0 else None
     step, data_pos = 0, (0, 0)
     if resume:
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         unet.load_state_dict(ckpt["unet"])
+        if cfg["train_text_encoder"]:
+            text_encoder.load_state_dict(ckpt["text_encoder"])
+        if ema is not None:
+            ema.load_state_dict(ckpt["ema"] if ckpt.get("ema") else ckpt["unet"])
         opt.load_state_dict(ckpt["optimizer"])
         step, data_pos = ckpt["step"], tuple(ckpt["data_pos"])
         torch.set_rng_state(ckpt["rng"])
         changed = {k: (ckpt["config"].get(k), v) for k, v in cfg.items()
                    if ckpt["config"].get(k) != v and k != "init_from"}
         print0(f"resuming {ckpt_path} at step {step}" + (f"; config changed since: {changed}" if changed else ""))
+    pool, ref_unet, ref_index, ref_step = None, None, None, None
+    if cfg["method"] in ("dpo", "sspo"):
+        # one resident reference UNet; snapshots are copied into it in place (replay.py). DPO's pool is theta_0 only
+        ref_dtype = torch.bfloat16 if cfg["ref_dtype"] == "bfloat16" else torch.float32
+        ref_unet = copy.deepcopy(unet).to(ref_dtype).eval().requires_grad_(False)
+        pool = replay.ReferencePool(None if resume else unet.state_dict(),
+                                    cfg["ref_policy"] if cfg["method"] == "sspo" else "first", cfg["pool_capacity"],
+                                    cfg["pool_storage"], os.path.join(out, "pool"), cfg["seed"], ref_dtype, writer=master)
+        if resume:
+            pool.load_state_dict(ckpt["pool"])
     ddp_unet = DDP(unet, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else unet
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
     abar = m["scheduler"].alphas_cumprod.to(device)
     T = m["scheduler"].config.num_train_timesteps
+    with torch.no_grad():
+        uncond = model.encode_prompts(m["tokenizer"], m["text_encoder"], [""])  # (1, 77, D), for guidance
 
     print0("config:", {k: v for k, v in cfg.items()})
     print0(f"{world} process(es) on {device}, bf16 autocast: {use_bf16}; UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.1f}M "
@@ -370,7 +470,7 @@ def main(cfg):
         # once in a while (the last step too): eval + sample grid, then checkpoint
         if step % cfg["eval_every"] == 0 or last:
             if master:
-                res, images, prompts, labels = run_eval(m, unet, cfg, ds, device, autocast)
+                res, images, prompts, labels = run_eval(m, ema or unet, cfg, ds, device, autocast)
                 first_eval = first_eval or res
                 print0(f"eval step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items()))
                 data.save_grid(images, os.path.join(out, "samples", f"step{step:06d}.png"), labels)
@@ -379,7 +479,7 @@ def main(cfg):
             barrier()
         if (step % cfg["save_every"] == 0 or last) and step > 0 and not (resume and step == ckpt["step"]):
             if master:
-                save_checkpoint(cfg, unet, opt, step, data_pos)
+                save_checkpoint(cfg, unet, ema, text_encoder, opt, step, data_pos, pool)
             barrier()
         if last:
             break
@@ -389,27 +489,61 @@ def main(cfg):
         lr = lr_at(step, cfg)
         for group in opt.param_groups:
             group["lr"] = lr
-        stats_sum = {"loss": 0.0}
+        t_start = time.time()
+        if pool is not None:  # the reference of this update (SSPO.md 4: Random Checkpoint Replay)
+            if cfg["method"] == "sspo" and step > 0 and step % cfg["ckpt_every"] == 0:
+                pool.push(unet.state_dict(), step)
+                barrier()  # a disk pool's file is written by rank 0 before anyone reads it
+            if ref_index is None or cfg["ref_redraw"] == "step" or step % cfg["ckpt_every"] == 0:
+                # every rank draws the same snapshot: the draw is a function of (seed, step) only
+                ref_index = pool.draw(step if cfg["ref_redraw"] == "step" else step - step % cfg["ckpt_every"])
+                ref_step = pool.load_into(ref_index, ref_unet)
+        stats_sum = {"loss": 0.0, **({"t_sample": 0.0} if cfg["method"] == "sspo" else {})}
         for micro in range(cfg["grad_accum"]):
             batch, data_pos = next(batches)
             x0_w = model.images_to_latents(m["vae"], batch["image_w"].to(device))  # (B, C, H, W)
-            eps, t, drop = step_randomness(cfg, step, micro, rank, world, x0_w.shape, T)
+            eps, t, drop, x_T = step_randomness(cfg, step, micro, rank, world, x0_w.shape, T)
             eps, t = eps.to(device), t.to(device)
             prompts = ["" if d else p for p, d in zip(batch["prompt"], drop.tolist())]
             ctx = model.encode_prompts(m["tokenizer"], m["text_encoder"], prompts)  # (B, 77, D)
+            if cfg["method"] == "dpo":
+                x0_l = model.images_to_latents(m["vae"], batch["image_l"].to(device))
+            elif cfg["method"] == "sspo":  # the reference draws its own image for each prompt: the loser candidate
+                t0 = time.time()
+                cond = model.encode_prompts(m["tokenizer"], m["text_encoder"], batch["prompt"])  # no dropout here
+                with autocast:  # the final latent is used directly: no decode/encode round trip
+                    x0_l = model.ddim_sample(ref_unet, m["scheduler"], cond, uncond, x_T.to(device),
+                                             cfg["self_sample_steps"], cfg["self_sample_guidance"], cfg["self_sample_eta"])
+                stats_sum["t_sample"] += time.time() - t0
             # DDP syncs gradients on the last micro-step only
             sync = nullcontext() if world == 1 or micro == cfg["grad_accum"] - 1 else ddp_unet.no_sync()
             with sync, autocast:
-                err_w = model.denoising_error(ddp_unet, abar, x0_w, eps, t, ctx)
-                # the preference losses (dpo, sspo) go here, on the same (eps, t) draw
-                loss, stats = sft_loss(err_w)
+                if cfg["method"] == "sft":
+                    loss, stats = sft_loss(model.denoising_error(ddp_unet, abar, x0_w, eps, t, ctx))
+                else:  # winners first; winner and loser share the noise, the timestep and the (dropped) prompt
+                    x0, e2, t2, c2 = torch.cat([x0_w, x0_l]), torch.cat([eps, eps]), torch.cat([t, t]), torch.cat([ctx, ctx])
+                    err_w, err_l = model.denoising_error(ddp_unet, abar, x0, e2, t2, c2).chunk(2)  # (B,) each
+                    with torch.no_grad():
+                        ref_w, ref_l = model.denoising_error(ref_unet, abar, x0, e2, t2, c2).chunk(2)
+                    if cfg["method"] == "dpo":
+                        loss, stats = dpo_loss(err_w, err_l, ref_w, ref_l, cfg["beta"])
+                    else:
+                        loss, stats = sspo_loss(err_w, err_l, ref_w, ref_l, cfg["beta"], cfg["ssr"])
                 (loss / cfg["grad_accum"]).backward()
             stats_sum["loss"] += loss.item() / cfg["grad_accum"]
             for k, v in stats.items():
                 stats_sum[k] = stats_sum.get(k, 0.0) + float(v) / cfg["grad_accum"]
-        grad_norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg["grad_clip"] or float("inf"))
+        if cfg["train_text_encoder"] and world > 1:  # DDP averages the UNet's gradients; these we average here
+            for p in text_encoder.parameters():
+                dist.all_reduce(p.grad)
+                p.grad /= world
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"] or float("inf"))
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            with torch.no_grad():
+                torch._foreach_lerp_(list(ema.parameters()), list(unet.parameters()), 1 - cfg["ema_decay"])
+        stats_sum["t_train"] = time.time() - t_start - stats_sum.get("t_sample", 0.0)  # seconds, this update
         step += 1
         # ---------------------------------------------------------------------------------------------------------
 
@@ -420,6 +554,7 @@ def main(cfg):
             t_last = time.time()
             bar.set_postfix(loss=f"{stats['loss']:.4f}")
             print0(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in stats.items()) +
+                   (f", ref = snapshot of step {ref_step}" if pool is not None else "") +
                    f", lr {lr:.2e}, grad_norm {grad_norm.item():.3f}, {dt:.2f} s/step, "
                    f"{cfg['batch_size'] * cfg['grad_accum'] * world / dt:.0f} samples/s")
     bar.close()

@@ -28,6 +28,8 @@ def test_config_files_and_overrides(tmp_path):
     (["--dataset=imagefolder"], r"needs data_path"),
     (["--dataset=imagefolder", "--data_path=/no/such/folder"], r"data_path '/no/such/folder' does not exist"),
     (["--batch_size=0"], r"batch_size must be >= 1"),
+    (["--train_text_encoder=True", "--method=sspo"], r"train_text_encoder is for SFT pretraining"),
+    (["--tiny_flaws=('colour', 'smudge')"], r"tiny_flaws has \['smudge'\]"),
 ])
 def test_config_errors(argv, match):
     with pytest.raises(SystemExit, match=match):
@@ -110,7 +112,8 @@ def test_run_writes_a_loadable_run_and_refuses_to_overwrite(tmp_path, run):
 def test_resume_is_exact(tmp_path, run):
     """Stopped at step 3 of 6 and resumed == 6 straight: the same weights, bit for bit (CPU)."""
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    args = FAST + ["--max_steps=6", "--grad_accum=2", "--tiny_size=40"]  # 40 examples: the epoch turns mid-run
+    # 40 examples: the epoch turns mid-run; the text encoder trains too, so its state must resume as well
+    args = FAST + ["--max_steps=6", "--grad_accum=2", "--tiny_size=40", "--train_text_encoder=True"]
     assert run(args + [f"--out_dir={a}"]).returncode == 0
     p = run(args + [f"--out_dir={b}", "--max_steps=3"])
     assert p.returncode == 0, p.stderr[-3000:]
@@ -119,6 +122,8 @@ def test_resume_is_exact(tmp_path, run):
     assert "resuming" in p.stdout and "config changed since: {'max_steps': (3, 6)}" in p.stdout
     wa, wb = unet_weights(a), unet_weights(b)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    ta, tb = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=False)["text_encoder"] for d in (a, b))
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
     wc = torch.load(os.path.join(b, "ckpt.pt"), weights_only=False)
     assert wc["step"] == 6 and wc["data_pos"] == (2, 2)  # 5 micro-batches an epoch; 12 taken = 5 + 5 + 2
 
@@ -131,19 +136,36 @@ def test_resume_without_checkpoint_is_an_error(tmp_path, run):
 def test_ddp_two_processes_equal_one(tmp_path, run):
     """torchrun with 2 processes x batch 4 ends with the weights of 1 process x batch 8 (float tolerance)."""
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    args = FAST + ["--max_steps=3", "--grad_accum=2", "--caption_dropout=0.5"]
+    args = FAST + ["--max_steps=3", "--grad_accum=2", "--caption_dropout=0.5", "--train_text_encoder=True"]
     p = run(args + [f"--out_dir={one}", "--batch_size=8"])
     assert p.returncode == 0, p.stderr[-3000:]
     p = run(args + [f"--out_dir={two}", "--batch_size=4"], torchrun=2)
     assert p.returncode == 0, p.stderr[-3000:] + p.stdout[-3000:]
     assert "2 process(es)" in p.stdout
-    w1, w2 = unet_weights(one), unet_weights(two)
-    assert all(torch.allclose(w1[k], w2[k], atol=1e-6, rtol=1e-5) for k in w1)
-    # and the comparison has teeth: a different global batch ends elsewhere
+    # the scale of a real difference: same init and data, only some examples' caption-dropout draws differ,
+    # as they would if the ranks dealt the randomness wrongly
     three = str(tmp_path / "three")
-    assert run(args + [f"--out_dir={three}", "--batch_size=8", "--seed=1"]).returncode == 0
-    w3 = unet_weights(three)
-    assert not all(torch.allclose(w1[k], w3[k], atol=1e-6, rtol=1e-5) for k in w1)
+    assert run(args + [f"--out_dir={three}", "--batch_size=8", "--caption_dropout=0.3"]).returncode == 0
+    w1, w2, w3 = unet_weights(one), unet_weights(two), unet_weights(three)
+    d12 = max((w1[k] - w2[k]).abs().max().item() for k in w1)
+    d13 = max((w1[k] - w3[k]).abs().max().item() for k in w1)
+    # gradients summed in another order differ in the last bits; Adam turns that into ~1e-6 after a few steps
+    assert d12 < 2e-5 and d13 > 100 * d12, (d12, d13)
+    # the text encoder's gradients are averaged by hand (it is not inside DDP): the same check
+    t1, t2 = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=False)["text_encoder"] for d in (one, two))
+    assert max((t1[k] - t2[k]).abs().max().item() for k in t1) < 2e-5
+
+
+def test_trained_text_encoder_is_saved_in_the_run_folder(tmp_path, run):
+    out = str(tmp_path / "run")
+    assert run(FAST + [f"--out_dir={out}", "--train_text_encoder=True"]).returncode == 0
+    import model
+    fresh = model.build_tiny_model(str(tmp_path / "fresh"), __import__("data").WORDS)  # the same seed-0 init
+    before = model.load_model(fresh)["text_encoder"].state_dict()
+    after = model.load_model(out)["text_encoder"].state_dict()
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)["text_encoder"]
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.equal(after[k], ckpt[k]) for k in after)
 
 
 @pytest.mark.parametrize("args, match", [

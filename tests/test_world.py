@@ -9,16 +9,20 @@ import data
 
 def test_judge_ranks_correct_renders_above_each_flaw():
     rng = np.random.default_rng(0)
+    goods = []
     for combo in data.ALL_COMBOS:
         p = data.prompt_of(combo)
         good = data.judge(data.render(combo, 16, rng), p)[0]
-        assert 0.9 <= good <= 1.0, (p, good)
-        for flaw in data.FLAWS:
+        goods.append(good)
+        assert 0.85 <= good <= 1.0, (p, good)  # jitter of place and size costs a little, rarely
+        for flaw in data.ALL_FLAWS:
             bad, parts = data.judge(data.render(combo, 16, rng, flaw), p)
             assert bad < good - 0.05, (p, flaw, good, bad, parts)
+    assert np.mean(goods) > 0.97
     # each flaw is caught by the part of the judge that is about it
     combo, p = ("red", "circle", "left"), "a red circle on the left"
-    for flaw, part in [("colour", "colour"), ("position", "position"), ("shape", "shape"), ("noise", "clean")]:
+    for flaw, part in [("colour", "colour"), ("position", "position"), ("shape", "shape"), ("extra", "clean"),
+                       ("noise", "clean")]:
         assert data.judge(data.render(combo, 16, rng, flaw), p)[1][part] < 0.3, flaw
 
 

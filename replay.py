@@ -1,0 +1,114 @@
+"""
+Random Checkpoint Replay (SSPO.md 4): a pool of historical snapshots of the policy, from which the reference of
+the next stretch of training is drawn.
+
+The pool starts with the base model theta_0 and gets the policy pushed every `ckpt_every` optimizer updates.
+Draw policies: 'uniform' over every snapshot so far, the base included (the paper's RCR, Algorithm 1),
+'first' (always theta_0: a fixed reference) and 'last' (the newest snapshot: SPIN-Diffusion's opponent). Under
+'first' and 'last' the pool keeps only what can be drawn (theta_0; theta_0 and the newest).
+
+The paper keeps every snapshot (about 7 in its runs). With `capacity` > 0 the pool is bounded, which the paper does
+not do: theta_0 is always kept and the other slots hold a reservoir sample (Vitter's Algorithm R) of all later
+snapshots. A uniform draw then takes theta_0 with probability 1/(n+1) after n pushes and otherwise a reservoir slot
+uniformly, so every snapshot of the whole history is drawn with probability 1/(n+1), as with an unbounded pool.
+
+Every random choice is a pure function of (seed, step) or (seed, push number): all DDP ranks draw the same snapshot
+without talking to each other, and a resumed run draws what the uninterrupted run would have drawn.
+"""
+import os
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+DRAWS = ("uniform", "first", "last")
+
+
+class ReferencePool:
+    def __init__(self, base_state, draw="uniform", capacity=0, storage="memory", folder=None, seed=0,
+                 dtype=torch.float32, writer=True):
+        """base_state: theta_0's state dict, or None when load_state_dict follows (resume). writer: whether this
+        process writes a disk pool's files (rank 0); the others only name them."""
+        if draw not in DRAWS:
+            raise ValueError(f"reference draw must be one of {DRAWS}, got {draw!r}")
+        if storage not in ("memory", "disk") or (storage == "disk" and not folder):
+            raise ValueError(f"storage must be 'memory' or 'disk' (with a folder), got {storage!r}")
+        if capacity == 1 or capacity < 0:
+            raise ValueError(f"capacity must be 0 (unbounded) or >= 2 (theta_0 + a reservoir), got {capacity}")
+        self.draw_policy, self.capacity, self.storage, self.folder = draw, capacity, storage, folder
+        self.seed, self.dtype, self.writer = seed, dtype, writer
+        self.entries = []  # [{"step": int, "state": dict or None, "path": str or None}], theta_0 first
+        self.pushes = 0  # snapshots pushed after theta_0, kept or not: n in the docstring
+        if base_state is not None:
+            self._put(0, base_state)
+
+    def _put(self, step, state, slot=None):
+        entry = {"step": step, "state": None, "path": None}
+        if self.storage == "memory":
+            entry["state"] = {k: v.detach().to("cpu", self.dtype, copy=True) for k, v in state.items()}
+        else:  # written under a temporary name, then renamed: a crash never leaves a partial snapshot in use
+            entry["path"] = os.path.join(self.folder, f"snapshot_{step:08d}.safetensors")
+            if self.writer:
+                os.makedirs(self.folder, exist_ok=True)
+                save_file({k: v.detach().to("cpu", self.dtype).contiguous() for k, v in state.items()},
+                          entry["path"] + ".tmp")
+                os.replace(entry["path"] + ".tmp", entry["path"])
+        if slot is None:
+            self.entries.append(entry)
+        else:  # the replaced file stays on disk until prune(): the last checkpoint may still name it
+            self.entries[slot] = entry
+
+    def push(self, state, step):
+        """Add the policy's weights after `step` updates (reservoir sampling when the pool is full)."""
+        self.pushes += 1
+        if self.draw_policy == "first":  # only theta_0 is ever drawn: nothing else to keep
+            return
+        if self.draw_policy == "last":  # only the newest is ever drawn: it replaces the previous one
+            self._put(step, state, slot=1 if len(self.entries) > 1 else None)
+            return
+        if not self.capacity or len(self.entries) < self.capacity:
+            self._put(step, state)
+            return
+        j = np.random.default_rng([self.seed, 1, self.pushes]).integers(self.pushes)  # Algorithm R
+        if j < self.capacity - 1:
+            self._put(step, state, slot=1 + j)
+
+    def draw(self, step):
+        """Index into `entries` of the reference for the stretch starting at `step`."""
+        if self.draw_policy == "first":
+            return 0
+        if self.draw_policy == "last":
+            return len(self.entries) - 1
+        rng = np.random.default_rng([self.seed, 2, step])
+        if len(self.entries) == self.pushes + 1:  # nothing was ever dropped: uniform over the pool
+            return int(rng.integers(len(self.entries)))
+        if rng.random() < 1 / (self.pushes + 1):  # theta_0 with its share of the whole history
+            return 0
+        return 1 + int(rng.integers(len(self.entries) - 1))
+
+    def load_into(self, i, module):
+        """Copy snapshot i into `module` in place: no new allocation, no config re-read (SSPO swaps often)."""
+        e = self.entries[i]
+        state = e["state"] if e["state"] is not None else load_file(e["path"])
+        with torch.no_grad():
+            for name, t in module.state_dict().items():
+                t.copy_(state[name])
+        return e["step"]
+
+    def prune(self):
+        """Delete snapshot files the pool no longer holds. Call after a checkpoint of this state is safely saved."""
+        if self.storage == "disk" and self.writer and os.path.isdir(self.folder):
+            keep = {os.path.basename(e["path"]) for e in self.entries}
+            for f in os.listdir(self.folder):
+                if f.endswith(".safetensors") and f not in keep:
+                    os.remove(os.path.join(self.folder, f))
+
+    def state_dict(self):
+        """For the training checkpoint. A memory pool carries its tensors; a disk pool only its file names."""
+        return {"entries": self.entries, "pushes": self.pushes}
+
+    def load_state_dict(self, d):
+        for e in d["entries"]:
+            if e["path"] is not None and not os.path.isfile(e["path"]):
+                raise FileNotFoundError(f"reference snapshot {e['path']} (named in the checkpoint) is missing")
+        self.entries, self.pushes = d["entries"], d["pushes"]
