@@ -234,3 +234,14 @@ def test_sspo_ddp_ranks_agree_on_the_reference(tmp_path, run):
 def test_dpo_needs_pairs(tmp_path, run):
     p = run(FAST + [f"--out_dir={tmp_path}/r", "--method=dpo", "--tiny_mode=base"])
     assert p.returncode != 0 and "method='dpo' needs paired data" in p.stderr and "tiny_mode='pairs'" in p.stderr
+
+
+def test_a_missing_base_is_trained_first(tmp_path, run):
+    base, cfg = tmp_path / "base", tmp_path / "base_cfg.py"
+    cfg.write_text(f"out_dir = {str(base)!r}\ninit_from = 'scratch'\nbatch_size = 8\ntiny_size = 512\nmax_steps = 2\n"
+                   "warmup_steps = 2\neval_every = 1000\nsample_steps = 2\n")
+    p = run(["configs/tiny.py"] + SMALL + [f"--out_dir={tmp_path}/run", f"--init_from={base}", f"--base_config={cfg}"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "is missing: training it first with" in p.stdout
+    assert torch.load(base / "ckpt.pt", weights_only=False)["step"] == 2
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["config"]["method"] == "sspo"
