@@ -86,13 +86,23 @@ def encode_prompts(tokenizer, text_encoder, prompts):
 
 
 @torch.no_grad()
-def images_to_latents(vae, images, generator=None):
-    """(B, 3, H, W) in [-1, 1] -> diffusion space: VAE latents x scaling factor (0.18215 for SD1.5), or the
-    pixels themselves for a pixel-space model."""
+def images_to_latents(vae, images, noise=None, generator=None):
+    """(B, 3, H, W) in [-1, 1] -> diffusion space: a VAE latent sample (mean + std x noise, as the peers' .sample())
+    x the scaling factor (0.18215 for SD1.5), or the pixels themselves for a pixel-space model. `noise` of the
+    latent shape makes the draw reproducible; else it comes from `generator`."""
     if vae is None:
         return images
     dist = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
-    return (dist.sample(generator) * vae.config.scaling_factor).float()
+    z = dist.sample(generator) if noise is None else dist.mean + dist.std * noise.to(dist.mean)
+    return (z * vae.config.scaling_factor).float()
+
+
+def latent_shape(m, resolution):
+    """(C, H, W) of the diffusion space for images of side `resolution`."""
+    if m["vae"] is None:
+        return (3, resolution, resolution)
+    f = 2 ** (len(m["vae"].config.block_out_channels) - 1)
+    return (m["vae"].config.latent_channels, resolution // f, resolution // f)
 
 
 @torch.no_grad()

@@ -43,16 +43,16 @@ class ReferencePool:
             self._put(0, base_state)
 
     def _put(self, step, state, slot=None):
-        entry = {"step": step, "state": None, "path": None}
+        entry = {"step": step, "state": None, "path": None}  # path: a file name inside `folder`
         if self.storage == "memory":
             entry["state"] = {k: v.detach().to("cpu", self.dtype, copy=True) for k, v in state.items()}
         else:  # written under a temporary name, then renamed: a crash never leaves a partial snapshot in use
-            entry["path"] = os.path.join(self.folder, f"snapshot_{step:08d}.safetensors")
+            entry["path"] = f"snapshot_{step:08d}.safetensors"  # relative: the run directory may move
             if self.writer:
                 os.makedirs(self.folder, exist_ok=True)
-                save_file({k: v.detach().to("cpu", self.dtype).contiguous() for k, v in state.items()},
-                          entry["path"] + ".tmp")
-                os.replace(entry["path"] + ".tmp", entry["path"])
+                path = os.path.join(self.folder, entry["path"])
+                save_file({k: v.detach().to("cpu", self.dtype).contiguous() for k, v in state.items()}, path + ".tmp")
+                os.replace(path + ".tmp", path)
         if slot is None:
             self.entries.append(entry)
         else:  # the replaced file stays on disk until prune(): the last checkpoint may still name it
@@ -89,7 +89,7 @@ class ReferencePool:
     def load_into(self, i, module):
         """Copy snapshot i into `module` in place: no new allocation, no config re-read (SSPO swaps often)."""
         e = self.entries[i]
-        state = e["state"] if e["state"] is not None else load_file(e["path"])
+        state = e["state"] if e["state"] is not None else load_file(os.path.join(self.folder, e["path"]))
         with torch.no_grad():
             for name, t in module.state_dict().items():
                 t.copy_(state[name])
@@ -98,7 +98,7 @@ class ReferencePool:
     def prune(self):
         """Delete snapshot files the pool no longer holds. Call after a checkpoint of this state is safely saved."""
         if self.storage == "disk" and self.writer and os.path.isdir(self.folder):
-            keep = {os.path.basename(e["path"]) for e in self.entries}
+            keep = {e["path"] for e in self.entries}
             for f in os.listdir(self.folder):
                 if f.endswith(".safetensors") and f not in keep:
                     os.remove(os.path.join(self.folder, f))
@@ -109,6 +109,7 @@ class ReferencePool:
 
     def load_state_dict(self, d):
         for e in d["entries"]:
-            if e["path"] is not None and not os.path.isfile(e["path"]):
-                raise FileNotFoundError(f"reference snapshot {e['path']} (named in the checkpoint) is missing")
+            if e["path"] is not None and not os.path.isfile(os.path.join(self.folder, e["path"])):
+                raise FileNotFoundError(f"reference snapshot {os.path.join(self.folder, e['path'])} (named in the "
+                                        "checkpoint) is missing")
         self.entries, self.pushes = d["entries"], d["pushes"]

@@ -138,14 +138,16 @@ def get_config(argv):
                 exec(compile(open(arg).read(), arg, "exec"), scope)
             except Exception as e:
                 raise SystemExit(f"config error: {arg} does not run: {type(e).__name__}: {e}")
-            for key, val in scope.items():
-                if not key.startswith("_") and type(val) in (bool, int, float, str, tuple, list, dict):
+            for key, val in scope.items():  # every public name but imported modules, functions and classes
+                if not key.startswith("_") and not isinstance(val, (type(os), type(put), type)):
                     put(key, val, arg)
     for key, options in CHOICES.items():
         if cfg[key] not in options:
             raise SystemExit(f"config error: {key}={cfg[key]!r} is not one of {', '.join(map(repr, options))}")
     if cfg["train_text_encoder"] and cfg["method"] != "sft":
         raise SystemExit("config error: train_text_encoder is for SFT pretraining; alignment keeps the encoder frozen")
+    if cfg["pool_capacity"] < 0 or cfg["pool_capacity"] == 1:
+        raise SystemExit(f"config error: pool_capacity must be 0 (keep all) or >= 2, got {cfg['pool_capacity']}")
     bad = [f for f in cfg["tiny_flaws"] if f not in data.ALL_FLAWS]
     if bad:
         raise SystemExit(f"config error: tiny_flaws has {bad}; known flaws: {', '.join(data.ALL_FLAWS)}")
@@ -189,7 +191,7 @@ def sspo_loss(err_w, err_s, ref_err_w, ref_err_s, beta, ssr="sign"):
     s = torch.sign(ref_err_w - err_w).detach()
     m = {"sign": s, "indicator": (s > 0).float(), "off": torch.ones_like(s)}[ssr]
     z = -0.5 * beta * ((err_w - ref_err_w) - m * (err_s - ref_err_s))
-    stats = {"implicit_acc": (z > 0).float().mean(), "ssr_switched": (s <= 0).float().mean(),
+    stats = {"implicit_acc": (z > 0).float().mean(), "ssr_switched": (m != 1).float().mean(),
              "err_w": err_w.mean(), "err_s": err_s.mean(), "ref_err_w": ref_err_w.mean(), "ref_err_s": ref_err_s.mean()}
     return -F.logsigmoid(z).mean(), {k: v.detach() for k, v in stats.items()}
 
@@ -276,8 +278,8 @@ def micro_batches(ds, cfg, rank, world, epoch, start):
 
 
 def step_randomness(cfg, step, micro, rank, world, shape, num_timesteps):
-    """Noise, timesteps, caption-dropout draws and the self-sampler's x_T of one micro-step, a pure function of
-    (seed, step, micro).
+    """Noise, timesteps, caption-dropout draws, the self-sampler's x_T and the VAE's latent noise (winner, loser) of
+    one micro-step, a pure function of (seed, step, micro).
     Drawn for the whole global micro-batch and dealt like DistributedSampler deals examples (rank r takes rows
     r, r + world, ...): each example gets the same draws whatever the number of processes, and resume is exact."""
     g = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg["seed"], step, micro]).generate_state(1)[0]))
@@ -286,7 +288,8 @@ def step_randomness(cfg, step, micro, rank, world, shape, num_timesteps):
     t = torch.randint(0, num_timesteps, (n,), generator=g)[rank::world]
     drop = (torch.rand(n, generator=g) < cfg["caption_dropout"])[rank::world]
     x_T = torch.randn((n, *shape[1:]), generator=g)[rank::world]
-    return eps, t, drop, x_T
+    vae_noise = torch.randn((2, n, *shape[1:]), generator=g)[:, rank::world]
+    return eps, t, drop, x_T, vae_noise
 
 
 def lr_at(step, cfg):
@@ -315,7 +318,7 @@ def run_eval(m, unet, cfg, ds, device, autocast):
     unet.eval()
     g = torch.Generator().manual_seed(cfg["seed"] + 1)
     batch = [ds[i] for i in range(min(cfg["batch_size"], len(ds)))]
-    x0 = model.images_to_latents(m["vae"], torch.stack([b["image_w"] for b in batch]).to(device), g)
+    x0 = model.images_to_latents(m["vae"], torch.stack([b["image_w"] for b in batch]).to(device), generator=g)
     eps = torch.randn(x0.shape, generator=g).to(device)
     t = torch.randint(0, m["scheduler"].config.num_train_timesteps, (len(batch),), generator=g).to(device)
     ctx = model.encode_prompts(m["tokenizer"], m["text_encoder"], [b["prompt"] for b in batch])
@@ -354,9 +357,10 @@ def save_checkpoint(cfg, unet, ema, text_encoder, opt, step, data_pos, pool):
         final, tmp, old = (os.path.join(cfg["out_dir"], name + x) for x in ("", ".tmp", ".old"))
         shutil.rmtree(tmp, ignore_errors=True)
         module.save_pretrained(tmp)
+        shutil.rmtree(old, ignore_errors=True)  # a leftover would make the rename below fail
         if os.path.isdir(final):
             os.replace(final, old)
-        os.replace(tmp, final)
+        os.replace(tmp, final)  # a crash before this line leaves old/: main() puts it back on resume
         shutil.rmtree(old, ignore_errors=True)
     if pool:
         pool.prune()  # snapshot files only the previous checkpoint named
@@ -373,23 +377,32 @@ def main(cfg):
     ckpt_path = os.path.join(out, "ckpt.pt")
     if resume and not os.path.isfile(ckpt_path):
         raise SystemExit(f"init_from='resume' but {ckpt_path} does not exist")
+    for name in ("unet", "text_encoder"):  # a crash between save_checkpoint's two renames left only name.old
+        if resume and not os.path.isdir(os.path.join(out, name)) and os.path.isdir(os.path.join(out, name + ".old")):
+            os.replace(os.path.join(out, name + ".old"), os.path.join(out, name))
     if not resume and os.path.isfile(ckpt_path):
         raise SystemExit(f"{out} already holds a run ({ckpt_path}); resume it with --init_from=resume or choose "
                          "another out_dir (nothing is overwritten)")
     torch.manual_seed(cfg["seed"])
     if cfg["base_config"] and cfg["init_from"] not in ("scratch", "resume") and not os.path.isdir(cfg["init_from"]):
+        ok = [True]
         if master:  # the tiny quick start: train the base this run starts from, as its own plain run
             print(f"{cfg['init_from']} is missing: training it first with {cfg['base_config']}")
             env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK",
                    "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")}
-            if subprocess.run([sys.executable, __file__, cfg["base_config"]], env=env).returncode != 0:
-                raise SystemExit(f"error: training the base with {cfg['base_config']} failed")
-        barrier()
+            ok[0] = subprocess.run([sys.executable, __file__, cfg["base_config"]], env=env).returncode == 0
+        if dist.is_initialized():
+            dist.broadcast_object_list(ok, src=0)  # every rank stops together, none waits at a barrier
+        if not ok[0]:
+            raise SystemExit(f"error: training the base with {cfg['base_config']} failed")
     try:  # bad input is a one-line error before any work: data first (seconds), then the model
         ds = make_dataset(cfg)
         if cfg["method"] == "dpo" and "image_l" not in ds[0]:
             raise ValueError(f"method='dpo' needs paired data (image_l), but dataset={cfg['dataset']!r} has none"
                              + (" (set tiny_mode='pairs')" if cfg["dataset"] == "tiny" else ""))
+        if len(ds) // world < cfg["batch_size"]:
+            raise ValueError(f"the dataset has {len(ds)} examples, fewer than one micro-batch of {cfg['batch_size']} "
+                             f"per process x {world} process(es)")
         if cfg["init_from"] not in ("scratch", "resume"):
             model.check_model_path(cfg["init_from"])
     except (FileNotFoundError, ValueError, OSError) as e:
@@ -428,6 +441,8 @@ def main(cfg):
             ema.load_state_dict(ckpt["ema"] if ckpt.get("ema") else ckpt["unet"])
         opt.load_state_dict(ckpt["optimizer"])
         step, data_pos = ckpt["step"], tuple(ckpt["data_pos"])
+        if step > cfg["max_steps"]:
+            raise SystemExit(f"error: {ckpt_path} is at step {step}, past max_steps={cfg['max_steps']}")
         torch.set_rng_state(ckpt["rng"])
         changed = {k: (ckpt["config"].get(k), v) for k, v in cfg.items()
                    if ckpt["config"].get(k) != v and k != "init_from"}
@@ -446,6 +461,7 @@ def main(cfg):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
     abar = m["scheduler"].alphas_cumprod.to(device)
     T = m["scheduler"].config.num_train_timesteps
+    latent_shape = model.latent_shape(m, cfg["resolution"])  # (C, H, W) of what the UNet denoises
     with torch.no_grad():
         uncond = model.encode_prompts(m["tokenizer"], m["text_encoder"], [""])  # (1, 77, D), for guidance
 
@@ -501,19 +517,22 @@ def main(cfg):
         stats_sum = {"loss": 0.0, **({"t_sample": 0.0} if cfg["method"] == "sspo" else {})}
         for micro in range(cfg["grad_accum"]):
             batch, data_pos = next(batches)
-            x0_w = model.images_to_latents(m["vae"], batch["image_w"].to(device))  # (B, C, H, W)
-            eps, t, drop, x_T = step_randomness(cfg, step, micro, rank, world, x0_w.shape, T)
+            B = len(batch["prompt"])
+            eps, t, drop, x_T, vae_noise = step_randomness(cfg, step, micro, rank, world, (B, *latent_shape), T)
             eps, t = eps.to(device), t.to(device)
+            x0_w = model.images_to_latents(m["vae"], batch["image_w"].to(device), vae_noise[0])  # (B, C, H, W)
             prompts = ["" if d else p for p, d in zip(batch["prompt"], drop.tolist())]
             ctx = model.encode_prompts(m["tokenizer"], m["text_encoder"], prompts)  # (B, 77, D)
             if cfg["method"] == "dpo":
-                x0_l = model.images_to_latents(m["vae"], batch["image_l"].to(device))
+                x0_l = model.images_to_latents(m["vae"], batch["image_l"].to(device), vae_noise[1])
             elif cfg["method"] == "sspo":  # the reference draws its own image for each prompt: the loser candidate
                 t0 = time.time()
                 cond = model.encode_prompts(m["tokenizer"], m["text_encoder"], batch["prompt"])  # no dropout here
                 with autocast:  # the final latent is used directly: no decode/encode round trip
+                    g_eta = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + step * 1009 + micro * 31 + rank)
                     x0_l = model.ddim_sample(ref_unet, m["scheduler"], cond, uncond, x_T.to(device),
-                                             cfg["self_sample_steps"], cfg["self_sample_guidance"], cfg["self_sample_eta"])
+                                             cfg["self_sample_steps"], cfg["self_sample_guidance"], cfg["self_sample_eta"],
+                                             g_eta)
                 stats_sum["t_sample"] += time.time() - t0
             # DDP syncs gradients on the last micro-step only
             sync = nullcontext() if world == 1 or micro == cfg["grad_accum"] - 1 else ddp_unet.no_sync()

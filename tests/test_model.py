@@ -37,7 +37,7 @@ def test_load_and_encode(sd_dir):
     assert ctx.shape == (2, 77, 32)
     assert not torch.allclose(ctx[0], ctx[1])
     images = torch.stack([data.to_tensor(data.render(c, 16)) for c in data.ALL_COMBOS[:2]])
-    z = model.images_to_latents(m["vae"], images, torch.Generator().manual_seed(0))
+    z = model.images_to_latents(m["vae"], images, generator=torch.Generator().manual_seed(0))
     assert z.shape == (2, 4, 8, 8) and z.dtype == torch.float32
     back = model.latents_to_images(m["vae"], z)
     assert back.shape == (2, 3, 16, 16) and back.min() >= -1 and back.max() <= 1

@@ -55,7 +55,7 @@ def test_sspo_switched_sample_by_hand(ssr, z):
     err_w, err_s = t(0.3), t(0.4)
     loss, stats = train_sspo.sspo_loss(err_w, err_s, torch.tensor([0.2]), torch.tensor([0.1]), 10.0, ssr=ssr)
     assert loss.item() == pytest.approx(softplus(z), rel=1e-6)
-    assert stats["ssr_switched"] == 1.0
+    assert stats["ssr_switched"] == (0.0 if ssr == "off" else 1.0)
     loss.backward()
     assert err_w.grad.item() > 0  # the winner's error is always pushed down
     if ssr == "sign":  # SFT on both: the self-sample's error is pushed down too
@@ -74,7 +74,7 @@ def test_sspo_exact_tie_takes_sign_zero():
     for ssr, expect in [("sign", softplus(0.0)), ("indicator", softplus(0.0)), ("off", softplus(5 * (0.5 - 0.1)))]:
         loss, stats = train_sspo.sspo_loss(e, err_s, e, torch.tensor([0.1]), 10.0, ssr=ssr)
         assert loss.item() == pytest.approx(expect, rel=1e-6), ssr
-        assert stats["ssr_switched"] == 1.0
+        assert stats["ssr_switched"] == (0.0 if ssr == "off" else 1.0)  # off never switches
 
 
 def test_sspo_mixed_batch_is_the_mean_of_per_sample_losses():
@@ -168,9 +168,9 @@ def test_disk_pool_writes_safetensors_and_prunes_only_when_asked(tmp_path):
     on_disk = sorted(os.listdir(folder))
     assert len(on_disk) > 2 and not any(f.endswith(".tmp") for f in on_disk)  # replaced files wait for prune
     pool.prune()
-    assert sorted(os.listdir(folder)) == sorted(os.path.basename(e["path"]) for e in pool.entries)
+    assert sorted(os.listdir(folder)) == sorted(e["path"] for e in pool.entries)
     saved = pool.state_dict()
-    os.remove(pool.entries[1]["path"])
+    os.remove(os.path.join(folder, pool.entries[1]["path"]))
     with pytest.raises(FileNotFoundError, match="snapshot .* is missing"):
         replay.ReferencePool(None, storage="disk", folder=folder).load_state_dict(saved)
 
@@ -214,7 +214,7 @@ def test_sspo_resume_is_exact_with_a_disk_pool(tmp_path, run):
     ca, cb = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=False) for d in (a, b))
     assert all(torch.equal(ca["unet"][k], cb["unet"][k]) for k in ca["unet"])
     assert [e["step"] for e in ca["pool"]["entries"]] == [e["step"] for e in cb["pool"]["entries"]]
-    assert sorted(os.listdir(os.path.join(b, "pool"))) == sorted(os.path.basename(e["path"]) for e in cb["pool"]["entries"])
+    assert sorted(os.listdir(os.path.join(b, "pool"))) == sorted(e["path"] for e in cb["pool"]["entries"])
 
 
 def test_sspo_ddp_ranks_agree_on_the_reference(tmp_path, run):

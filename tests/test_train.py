@@ -28,6 +28,7 @@ def test_config_files_and_overrides(tmp_path):
     (["--dataset=imagefolder"], r"needs data_path"),
     (["--dataset=imagefolder", "--data_path=/no/such/folder"], r"data_path '/no/such/folder' does not exist"),
     (["--batch_size=0"], r"batch_size must be >= 1"),
+    (["--pool_capacity=1"], r"pool_capacity must be 0 \(keep all\) or >= 2"),
     (["--train_text_encoder=True", "--method=sspo"], r"train_text_encoder is for SFT pretraining"),
     (["--tiny_flaws=('colour', 'smudge')"], r"tiny_flaws has \['smudge'\]"),
 ])
@@ -41,6 +42,10 @@ def test_config_file_errors(tmp_path):
     bad.write_text("lr = 1e-4\nbatchsize = 4\n")
     with pytest.raises(SystemExit, match=r"unknown key 'batchsize' in .*bad.py \(did you mean 'batch_size'\?\)"):
         train_sspo.get_config([str(bad)])
+    none = tmp_path / "none.py"  # a value of a type no default has is an error too, not silently ignored
+    none.write_text("ema_decay = None\n")
+    with pytest.raises(SystemExit, match=r"ema_decay in .*none.py must be float"):
+        train_sspo.get_config([str(none)])
     broken = tmp_path / "broken.py"
     broken.write_text("lr = (\n")
     with pytest.raises(SystemExit, match=r"broken.py does not run: SyntaxError"):
@@ -79,8 +84,9 @@ def test_step_randomness_is_dealt_like_the_sampler():
     one = train_sspo.step_randomness(cfg, 3, 0, 0, 1, (8, 3, 4, 4), 1000)
     r0 = train_sspo.step_randomness(cfg, 3, 0, 0, 2, (4, 3, 4, 4), 1000)
     r1 = train_sspo.step_randomness(cfg, 3, 0, 1, 2, (4, 3, 4, 4), 1000)
-    for a, b, full in zip(r0, r1, one):
-        assert torch.equal(torch.stack([a, b], 1).flatten(0, 1), full)
+    for i, (a, b, full) in enumerate(zip(r0, r1, one)):
+        k = 1 if i == 4 else 0  # the examples' axis; vae_noise has a (winner, loser) axis before it
+        assert torch.equal(torch.stack([a, b], k + 1).flatten(k, k + 1), full), i
     other = train_sspo.step_randomness(cfg, 4, 0, 0, 1, (8, 3, 4, 4), 1000)
     assert not torch.equal(one[0], other[0])
 
@@ -166,6 +172,25 @@ def test_trained_text_encoder_is_saved_in_the_run_folder(tmp_path, run):
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)["text_encoder"]
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert all(torch.equal(after[k], ckpt[k]) for k in after)
+
+
+def test_too_small_data_and_resume_past_max_steps_are_errors(tmp_path, run):
+    p = run(FAST + [f"--out_dir={tmp_path}/small", "--tiny_size=5"])
+    assert p.returncode != 0 and "the dataset has 5 examples, fewer than one micro-batch of 8" in p.stderr
+    out = str(tmp_path / "r")
+    assert run(FAST + [f"--out_dir={out}"]).returncode == 0
+    p = run(FAST + [f"--out_dir={out}", "--init_from=resume", "--max_steps=2"])
+    assert p.returncode != 0 and "is at step 4, past max_steps=2" in p.stderr
+
+
+def test_resume_repairs_an_interrupted_unet_swap(tmp_path, run):
+    """A crash between save_checkpoint's renames leaves unet.old/ and no unet/: resume puts it back."""
+    out = str(tmp_path / "r")
+    assert run(FAST + [f"--out_dir={out}"]).returncode == 0
+    os.replace(os.path.join(out, "unet"), os.path.join(out, "unet.old"))
+    p = run(FAST + [f"--out_dir={out}", "--init_from=resume", "--max_steps=5"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert os.path.isdir(os.path.join(out, "unet")) and not os.path.exists(os.path.join(out, "unet.old"))
 
 
 @pytest.mark.parametrize("args, match", [
