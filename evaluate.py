@@ -20,17 +20,19 @@ import model
 
 
 def load_run(run_dir):
-    """-> (model parts, the run's config). The run directory is an SD-layout folder; ckpt.pt holds its config."""
+    """-> (model parts, the run's config, its step). The run directory is an SD-layout folder; ckpt.pt holds the
+    config (memory-mapped: the optimizer state in it is never read)."""
     ckpt_path = os.path.join(run_dir, "ckpt.pt")
     if not os.path.isfile(ckpt_path):
         raise SystemExit(f"error: {ckpt_path} not found: not a run directory of train_sspo.py")
-    cfg = torch.load(ckpt_path, map_location="cpu", weights_only=False)["config"]
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+    cfg, step = ckpt["config"], int(ckpt["step"])
     if cfg["dataset"] != "tiny":
         raise SystemExit(f"error: {run_dir} trained on {cfg['dataset']!r}; only the tiny world's judge is "
                          "implemented so far (PickScore/HPSv2/ImageReward are not)")
     m = model.load_model(run_dir)
     m["unet"].eval()
-    return m, cfg
+    return m, cfg, step
 
 
 @torch.no_grad()
@@ -61,7 +63,7 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
-    m, cfg = load_run(args.run_dir)
+    m, cfg, step = load_run(args.run_dir)
     protocol = {"sampler": "DDIM, eta 0", "steps": args.steps or cfg["sample_steps"],
                 "guidance": args.guidance or cfg["guidance"], "seed": args.seed,
                 "generator": "one, seeded once, reused across prompts in order",
@@ -78,9 +80,7 @@ def main():
         images[name] = sample_all(mm, prompts, protocol)
         scores[name] = np.array([data.judge(x, q)[0] for x, q in zip(images[name], prompts)])
     n_seen = len(seen) * args.images_per_prompt
-    result = {"run_dir": os.path.abspath(args.run_dir), "step": int(torch.load(
-        os.path.join(args.run_dir, "ckpt.pt"), map_location="cpu", weights_only=False)["step"]),
-        "protocol": protocol, "per_image": [{"prompt": q, "judge": float(s)} for q, s in zip(prompts, scores["run"])]}
+    result = {"run_dir": os.path.abspath(args.run_dir), "step": step, "protocol": protocol, "per_image": [{"prompt": q, "judge": float(s)} for q, s in zip(prompts, scores["run"])]}
     rows = []
     for name, s in scores.items():
         rows.append((name, runs[name][0], s[:n_seen].mean(), s[n_seen:].mean()))

@@ -187,10 +187,18 @@ def test_pool_rejects_bad_settings():
 SMALL = FAST + ["--max_steps=4", "--ckpt_every=2", "--self_sample_steps=2", "--tiny_mode=pairs"]
 
 
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """One short tiny base for the tests below; they only read it."""
+    from conftest import run_script
+    out = str(tmp_path_factory.mktemp("base") / "base")
+    p = run_script(FAST + [f"--out_dir={out}", "--max_steps=2"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    return out
+
+
 @pytest.mark.parametrize("config", ["configs/tiny.py", "configs/tiny_sft.py", "configs/tiny_dpo.py", "configs/tiny_spin.py"])
-def test_each_tiny_config_trains(tmp_path, run, config):
-    base = str(tmp_path / "base")
-    assert run(FAST + [f"--out_dir={base}", "--max_steps=2"]).returncode == 0
+def test_each_tiny_config_trains(tmp_path, run, config, base):
     p = run([config] + SMALL + [f"--out_dir={tmp_path}/run", f"--init_from={base}", "--base_config="])
     assert p.returncode == 0, p.stderr[-3000:]
     assert "eval step 4:" in p.stdout and "judge on seen / held-out prompts" in p.stdout
@@ -200,10 +208,8 @@ def test_each_tiny_config_trains(tmp_path, run, config):
         assert "ssr_switched" in p.stdout and "t_sample" in p.stdout
 
 
-def test_sspo_resume_is_exact_with_a_disk_pool(tmp_path, run):
+def test_sspo_resume_is_exact_with_a_disk_pool(tmp_path, run, base):
     """Stopped and resumed mid-stretch, with pushes and draws on both sides of the stop: the same weights."""
-    base = str(tmp_path / "base")
-    assert run(FAST + [f"--out_dir={base}", "--max_steps=2"]).returncode == 0
     args = SMALL + ["--method=sspo", f"--init_from={base}", "--max_steps=7", "--pool_storage=disk",
                     "--pool_capacity=3", "--ckpt_every=2", "--ref_policy=uniform"]
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
@@ -217,11 +223,9 @@ def test_sspo_resume_is_exact_with_a_disk_pool(tmp_path, run):
     assert sorted(os.listdir(os.path.join(b, "pool"))) == sorted(e["path"] for e in cb["pool"]["entries"])
 
 
-def test_sspo_ddp_ranks_agree_on_the_reference(tmp_path, run):
+def test_sspo_ddp_ranks_agree_on_the_reference(tmp_path, run, base):
     """2 processes x batch 4 == 1 process x batch 8 for SSPO with a uniform redraw every step: a rank that drew
     another snapshot would sample other losers and end elsewhere."""
-    base = str(tmp_path / "base")
-    assert run(FAST + [f"--out_dir={base}", "--max_steps=2"]).returncode == 0
     args = SMALL + ["--method=sspo", f"--init_from={base}", "--ckpt_every=1", "--ref_redraw=step"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     assert run(args + [f"--out_dir={one}", "--batch_size=8"]).returncode == 0
