@@ -10,6 +10,7 @@ Importing this file runs nothing: the loss functions and the config reader are i
 """
 import ast
 import copy
+import json
 import difflib
 import math
 import os
@@ -251,6 +252,13 @@ def print0(*args):
         _log_file.flush()
 
 
+def log_json(record):
+    """Rank 0 appends one JSON line to out_dir/log.jsonl: the numbers of log.txt, for plots and scripts."""
+    if _log_file is not None:
+        with open(os.path.join(os.path.dirname(_log_file.name), "log.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
 # -----------------------------------------------------------------------------------------------------------------
 # data, randomness, learning rate
 
@@ -489,6 +497,7 @@ def main(cfg):
                 res, images, prompts, labels = run_eval(m, ema or unet, cfg, ds, device, autocast)
                 first_eval = first_eval or res
                 print0(f"eval step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items()))
+                log_json({"kind": "eval", "step": step, **res})
                 data.save_grid(images, os.path.join(out, "samples", f"step{step:06d}.png"), labels)
                 with open(os.path.join(out, "samples", "prompts.txt"), "w") as f:
                     f.write("\n".join(prompts) + "\n")
@@ -572,6 +581,7 @@ def main(cfg):
             dt = (time.time() - t_last) / cfg["log_every"]
             t_last = time.time()
             bar.set_postfix(loss=f"{stats['loss']:.4f}")
+            log_json({"kind": "train", "step": step, **stats, "lr": lr, "grad_norm": grad_norm.item(), "s_per_step": dt})
             print0(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in stats.items()) +
                    (f", ref = snapshot of step {ref_step}" if pool is not None else "") +
                    f", lr {lr:.2e}, grad_norm {grad_norm.item():.3f}, {dt:.2f} s/step, "

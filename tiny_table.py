@@ -1,0 +1,201 @@
+"""
+The paper's table in miniature: base, SFT, Diffusion-DPO, SPIN-Diffusion, SSPO and SSPO's ablations, each trained
+from the same tiny base with the same optimizer steps and the same data, for several seeds, then judged.
+
+    python tiny_table.py                       # the README table: 8 methods x 3 seeds, 2 jobs at a time
+    python tiny_table.py --seeds 0 --only SSPO SFT --jobs 1
+
+Re-runnable: a run whose eval/scores.json exists is not trained again (delete out/table to start over). Writes
+out/table/table.md (printed too), results.json, samples.png (every method's samples on the same prompts and noise)
+and curves.png (judge against step, mean over seeds). Each run is `python train_sspo.py CONFIG --seed=S
+--out_dir=...` then `python evaluate.py RUN`; its log is out/table/NAME_sS/run.log.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+import data
+import model
+
+BASE = "out/tiny_base"
+OUT = "out/table"
+# name -> (config, overrides). All share configs/tiny.py's budget; SFT, SPIN and SSPO read winners only, DPO pairs.
+RUNS = {
+    "SFT": ("configs/tiny_sft.py", []),
+    "Diffusion-DPO": ("configs/tiny_dpo.py", []),
+    "SPIN-Diffusion": ("configs/tiny_spin.py", []),
+    "SSPO": ("configs/tiny.py", []),
+    "SSPO, ref = first": ("configs/tiny.py", ["--ref_policy=first"]),
+    "SSPO, ref = last": ("configs/tiny.py", ["--ref_policy=last"]),
+    "SSPO, SSR indicator": ("configs/tiny.py", ["--ssr=indicator"]),
+    "SSPO, SSR off": ("configs/tiny.py", ["--ssr=off"]),
+}
+SELF_SAMPLING = ("SPIN-Diffusion", "SSPO")  # names starting with these pay for sampling: scheduled first
+
+
+def run_dir(name, seed):
+    slug = name.lower().replace(", ", "_").replace(" = ", "_").replace(" ", "_").replace("-", "")
+    return os.path.join(OUT, f"{slug}_s{seed}")
+
+
+def sh(cmd, log, env):
+    with open(log, "a") as f:
+        f.write(f"$ {' '.join(cmd)}\n")
+        f.flush()
+        if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode != 0:
+            raise SystemExit(f"error: {' '.join(cmd)} failed; see {log}")
+
+
+def train_and_eval(name, seed, env):
+    """-> wall seconds of training and of evaluation; skips what is already done."""
+    d = run_dir(name, seed)
+    os.makedirs(d, exist_ok=True)
+    timing_path = os.path.join(d, "time.json")
+    if os.path.exists(os.path.join(d, "eval", "scores.json")) and os.path.exists(timing_path):
+        return json.load(open(timing_path))
+    config, overrides = RUNS[name]
+    log = os.path.join(d, "run.log")
+    t0 = time.time()
+    resume = ["--init_from=resume"] if os.path.exists(os.path.join(d, "ckpt.pt")) else []
+    sh([sys.executable, "train_sspo.py", config, f"--seed={seed}", f"--out_dir={d}", *overrides, *resume], log, env)
+    t1 = time.time()
+    sh([sys.executable, "evaluate.py", d], log, env)
+    timing = {"train_s": t1 - t0, "eval_s": time.time() - t1}
+    json.dump(timing, open(timing_path, "w"))
+    print(f"  {name}, seed {seed}: trained in {timing['train_s'] / 60:.1f} min, evaluated in {timing['eval_s']:.0f} s",
+          flush=True)
+    return timing
+
+
+def win_rate(run, base):
+    """Share of images (same prompt, same noise) the judge scores higher for the run than for the base; ties half."""
+    d = np.array([r["judge"] for r in run["per_image"]]) - np.array([b["judge"] for b in base["per_image"]])
+    return float(((d > 1e-6) + 0.5 * (np.abs(d) <= 1e-6)).mean())
+
+
+def mean_std(xs):
+    return f"{np.mean(xs):.3f} ± {np.std(xs, ddof=1) if len(xs) > 1 else 0:.3f}"
+
+
+@torch.no_grad()
+def samples_picture(names, seed, path, n=16):
+    """One row per method (its run of `seed`): the first n//2 seen and all held-out prompts, one noise draw shared
+    by every row, each tile labelled with its judge score."""
+    prompts = [data.prompt_of(c) for c in data.TRAIN_COMBOS[:n - len(data.HELD_OUT)] + data.HELD_OUT]
+    rows, labels = [], []
+    for d in [BASE] + [run_dir(name, seed) for name in names]:
+        m = model.load_model(d)
+        m["unet"].eval()
+        u = m["unet"].config
+        noise = torch.randn((len(prompts), u.in_channels, u.sample_size, u.sample_size),
+                            generator=torch.Generator().manual_seed(0))
+        cond = model.encode_prompts(m["tokenizer"], m["text_encoder"], prompts)
+        uncond = model.encode_prompts(m["tokenizer"], m["text_encoder"], [""])
+        x = model.latents_to_images(m["vae"], model.ddim_sample(m["unet"], m["scheduler"], cond, uncond, noise, 20, 3.0))
+        rows.append(x)
+        labels += [f"{data.judge(img, p)[0]:.2f}" for img, p in zip(x, prompts)]
+    data.save_grid(torch.cat(rows), path, labels, cols=len(prompts), tile=48)
+    with open(path[:-4] + ".txt", "w") as f:
+        f.write("rows: base, " + ", ".join(names) + "\ncolumns: " + "; ".join(prompts) + "\n")
+
+
+def curves_picture(curves, path, key="judge_seen"):
+    """judge against optimizer step, one line per method (mean over seeds), drawn with pillow."""
+    W, H, pad = 720, 420, 50
+    img = Image.new("RGB", (W, H), "white")
+    dr = ImageDraw.Draw(img)
+    pts = [p for c in curves.values() for p in c]
+    x_max = max(s for s, _ in pts)
+    y_lo, y_hi = min(v for _, v in pts) - 0.02, max(v for _, v in pts) + 0.02
+    X = lambda s: pad + (W - 2.6 * pad) * s / x_max
+    Y = lambda v: H - pad - (H - 2 * pad) * (v - y_lo) / (y_hi - y_lo)
+    dr.line([(pad, pad), (pad, H - pad), (W - 1.6 * pad, H - pad)], fill="black")
+    for v in np.linspace(y_lo, y_hi, 5):
+        dr.text((4, Y(v) - 6), f"{v:.2f}", fill="black")
+    for s in np.linspace(0, x_max, 5):
+        dr.text((X(s) - 8, H - pad + 6), f"{s:.0f}", fill="black")
+    dr.text((W / 2 - 60, H - 18), "optimizer step", fill="black")
+    dr.text((pad, 10), f"tiny world: {key.replace('_', ' on ')} prompts (mean over seeds)", fill="black")
+    colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22"]
+    for i, (name, c) in enumerate(curves.items()):
+        col = colours[i % len(colours)]
+        dr.line([(X(s), Y(v)) for s, v in c], fill=col, width=2)
+        dr.text((W - 1.5 * pad, Y(c[-1][1]) - 6), name[:14], fill=col)
+    img.save(path)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--only", nargs="+", default=list(RUNS), help=f"a subset of: {', '.join(RUNS)}")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time; each gets 2 // jobs threads (at least 1)")
+    args = p.parse_args()
+    unknown = [n for n in args.only if n not in RUNS]
+    if unknown:
+        raise SystemExit(f"error: unknown run {unknown}; known: {', '.join(RUNS)}")
+    os.makedirs(OUT, exist_ok=True)
+    t_start = time.time()
+    env = dict(os.environ)
+    if not os.path.exists(os.path.join(BASE, "ckpt.pt")):
+        print(f"training the base: python train_sspo.py configs/tiny_base.py (log: {OUT}/base.log)", flush=True)
+        sh([sys.executable, "train_sspo.py", "configs/tiny_base.py"], os.path.join(OUT, "base.log"), env)
+    if not os.path.exists(os.path.join(BASE, "eval", "scores.json")):
+        sh([sys.executable, "evaluate.py", BASE], os.path.join(OUT, "base.log"), env)
+    t_base = time.time() - t_start
+
+    env["OMP_NUM_THREADS"] = str(max(1, 2 // args.jobs))
+    jobs = sorted(((n, s) for n in args.only for s in args.seeds), key=lambda j: not j[0].startswith(SELF_SAMPLING))
+    print(f"{len(jobs)} runs, {args.jobs} at a time, {env['OMP_NUM_THREADS']} thread(s) each", flush=True)
+    with ThreadPoolExecutor(args.jobs) as pool:
+        timings = dict(zip(jobs, pool.map(lambda j: train_and_eval(*j, env), jobs)))
+
+    base = json.load(open(os.path.join(BASE, "eval", "scores.json")))
+    results = {"base": {"judge_seen": [base["judge_seen_run"]], "judge_heldout": [base["judge_heldout_run"]]}}
+    curves = {}
+    for name in args.only:
+        r = results[name] = {"judge_seen": [], "judge_heldout": [], "win_rate": [], "train_min": []}
+        per_step = {}
+        for s in args.seeds:
+            d = run_dir(name, s)
+            sc = json.load(open(os.path.join(d, "eval", "scores.json")))
+            r["judge_seen"].append(sc["judge_seen_run"])
+            r["judge_heldout"].append(sc["judge_heldout_run"])
+            r["win_rate"].append(win_rate(sc, base))
+            r["train_min"].append(timings[(name, s)]["train_s"] / 60)
+            for line in open(os.path.join(d, "log.jsonl")):
+                e = json.loads(line)
+                if e["kind"] == "eval":
+                    per_step.setdefault(e["step"], []).append(e["judge_seen"])
+        curves[name] = [(k, float(np.mean(v))) for k, v in sorted(per_step.items())]
+    json.dump({"seeds": args.seeds, "results": results, "protocol": base["protocol"]},
+              open(os.path.join(OUT, "results.json"), "w"), indent=1)
+
+    lines = [f"| method | judge, seen prompts | judge, held-out prompts | win rate vs base | train min / run |",
+             "|---|---|---|---|---|",
+             f"| base | {base['judge_seen_run']:.3f} | {base['judge_heldout_run']:.3f} | - | - |"]
+    for name in args.only:
+        r = results[name]
+        lines.append(f"| {name} | {mean_std(r['judge_seen'])} | {mean_std(r['judge_heldout'])} | "
+                     f"{mean_std(r['win_rate'])} | {np.mean(r['train_min']):.1f} |")
+    total = (time.time() - t_start) / 60
+    lines.append(f"\nmean ± std over seeds {args.seeds}; judge of {base['protocol']['images_per_prompt']} images per "
+                 f"prompt ({base['protocol']['steps']} DDIM steps, guidance {base['protocol']['guidance']}, seed "
+                 f"{base['protocol']['seed']}); base trained in this call: {t_base / 60:.1f} min; total {total:.1f} min")
+    table = "\n".join(lines)
+    print("\n" + table)
+    open(os.path.join(OUT, "table.md"), "w").write(table + "\n")
+    samples_picture(args.only, args.seeds[0], os.path.join(OUT, "samples.png"))
+    curves_picture(curves, os.path.join(OUT, "curves.png"))
+    print(f"wrote {OUT}/table.md, results.json, samples.png, curves.png")
+
+
+if __name__ == "__main__":
+    main()
