@@ -214,16 +214,19 @@ def blip_to_imagereward(vision_sd, text_sd, mlp_sd):
     return out
 
 
-def test_imagereward_from_an_original_style_checkpoint(tmp_path):
-    torch.manual_seed(0)
-    os.makedirs(tmp_path / "ir")
-    with open(tmp_path / "vocab.txt", "w") as f:
+def tiny_imagereward(path, seed=0):
+    """path/ImageReward.pt + med_config.json in ImageReward's layout (from tiny random transformers BLIP parts and a
+    LAION-style head, through the inverse mapping) and path/bert, a BERT tokenizer without [DEC]/[ENC]."""
+    torch.manual_seed(seed)
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "vocab.txt"), "w") as f:
         f.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
-    BertTokenizer(str(tmp_path / "vocab.txt")).save_pretrained(str(tmp_path / "bert"))
+    BertTokenizer(os.path.join(path, "vocab.txt")).save_pretrained(os.path.join(path, "bert"))
     med = dict(vocab_size=len(WORDS) + 7, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                num_attention_heads=2, max_position_embeddings=40, layer_norm_eps=1e-12, hidden_act="gelu",
                pad_token_id=0, type_vocab_size=2, encoder_width=64, add_cross_attention=True)
-    json.dump(med, open(tmp_path / "ir" / "med_config.json", "w"))
+    with open(os.path.join(path, "med_config.json"), "w") as f:
+        json.dump(med, f)
     vision = BlipVisionModel(BlipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                               num_attention_heads=1, image_size=224, patch_size=32,
                                               layer_norm_eps=1e-6)).eval()
@@ -232,9 +235,26 @@ def test_imagereward_from_an_original_style_checkpoint(tmp_path):
     head = LaionHead(32).eval()
     sd = blip_to_imagereward(vision.state_dict(), text.state_dict(), head.state_dict())
     sd["blip.vision_proj.weight"], sd["blip.text_proj.weight"] = torch.zeros(8, 64), torch.zeros(8, 32)  # dropped
-    torch.save(sd, tmp_path / "ir" / "ImageReward.pt")
+    torch.save(sd, os.path.join(path, "ImageReward.pt"))
+    return vision, text, head
 
-    tok = BertTokenizer.from_pretrained(str(tmp_path / "bert"))
+
+def save_tiny_scorers(path):
+    """Tiny random weights for every scorer under `path` -> the WEIGHTS overrides that point at them."""
+    tiny_clip(os.path.join(path, "clip"))
+    clip, _ = tiny_clip(os.path.join(path, "clip_h"), seed=1)  # PickScore's / HPSv2's stand-in
+    torch.save({"state_dict": clip_to_open_clip(clip.state_dict())}, os.path.join(path, "hps.pt"))
+    torch.save(LaionHead(16).state_dict(), os.path.join(path, "head.pth"))
+    tiny_imagereward(os.path.join(path, "ir"))
+    p = lambda *a: os.path.join(path, *a)
+    return {"pickscore": p("clip_h"), "pickscore_processor": p("clip_h"), "hpsv2": p("hps.pt"), "hpsv2_clip": p("clip_h"),
+            "aesthetic": p("head.pth"), "aesthetic_clip": p("clip"), "clip": p("clip"), "imagereward": p("ir"),
+            "imagereward_tokenizer": p("ir", "bert")}
+
+
+def test_imagereward_from_an_original_style_checkpoint(tmp_path):
+    vision, text, head = tiny_imagereward(str(tmp_path / "ir"))
+    tok = BertTokenizer.from_pretrained(str(tmp_path / "ir" / "bert"))
     tok.add_special_tokens({"bos_token": "[DEC]"})
     tok.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
     t = tok(PROMPTS, padding="max_length", max_length=35, truncation=True, return_tensors="pt")
@@ -242,7 +262,7 @@ def test_imagereward_from_an_original_style_checkpoint(tmp_path):
         img = vision(pixel_values=scorers.clip_preprocess(images())).last_hidden_state
         h = text(input_ids=t.input_ids, attention_mask=t.attention_mask, encoder_hidden_states=img).last_hidden_state
         want = (head.layers(h[:, 0]).squeeze(-1) - 0.16717362830052426) / 1.0333394966054072
-    w = dict(scorers.WEIGHTS, imagereward=str(tmp_path / "ir"), imagereward_tokenizer=str(tmp_path / "bert"))
+    w = dict(scorers.WEIGHTS, imagereward=str(tmp_path / "ir"), imagereward_tokenizer=str(tmp_path / "ir" / "bert"))
     torch.testing.assert_close(scorers.load("imagereward", w)(images(), PROMPTS), want, atol=1e-5, rtol=1e-5)
 
 
