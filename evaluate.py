@@ -17,8 +17,8 @@ protocol and the models' identity), grid.png, and with --base side_by_side.png (
 """
 import argparse
 import csv
-import hashlib
 import glob
+import hashlib
 import json
 import os
 
@@ -148,7 +148,7 @@ def generate(m, prompts, noise, protocol, batch_size, desc):
     return np.concatenate(out) if out else np.zeros((0, 1, 1, 3), np.uint8)
 
 
-def judge(images, prompts):
+def tiny_judge(images, prompts):
     """The tiny world's judge as a metric, in [0, 1]."""
     return torch.tensor([data.judge(np.asarray(im), q)[0] for im, q in zip(images, prompts)])
 
@@ -215,6 +215,7 @@ def main():
 
 
 def evaluate(args, weights, metrics, rank, world, device):
+    """Protocol and prompts, scorers, noise; then each rank samples and scores its shard, and rank 0 writes."""
     dtype = getattr(torch, args.dtype)
     m, cfg, step = load_run(args.run_dir, device, dtype)
     tiny = cfg["dataset"] == "tiny"
@@ -238,12 +239,14 @@ def evaluate(args, weights, metrics, rank, world, device):
             raise SystemExit(f"error: the judge scores tiny-world prompts only, not {bad[0]!r}")
 
     # scorers first: a scorer whose weights are found but broken stops the run before hours of sampling
-    scorer, skipped = {"judge": judge}, {}
+    scorer, skipped = {}, {}
     for s in metrics:
-        if s != "judge":
-            scorer[s] = scorers.load(s, weights, device)
-            if isinstance(scorer[s], scorers.Skipped):
-                skipped[s] = scorer.pop(s)._asdict()
+        try:
+            scorer[s] = tiny_judge if s == "judge" else scorers.load(s, weights, device)
+        except (OSError, ValueError) as e:  # found, but not what the scorer needs
+            raise SystemExit(f"error: {s} scorer: {str(e).strip().splitlines()[0]}")
+        if isinstance(scorer[s], scorers.Skipped):
+            skipped[s] = scorer.pop(s)._asdict()
     print0("protocol:", protocol)
     for s, why in skipped.items():
         print0(f"skipped {s}: {why['reason']} (looked for {why['path']})")
@@ -252,20 +255,17 @@ def evaluate(args, weights, metrics, rank, world, device):
     if args.base:
         base_run = os.path.isfile(os.path.join(args.base, "ckpt.pt"))
         models["base"] = load_run(args.base, device, dtype)[0] if base_run else load_model(args.base, device, dtype)
-    u = m["unet"].config
-    shape = (u.in_channels, u.sample_size, u.sample_size)
-    for k, mm in models.items():
-        if (mm["unet"].config.in_channels, mm["unet"].config.sample_size) != shape[:2]:
-            raise SystemExit(f"error: {args.base} samples {mm['unet'].config.sample_size}px x "
-                             f"{mm['unet'].config.in_channels} channels, {args.run_dir} {shape}: no common noise")
+    shape = [(u.in_channels, u.sample_size, u.sample_size) for u in (mm["unet"].config for mm in models.values())]
+    if len(set(shape)) > 1:
+        raise SystemExit(f"error: {args.run_dir} samples {shape[0]} latents, {args.base} {shape[1]}: no common noise")
+    shape = shape[0]
     noise = draw_noise(len(prompts), shape, args.seed)
     lo, hi = rank * len(prompts) // world, (rank + 1) * len(prompts) // world  # this rank's shard of the images
 
     scores, shown = {}, {}
     for k, mm in models.items():
         images = generate(mm, prompts[lo:hi], noise[lo:hi], protocol, args.batch_size, f"sampling {k}")
-        scores[k] = {s: score_all(fn, images, prompts[lo:hi], args.batch_size) for s, fn in scorer.items()
-                     if s in metrics}
+        scores[k] = {s: score_all(fn, images, prompts[lo:hi], args.batch_size) for s, fn in scorer.items()}
         shown[k] = {i: images[i - lo] for i in range(lo, hi) if i % ipp == 0 and i // ipp < MAX_TILES}
     parts = gather((scores, shown))
     if rank > 0:
