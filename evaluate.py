@@ -121,7 +121,10 @@ def prompt_groups(paths, cfg):
                 "heldout": [data.prompt_of(c) for c in data.HELD_OUT]}
     if len(paths) == 1:
         return {"all": read_prompt_file(paths[0])}
-    return {os.path.splitext(os.path.basename(p))[0]: read_prompt_file(p) for p in paths}
+    names = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    if len(set(names)) < len(names):
+        raise SystemExit(f"error: --prompts: two files share a name ({', '.join(paths)}); a group is named by its file")
+    return {n: read_prompt_file(p) for n, p in zip(names, paths)}
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -250,6 +253,8 @@ def evaluate(args, weights, metrics, rank, world, device):
     print0("protocol:", protocol)
     for s, why in skipped.items():
         print0(f"skipped {s}: {why['reason']} (looked for {why['path']})")
+    if not scorer:
+        raise SystemExit("error: every metric was skipped (see above): nothing would be scored")
 
     models = {"run": m}
     if args.base:
@@ -300,7 +305,7 @@ def write_results(args, cfg, step, protocol, weights, metrics, skipped, groups, 
         for s in done:
             for g in groups:
                 result[f"{s}_{g}_{k}"] = float(scores[k][s][group_of == g].mean())
-    if args.base and done:  # per image, same prompt and noise; a tie counts half
+    if args.base:  # per image, same prompt and noise; a tie counts half
         result["win_rates"] = {}
         for s in done:
             d = scores["run"][s] - scores["base"][s]
@@ -311,7 +316,7 @@ def write_results(args, cfg, step, protocol, weights, metrics, skipped, groups, 
     with open(os.path.join(out, "scores.json"), "w") as f:
         json.dump(result, f, indent=1)
     idx = sorted(shown["run"])
-    labels = [f"{scores['run'][done[0]][i]:.2f}" for i in idx] if done else None
+    labels = [f"{scores['run'][done[0]][i]:.2f}" for i in idx]
     data.save_grid(thumbs(np.stack([shown["run"][i] for i in idx])), os.path.join(out, "grid.png"), labels)
     if args.base:
         pairs = torch.stack([thumbs(np.stack([shown[k][i] for i in idx])) for k in ("base", "run")], 1).flatten(0, 1)
@@ -322,7 +327,7 @@ def write_results(args, cfg, step, protocol, weights, metrics, skipped, groups, 
     print0("\n| model | run dir | " + " | ".join(head) + " |\n|---|---|" + "---|" * len(cols))
     for k, d in [("run", args.run_dir)] + ([("base", args.base)] if args.base else []):
         print0(f"| {k} | {d} | " + " | ".join(f"{result[f'{s}_{g}_{k}']:.3f}" for s, g in cols) + " |")
-    if args.base and done:
+    if args.base:
         print0(f"\nwin rate of {args.run_dir} against {args.base} ({len(prompts)} images, same noise): " +
                ", ".join(f"{s} {r:.3f}" for s, r in result["win_rates"].items()))
     print0(f"wrote {out}/scores.json, grid.png" + (", side_by_side.png" if args.base else ""))
