@@ -114,7 +114,10 @@ def _read_state_dict(path):
 
 def _load(module, sd, source):
     """load_state_dict(strict), its error cut to one line naming the file and the first keys that do not fit."""
-    missing, unexpected = module.load_state_dict(sd, strict=False)
+    try:
+        missing, unexpected = module.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # shapes: the second line of torch's message names the first key that does not fit
+        raise ValueError(f"{source}: weights do not fit: {str(e).splitlines()[1].strip()}") from None
     if missing or unexpected:
         raise ValueError(f"{source}: weights do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}"
                          f" ({len(missing)} missing, {len(unexpected)} unexpected)")

@@ -194,6 +194,10 @@ def test_hpsv2_maps_an_open_clip_checkpoint(tmp_path):
                                atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match=r"unexpected key 'visual.head.weight'"):
         scorers.hpsv2_state_dict_to_clip({**oc, "visual.head.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match=r"^hps.pt: weights do not fit: size mismatch for logit_scale"):
+        scorers._load(clip, {**clip.state_dict(), "logit_scale": torch.zeros(2)}, "hps.pt")
+    with pytest.raises(ValueError, match=r"^hps.pt: weights do not fit: missing \['logit_scale'\], unexpected \[\]"):
+        scorers._load(clip, {k: v for k, v in clip.state_dict().items() if k != "logit_scale"}, "hps.pt")
 
 
 # -----------------------------------------------------------------------------------------------------------------
