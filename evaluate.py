@@ -1,111 +1,336 @@
 """
-Evaluate a run directory on the tiny world: sample every prompt under a stated protocol, score with the judge on
-seen and held-out prompts, and (with --base) the win rate against another run on the same prompts and noise.
+Evaluate a run directory: generate images for a prompt set under a stated protocol and score them -- the tiny world's
+judge on its seen and held-out prompts, or the paper's metrics (PickScore, HPSv2, LAION aesthetic, CLIP score,
+ImageReward: scorers.py) -- and, with --base, the win rate of the run against another model on the same prompts and
+the same noise.
 
     python evaluate.py out/tiny_sspo --base out/tiny_base
+    python evaluate.py out/sd15 --base runwayml/stable-diffusion-v1-5 --prompts pickapic_validation_unique.parquet \
+        --weights aesthetic=/models/sac+logos+ava1-l14-linearMSE.pth --dtype float16
+    torchrun --nproc_per_node=8 evaluate.py out/sd15 --prompts PartiPrompts.tsv    # prompts sharded over ranks
 
-Writes RUN_DIR/eval/scores.json (per image and means, with the protocol and the model's identity), grid.png, and
-side_by_side.png (base left, run right, same noise) with --base. The architecture comes from the run directory.
-The paper's metrics for Stable Diffusion (PickScore, HPSv2, ImageReward, aesthetic) are not implemented yet.
+Protocols: 'paper' (SSPO.md 7: guidance 7.5, 50 steps, one image per prompt; the default for Stable Diffusion runs)
+and 'run' (the run's own sample_steps and guidance, 4 images per prompt; the default for the tiny world). Both draw
+the noise from one CPU generator seeded once. --steps, --guidance, --seed and --images_per_prompt override either.
+The architecture comes from the run directory. Writes RUN_DIR/eval/scores.json (per image and means, with the
+protocol and the models' identity), grid.png, and with --base side_by_side.png (base left, run right, same noise).
 """
 import argparse
+import csv
+import glob
+import hashlib
 import json
 import os
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from PIL import Image
+from tqdm import tqdm
 
 import data
 import model
+import scorers
+from train_sspo import print0, setup, teardown
+
+PAPER = {"steps": 50, "guidance": 7.5, "images_per_prompt": 1}  # SSPO.md 7 (the paper's pipeline: PNDM; ours: DDIM)
+PAPER_METRICS = "pickscore,hpsv2,aesthetic,clip,imagereward"
+MAX_TILES = 64  # images in grid.png / pairs in side_by_side.png: the first image of the first 64 prompts
 
 
-def load_run(run_dir):
+def load_run(run_dir, device="cpu", dtype=torch.float32):
     """-> (model parts, the run's config, its step). The run directory is an SD-layout folder; ckpt.pt holds the
     config (memory-mapped: the optimizer state in it is never read)."""
     ckpt_path = os.path.join(run_dir, "ckpt.pt")
     if not os.path.isfile(ckpt_path):
         raise SystemExit(f"error: {ckpt_path} not found: not a run directory of train_sspo.py")
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
-    cfg, step = ckpt["config"], int(ckpt["step"])
-    if cfg["dataset"] != "tiny":
-        raise SystemExit(f"error: {run_dir} trained on {cfg['dataset']!r}; only the tiny world's judge is "
-                         "implemented so far (PickScore/HPSv2/ImageReward are not)")
-    m = model.load_model(run_dir)
-    m["unet"].eval()
-    return m, cfg, step
+    return load_model(run_dir, device, dtype), ckpt["config"], int(ckpt["step"])
+
+
+def load_model(path, device="cpu", dtype=torch.float32):
+    """An SD-layout folder or hub id (a run directory is one), its UNet cast to `dtype` for sampling."""
+    try:
+        m = model.load_model(path, device, frozen_dtype=dtype)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    m["unet"].to(dtype).eval()
+    return m
+
+
+def unet_sha256(path):
+    """First 16 hex digits of the sha256 of a local model's UNet weights: which weights were scored."""
+    files = sorted(glob.glob(os.path.join(path, "unet", "*.safetensors")) + glob.glob(os.path.join(path, "unet", "*.bin")))
+    if not files:
+        return None  # a hub id
+    h = hashlib.sha256()
+    with open(files[0], "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# prompt sets
+
+def read_prompt_file(path):
+    """One prompt set -> list of str: Pick-a-Pic parquet (column `caption`, duplicates dropped, as validation_unique),
+    PartiPrompts tsv (column `Prompt`), an HPSv2 benchmark json (a list of strings), or text (one prompt per line)."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: prompt file {path} not found")
+    ext = os.path.splitext(path)[1].lower()
+    try:
+        if ext == ".parquet":
+            prompts = data.read_prompts(path)
+        elif ext == ".tsv":
+            with open(path, newline="", encoding="utf-8") as f:
+                rows = csv.DictReader(f, delimiter="\t")
+                if "Prompt" not in (rows.fieldnames or []):
+                    raise ValueError(f"{path}: no column 'Prompt' (PartiPrompts tsv); has: {rows.fieldnames}")
+                prompts = [r["Prompt"] for r in rows]
+        elif ext == ".json":
+            with open(path, encoding="utf-8") as f:
+                prompts = json.load(f)
+            if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+                raise ValueError(f"{path}: expected a JSON list of prompt strings (HPSv2 benchmark), got "
+                                 f"{type(prompts).__name__}" + (" with other items" if isinstance(prompts, list) else ""))
+        elif ext == ".txt":
+            with open(path, encoding="utf-8") as f:
+                prompts = [line.strip() for line in f if line.strip()]
+        else:
+            raise ValueError(f"{path}: unknown prompt file type {ext!r} (.parquet, .tsv, .json or .txt)")
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"error: {path}: not valid JSON ({e})")
+    except UnicodeDecodeError:
+        raise SystemExit(f"error: {path}: not UTF-8 text")
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
+    if not prompts or not all(p.strip() for p in prompts):
+        raise SystemExit(f"error: {path}: " + ("no prompts" if not prompts else "an empty prompt"))
+    return prompts
+
+
+def prompt_groups(paths, cfg):
+    """-> {group: prompts}. The tiny world's default: its 40 seen and 8 held-out prompts. One file: group 'all';
+    several (e.g. HPSv2's four style files): one group per file, named by its stem."""
+    if not paths:
+        if cfg["dataset"] != "tiny":
+            raise SystemExit("error: --prompts is required for a run not on the tiny world "
+                             "(a Pick-a-Pic parquet, PartiPrompts tsv, HPSv2 json, or text file)")
+        return {"seen": [data.prompt_of(c) for c in data.TRAIN_COMBOS],
+                "heldout": [data.prompt_of(c) for c in data.HELD_OUT]}
+    if len(paths) == 1:
+        return {"all": read_prompt_file(paths[0])}
+    names = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    if len(set(names)) < len(names):
+        raise SystemExit(f"error: --prompts: two files share a name ({', '.join(paths)}); a group is named by its file")
+    return {n: read_prompt_file(p) for n, p in zip(names, paths)}
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# sampling and scoring
+
+def draw_noise(n, shape, seed):
+    """The paper's protocol: one generator seeded once, reused across all prompts in order, so image i's noise is the
+    i-th draw (what a pipeline call per prompt with a shared generator does). A CPU generator, drawn whole on every
+    rank: the noise does not depend on the device, the batch size or the number of processes."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.cat([torch.randn((1, *shape), generator=g) for _ in range(n)])
 
 
 @torch.no_grad()
-def sample_all(m, prompts, protocol):
-    """The paper's protocol, in miniature: one generator seeded once and reused across all prompts in order."""
-    g = torch.Generator().manual_seed(protocol["seed"])
-    u = m["unet"]
-    shape = (u.config.in_channels, u.config.sample_size, u.config.sample_size)
+def generate(m, prompts, noise, protocol, batch_size, desc):
+    """-> uint8 (N, H, W, 3) images: DDIM with classifier-free guidance (model.ddim_sample), eta 0."""
+    device, out = m["unet"].device, []
     uncond = model.encode_prompts(m["tokenizer"], m["text_encoder"], [""])
-    out = []
-    for i in range(0, len(prompts), 64):
-        chunk = prompts[i:i + 64]
-        cond = model.encode_prompts(m["tokenizer"], m["text_encoder"], chunk)
-        noise = torch.randn((len(chunk), *shape), generator=g)
-        x = model.ddim_sample(u, m["scheduler"], cond, uncond, noise, protocol["steps"], protocol["guidance"])
-        out.append(model.latents_to_images(m["vae"], x))
-    return torch.cat(out)
+    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=dist.is_initialized() and dist.get_rank() > 0):
+        cond = model.encode_prompts(m["tokenizer"], m["text_encoder"], prompts[i:i + batch_size])
+        x = model.ddim_sample(m["unet"], m["scheduler"], cond, uncond, noise[i:i + batch_size].to(device),
+                              protocol["steps"], protocol["guidance"])
+        out.append(data.to_uint8(model.latents_to_images(m["vae"], x)))
+    return np.concatenate(out) if out else np.zeros((0, 1, 1, 3), np.uint8)
 
+
+def tiny_judge(images, prompts):
+    """The tiny world's judge as a metric, in [0, 1]."""
+    return torch.tensor([data.judge(np.asarray(im), q)[0] for im, q in zip(images, prompts)])
+
+
+def score_all(fn, images, prompts, batch_size):
+    """(N,) float64 scores of uint8 images, in batches."""
+    pil = [Image.fromarray(x) for x in images]
+    out = [fn(pil[i:i + batch_size], prompts[i:i + batch_size]) for i in range(0, len(pil), batch_size)]
+    return torch.cat(out).double().numpy() if out else np.zeros(0)
+
+
+def gather(obj):
+    """Every rank's obj, in rank order (a list of one without torchrun)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def thumbs(images, side=128):
+    """uint8 (N, H, W, 3) -> (N, 3, h, h) floats in [-1, 1] for data.save_grid, large images shrunk to `side`."""
+    if len(images) and images.shape[1] > side:
+        images = np.stack([np.asarray(Image.fromarray(x).resize((side, side), Image.BICUBIC)) for x in images])
+    return torch.stack([data.to_tensor(x) for x in images])
+
+
+# -----------------------------------------------------------------------------------------------------------------
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir")
-    p.add_argument("--base", default="", help="another run directory to compare against (win rate, side by side)")
-    p.add_argument("--images_per_prompt", type=int, default=4)
-    p.add_argument("--steps", type=int, default=0, help="DDIM steps (default: the run's sample_steps)")
-    p.add_argument("--guidance", type=float, default=0.0, help="guidance scale (default: the run's)")
+    p.add_argument("--base", default="", help="a run directory, SD-layout folder or hub id to compare against")
+    p.add_argument("--prompts", nargs="*", default=[], help=".parquet (caption), .tsv (Prompt), .json (list), .txt")
+    p.add_argument("--metrics", default="", help=f"comma-separated: judge,{PAPER_METRICS} (default: judge for the "
+                   "tiny world, else all but judge)")
+    p.add_argument("--weights", nargs="*", default=[], help="KEY=PATH_OR_HUB_ID overrides of scorers.WEIGHTS")
+    p.add_argument("--protocol", default="", choices=["", "paper", "run"], help="default: 'run' for the tiny world")
+    p.add_argument("--images_per_prompt", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch_size", type=int, default=16, help="images per sampler and scorer call, per process")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="UNet, VAE, text")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     args = p.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
+    weights = dict(scorers.WEIGHTS)
+    for kv in args.weights:
+        k, _, v = kv.partition("=")
+        if k not in weights or not v:
+            raise SystemExit(f"error: --weights {kv!r}: expected KEY=PATH with KEY one of {', '.join(weights)}")
+        weights[k] = v
+    metrics = [s for s in args.metrics.split(",") if s]
+    for s in metrics:
+        if s != "judge" and s not in scorers.SCORERS:
+            raise SystemExit(f"error: unknown metric {s!r} (judge, {', '.join(scorers.SCORERS)})")
 
-    m, cfg, step = load_run(args.run_dir)
-    protocol = {"sampler": "DDIM, eta 0", "steps": args.steps or cfg["sample_steps"],
-                "guidance": args.guidance or cfg["guidance"], "seed": args.seed,
-                "generator": "one, seeded once, reused across prompts in order",
-                "images_per_prompt": args.images_per_prompt}
-    seen = [data.prompt_of(c) for c in data.TRAIN_COMBOS]
-    held = [data.prompt_of(c) for c in data.HELD_OUT]
-    prompts = [q for q in seen + held for _ in range(args.images_per_prompt)]
-    print("protocol:", protocol)
-    runs = {"run": (args.run_dir, m)}
+    rank, world, device = setup({"device": args.device})
+    try:
+        evaluate(args, weights, metrics, rank, world, device)
+    finally:
+        teardown()
+
+
+def evaluate(args, weights, metrics, rank, world, device):
+    """Protocol and prompts, scorers, noise; then each rank samples and scores its shard, and rank 0 writes."""
+    dtype = getattr(torch, args.dtype)
+    m, cfg, step = load_run(args.run_dir, device, dtype)
+    tiny = cfg["dataset"] == "tiny"
+    name = args.protocol or ("run" if tiny else "paper")
+    defaults = PAPER if name == "paper" else {"steps": cfg["sample_steps"], "guidance": cfg["guidance"],
+                                              "images_per_prompt": 4}
+    ipp = args.images_per_prompt or defaults["images_per_prompt"]
+    groups = prompt_groups(args.prompts, cfg)
+    protocol = {"sampler": "DDIM, eta 0", "steps": args.steps or defaults["steps"],
+                "guidance": defaults["guidance"] if args.guidance is None else args.guidance, "seed": args.seed,
+                "generator": "one CPU generator, seeded once, reused across prompts in order",
+                "images_per_prompt": ipp, "name": name, "dtype": args.dtype,
+                "prompts": ", ".join(args.prompts) or "the tiny world's 40 seen + 8 held-out prompts",
+                "n_prompts": sum(len(v) for v in groups.values())}
+    metrics = metrics or (["judge"] if tiny else PAPER_METRICS.split(","))
+    prompts = [q for qs in groups.values() for q in qs for _ in range(ipp)]
+    group_of = [g for g, qs in groups.items() for _ in qs for _ in range(ipp)]
+    if "judge" in metrics:
+        bad = [q for q in prompts if not _tiny_prompt(q)]
+        if bad:
+            raise SystemExit(f"error: the judge scores tiny-world prompts only, not {bad[0]!r}")
+
+    # scorers first: a scorer whose weights are found but broken stops the run before hours of sampling
+    scorer, skipped = {}, {}
+    for s in metrics:
+        try:
+            scorer[s] = tiny_judge if s == "judge" else scorers.load(s, weights, device)
+        except (OSError, ValueError) as e:  # found, but not what the scorer needs
+            raise SystemExit(f"error: {s} scorer: {str(e).strip().splitlines()[0]}")
+        if isinstance(scorer[s], scorers.Skipped):
+            skipped[s] = scorer.pop(s)._asdict()
+    print0("protocol:", protocol)
+    for s, why in skipped.items():
+        print0(f"skipped {s}: {why['reason']} (looked for {why['path']})")
+    if not scorer:
+        raise SystemExit("error: every metric was skipped (see above): nothing would be scored")
+
+    models = {"run": m}
     if args.base:
-        runs["base"] = (args.base, load_run(args.base)[0])
-    scores, images = {}, {}
-    for name, (d, mm) in runs.items():
-        images[name] = sample_all(mm, prompts, protocol)
-        scores[name] = np.array([data.judge(x, q)[0] for x, q in zip(images[name], prompts)])
-    n_seen = len(seen) * args.images_per_prompt
-    result = {"run_dir": os.path.abspath(args.run_dir), "step": step, "protocol": protocol, "per_image": [{"prompt": q, "judge": float(s)} for q, s in zip(prompts, scores["run"])]}
-    rows = []
-    for name, s in scores.items():
-        rows.append((name, runs[name][0], s[:n_seen].mean(), s[n_seen:].mean()))
-        result[f"judge_seen_{name}"], result[f"judge_heldout_{name}"] = float(s[:n_seen].mean()), float(s[n_seen:].mean())
-    if args.base:  # a tie counts half
-        d = scores["run"] - scores["base"]
-        result["base_dir"] = os.path.abspath(args.base)
-        result["win_rate_vs_base"] = float(((d > 1e-6) + 0.5 * (np.abs(d) <= 1e-6)).mean())
+        base_run = os.path.isfile(os.path.join(args.base, "ckpt.pt"))
+        models["base"] = load_run(args.base, device, dtype)[0] if base_run else load_model(args.base, device, dtype)
+    shape = [(u.in_channels, u.sample_size, u.sample_size) for u in (mm["unet"].config for mm in models.values())]
+    if len(set(shape)) > 1:
+        raise SystemExit(f"error: {args.run_dir} samples {shape[0]} latents, {args.base} {shape[1]}: no common noise")
+    shape = shape[0]
+    noise = draw_noise(len(prompts), shape, args.seed)
+    lo, hi = rank * len(prompts) // world, (rank + 1) * len(prompts) // world  # this rank's shard of the images
+
+    scores, shown = {}, {}
+    for k, mm in models.items():
+        images = generate(mm, prompts[lo:hi], noise[lo:hi], protocol, args.batch_size, f"sampling {k}")
+        scores[k] = {s: score_all(fn, images, prompts[lo:hi], args.batch_size) for s, fn in scorer.items()}
+        shown[k] = {i: images[i - lo] for i in range(lo, hi) if i % ipp == 0 and i // ipp < MAX_TILES}
+    parts = gather((scores, shown))
+    if rank > 0:
+        return
+    scores = {k: {s: np.concatenate([sc[k][s] for sc, _ in parts]) for s in scores[k]} for k in models}
+    shown = {k: dict(kv for _, sh in parts for kv in sh[k].items()) for k in models}
+    write_results(args, cfg, step, protocol, weights, metrics, skipped, groups, prompts, group_of, scores, shown)
+
+
+def _tiny_prompt(q):
+    try:
+        return bool(data.parse_prompt(q))
+    except ValueError:
+        return False
+
+
+def write_results(args, cfg, step, protocol, weights, metrics, skipped, groups, prompts, group_of, scores, shown):
+    """scores.json, grid.png, side_by_side.png, and the markdown table on the console."""
+    done = [s for s in metrics if s not in skipped]
+    group_of = np.array(group_of)
+    result = {"run_dir": os.path.abspath(args.run_dir), "step": step, "method": cfg["method"],
+              "init_from": cfg["init_from"], "unet_sha256": unet_sha256(args.run_dir), "protocol": protocol,
+              "scorers": {s: {k: v for k, v in weights.items() if k.split("_")[0] == s} for s in metrics if s != "judge"},
+              "skipped": skipped,
+              "per_image": [{"prompt": q, "group": g, **{s: float(scores["run"][s][i]) for s in done},
+                             **({"base": {s: float(scores["base"][s][i]) for s in done}} if args.base else {})}
+                            for i, (q, g) in enumerate(zip(prompts, group_of))]}
+    if args.base:
+        result["base_dir"] = os.path.abspath(args.base) if os.path.exists(args.base) else args.base
+        result["base_unet_sha256"] = unet_sha256(args.base)
+    for k in scores:  # means per metric, prompt group and model: judge_seen_run, pickscore_all_base, ...
+        for s in done:
+            for g in groups:
+                result[f"{s}_{g}_{k}"] = float(scores[k][s][group_of == g].mean())
+    if args.base:  # per image, same prompt and noise; a tie counts half
+        result["win_rates"] = {}
+        for s in done:
+            d = scores["run"][s] - scores["base"][s]
+            result["win_rates"][s] = float(((d > 1e-6) + 0.5 * (np.abs(d) <= 1e-6)).mean())
+        result["win_rate_vs_base"] = result["win_rates"][done[0]]
     out = os.path.join(args.run_dir, "eval")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "scores.json"), "w") as f:
         json.dump(result, f, indent=1)
-    first = slice(0, None, args.images_per_prompt)  # one image per prompt in the pictures
-    data.save_grid(images["run"][first], os.path.join(out, "grid.png"), [f"{s:.2f}" for s in scores["run"][first]])
+    idx = sorted(shown["run"])
+    labels = [f"{scores['run'][done[0]][i]:.2f}" for i in idx]
+    data.save_grid(thumbs(np.stack([shown["run"][i] for i in idx])), os.path.join(out, "grid.png"), labels)
     if args.base:
-        pairs = torch.stack([images["base"][first], images["run"][first]], 1).flatten(0, 1)
+        pairs = torch.stack([thumbs(np.stack([shown[k][i] for i in idx])) for k in ("base", "run")], 1).flatten(0, 1)
         data.save_grid(pairs, os.path.join(out, "side_by_side.png"), cols=8)
 
-    print("\n| model | run dir | judge, seen prompts | judge, held-out prompts |\n|---|---|---|---|")
-    for name, d, a, b in rows:
-        print(f"| {name} | {d} | {a:.3f} | {b:.3f} |")
+    cols = [(s, g) for s in done for g in groups]
+    head = [s if g == "all" else f"{s}, {'held-out' if g == 'heldout' else g} prompts" for s, g in cols]
+    print0("\n| model | run dir | " + " | ".join(head) + " |\n|---|---|" + "---|" * len(cols))
+    for k, d in [("run", args.run_dir)] + ([("base", args.base)] if args.base else []):
+        print0(f"| {k} | {d} | " + " | ".join(f"{result[f'{s}_{g}_{k}']:.3f}" for s, g in cols) + " |")
     if args.base:
-        print(f"\nwin rate of {args.run_dir} against {args.base}: {result['win_rate_vs_base']:.3f} "
-              f"({len(prompts)} images, same noise)")
-    print(f"wrote {out}/scores.json, grid.png" + (", side_by_side.png" if args.base else ""))
+        print0(f"\nwin rate of {args.run_dir} against {args.base} ({len(prompts)} images, same noise): " +
+               ", ".join(f"{s} {r:.3f}" for s, r in result["win_rates"].items()))
+    print0(f"wrote {out}/scores.json, grid.png" + (", side_by_side.png" if args.base else ""))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """evaluate.py on a real (tiny, short) run: the protocol, the files, the win rate, and its errors."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -30,3 +31,124 @@ def test_evaluate_a_run_against_a_base(tmp_path, run):
 def test_evaluate_errors(tmp_path):
     p = evaluate(str(tmp_path / "nothing"))
     assert p.returncode != 0 and p.stderr.strip().endswith("ckpt.pt not found: not a run directory of train_sspo.py")
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# the paper's path: a latent (VAE) run, a prompt file, the five scorers on tiny random weights, torchrun
+
+import pytest
+import torch
+
+import data
+import evaluate as ev
+import model
+import train_sspo
+from test_scorers import save_tiny_scorers
+
+
+def fake_run(path, dataset="imagefolder", seed=0, step=7):
+    """A tiny SD-layout model (with a VAE) plus the ckpt.pt fields evaluate.py reads: a run directory, no training."""
+    model.build_tiny_model(path, data.WORDS, with_vae=True, seed=seed)
+    cfg = dict(train_sspo.DEFAULTS, dataset=dataset, data_path="unused", method="sspo")
+    torch.save({"config": cfg, "step": step}, os.path.join(path, "ckpt.pt"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def paper_setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("paper")
+    weights = save_tiny_scorers(str(d / "scorers"))
+    weights["aesthetic"] = str(d / "scorers" / "missing_head.pth")  # not there: skipped, never a crash
+    with open(d / "prompts.txt", "w") as f:
+        f.write("a red circle on the left\n\na blue square at the top\na photo of a cat\nsunset\na green thing\n")
+    run, base = fake_run(str(d / "run")), model.build_tiny_model(str(d / "base"), data.WORDS, with_vae=True, seed=1)
+    args = [run, "--base", base, "--prompts", str(d / "prompts.txt"), "--steps=2", "--batch_size=2",
+            "--weights", *[f"{k}={v}" for k, v in weights.items()]]
+    return d, args, weights
+
+
+def test_evaluate_paper_metrics_on_a_latent_run(paper_setup):
+    d, args, weights = paper_setup
+    p = subprocess.run([sys.executable, "evaluate.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "'guidance': 7.5, 'seed': 0" in p.stdout and "'images_per_prompt': 1, 'name': 'paper'" in p.stdout
+    assert f"skipped aesthetic: no such file (looked for {weights['aesthetic']})" in p.stdout
+    assert "| model | run dir | pickscore | hpsv2 | clip | imagereward |" in p.stdout
+    s = json.load(open(d / "run" / "eval" / "scores.json"))
+    assert s["step"] == 7 and s["method"] == "sspo" and len(s["unet_sha256"]) == 16 and s["base_unet_sha256"]
+    assert s["protocol"]["steps"] == 2 and s["protocol"]["n_prompts"] == 5
+    assert s["skipped"] == {"aesthetic": {"reason": "no such file", "path": weights["aesthetic"]}}
+    assert s["scorers"]["hpsv2"] == {"hpsv2": weights["hpsv2"], "hpsv2_clip": weights["hpsv2_clip"]}
+    assert [r["prompt"] for r in s["per_image"]][:2] == ["a red circle on the left", "a blue square at the top"]
+    for m in ("pickscore", "hpsv2", "clip", "imagereward"):
+        per = [r[m] for r in s["per_image"]]
+        assert s[f"{m}_all_run"] == pytest.approx(sum(per) / 5) and len(set(per)) == 5  # 5 different images
+        assert s[f"{m}_all_base"] == pytest.approx(sum(r["base"][m] for r in s["per_image"]) / 5)
+        assert 0 <= s["win_rates"][m] <= 1 and "aesthetic" not in s["win_rates"]
+    assert s["win_rate_vs_base"] == s["win_rates"]["pickscore"]
+    assert s["per_image"][0]["pickscore"] != s["per_image"][0]["base"]["pickscore"]  # two models, same noise
+    for f in ("grid.png", "side_by_side.png"):
+        assert os.path.isfile(d / "run" / "eval" / f)
+    # torchrun: the prompts are sharded over 2 ranks (2 + 3 images) and the gathered scores are the same
+    os.rename(d / "run" / "eval" / "scores.json", d / "one_process.json")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "evaluate.py", *args, "--device=cpu"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("| run |") == 1  # rank 0 alone prints and writes
+    s2 = json.load(open(d / "run" / "eval" / "scores.json"))
+    for a, b in zip(s["per_image"], s2["per_image"]):
+        assert a["prompt"] == b["prompt"]
+        for m in ("pickscore", "hpsv2", "clip", "imagereward"):
+            assert b[m] == pytest.approx(a[m], abs=1e-4) and b["base"][m] == pytest.approx(a["base"][m], abs=1e-4)
+
+
+def test_evaluate_a_prompt_file_in_the_wrong_format(paper_setup, tmp_path):
+    d, args, _ = paper_setup
+    (tmp_path / "bad.tsv").write_text("id\ttext\n1\ta cat\n")
+    run = subprocess.run([sys.executable, "evaluate.py", args[0], "--prompts", str(tmp_path / "bad.tsv")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and run.stderr.strip() == (f"error: {tmp_path / 'bad.tsv'}: no column 'Prompt' "
+                                                          "(PartiPrompts tsv); has: ['id', 'text']")
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# prompt sets
+
+def test_prompt_files_of_each_format(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"caption": ["a cat", "a dog", "a cat", "a fish"]}), tmp_path / "v.parquet")
+    assert ev.read_prompt_file(str(tmp_path / "v.parquet")) == ["a cat", "a dog", "a fish"]  # validation_unique
+    (tmp_path / "p.tsv").write_text("Prompt\tCategory\tChallenge\na cat\tAnimals\tBasic\n\"a \"\"dog\"\"\"\tAnimals\tBasic\n")
+    assert ev.read_prompt_file(str(tmp_path / "p.tsv")) == ["a cat", 'a "dog"']
+    (tmp_path / "anime.json").write_text(json.dumps(["a cat", "a dog"]))
+    assert ev.read_prompt_file(str(tmp_path / "anime.json")) == ["a cat", "a dog"]
+    (tmp_path / "p.txt").write_text("a cat\n\n  a dog  \n")
+    assert ev.read_prompt_file(str(tmp_path / "p.txt")) == ["a cat", "a dog"]
+    (tmp_path / "photo.json").write_text(json.dumps(["a fish"]))
+    cfg = {"dataset": "pickapic"}
+    assert ev.prompt_groups([str(tmp_path / "anime.json"), str(tmp_path / "photo.json")], cfg) == \
+        {"anime": ["a cat", "a dog"], "photo": ["a fish"]}
+    assert ev.prompt_groups([str(tmp_path / "p.txt")], cfg) == {"all": ["a cat", "a dog"]}
+    assert list(ev.prompt_groups([], {"dataset": "tiny"})) == ["seen", "heldout"]
+    with pytest.raises(SystemExit, match="^error: --prompts is required for a run not on the tiny world"):
+        ev.prompt_groups([], cfg)
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("p.csv", "Prompt\na cat\n", "unknown prompt file type '.csv' (.parquet, .tsv, .json or .txt)"),
+    ("p.tsv", "prompt\ta\n", "no column 'Prompt' (PartiPrompts tsv); has: ['prompt', 'a']"),
+    ("p.json", '{"anime": ["a cat"]}', "expected a JSON list of prompt strings (HPSv2 benchmark), got dict"),
+    ("p.json", '["a cat", 3]', "expected a JSON list of prompt strings (HPSv2 benchmark), got list with other items"),
+    ("p.json", '["a cat",', "not valid JSON"),
+    ("p.txt", "\n\n", "no prompts"),
+    ("p.txt", b"\xff\xfe\x00a", "not UTF-8 text"),
+    ("p.parquet", "not parquet", "not a readable parquet file"),
+])
+def test_prompt_files_in_the_wrong_format(tmp_path, name, content, message):
+    f = tmp_path / name
+    f.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(SystemExit, match="^" + re.escape(f"error: {f}: {message}")):
+        ev.read_prompt_file(str(f))
