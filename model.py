@@ -122,11 +122,13 @@ def add_noise(alphas_cumprod, x0, eps, t):
     return a.sqrt() * x0 + (1 - a).sqrt() * eps
 
 
-def denoising_error(unet, alphas_cumprod, x0, eps, t, context):
-    """Per-sample mean over C,H,W of (eps - unet(x_t))^2 in float32: shape (B,). Mean, not sum (SSPO.md 1)."""
+def denoising_error(unet, alphas_cumprod, x0, eps, t, context, return_pred=False):
+    """Per-sample mean over C,H,W of (eps - unet(x_t))^2 in float32: shape (B,). Mean, not sum (SSPO.md 1).
+    return_pred: also the prediction itself, (B, C, H, W) float32 (the Diffusion-SDPO safeguard needs it)."""
     dtype = next(unet.parameters()).dtype  # a bf16 reference takes bf16 inputs; autocast handles the policy
     pred = unet(add_noise(alphas_cumprod, x0, eps, t).to(dtype), t, encoder_hidden_states=context.to(dtype)).sample
-    return (pred.float() - eps.float()).pow(2).mean(dim=(1, 2, 3))
+    err = (pred.float() - eps.float()).pow(2).mean(dim=(1, 2, 3))
+    return (err, pred.float()) if return_pred else err
 
 
 @torch.no_grad()
@@ -161,6 +163,40 @@ def ddim_sample(unet, scheduler, cond, uncond, noise, steps=20, guidance=7.5, et
         if eta > 0:
             x = x + std * torch.randn(x.shape, generator=generator, device="cpu").to(x.device)
     return x
+
+
+@torch.no_grad()
+def ddim_invert(unet, alphas_cumprod, x0, t, context, uncond=None, steps=20, guidance=1.0):
+    """Deterministic DDIM inversion (Inversion-DPO): the update of `ddim_sample` at eta = 0 run backwards, from the
+    clean x0 (abar = 1) up to each sample's own timestep t (B,), in `steps` steps on the grid round(k t / steps),
+    k = 1..steps. As usual for inversion, eps is evaluated at the step's target timestep on the current x (exact
+    in the limit of small steps). No x0 clipping: clipping is not invertible. Returns (x_t, eps_t): x_t float32
+    (B, C, H, W) and the noise it implies, eps_t = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t), so that
+    add_noise(x0, eps_t, t) == x_t and denoising_error can train on it unchanged.
+    Cost: steps UNet forwards per image (2x with guidance != 1), no gradients."""
+    abar = alphas_cumprod.to(x0.device, torch.float32)
+    dtype = next(unet.parameters()).dtype
+    B = x0.shape[0]
+    if guidance != 1.0:
+        context = torch.cat([uncond.expand(B, -1, -1), context])
+    context = context.to(dtype)
+    x = x0.float()
+    a_cur = torch.ones(B, device=x0.device)  # the clean image: abar = 1
+    for k in range(1, steps + 1):
+        s = torch.round(t.float() * k / steps).long()  # (B,) each sample's next grid point
+        if guidance != 1.0:
+            e_u, e_c = unet(torch.cat([x, x]).to(dtype), torch.cat([s, s]),
+                            encoder_hidden_states=context).sample.float().chunk(2)
+            eps = e_u + guidance * (e_c - e_u)
+        else:
+            eps = unet(x.to(dtype), s, encoder_hidden_states=context).sample.float()
+        a_next = abar[s]
+        ac, an = a_cur.view(-1, 1, 1, 1), a_next.view(-1, 1, 1, 1)
+        x0_hat = (x - (1 - ac).sqrt() * eps) / ac.sqrt()
+        x = an.sqrt() * x0_hat + (1 - an).sqrt() * eps
+        a_cur = a_next
+    a_t = abar[t].view(-1, 1, 1, 1)
+    return x, (x - a_t.sqrt() * x0.float()) / (1 - a_t).sqrt()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -61,7 +61,22 @@ noise_schedule = "scaled_linear"  # SD1.5's betas (0.00085-0.012) | 'squaredcos_
 # method (the loss functions below)
 method = "sft"                  # 'sft': eps-MSE on image_w (also base pretraining) | 'dpo': pairs, frozen base as
                                 # reference | 'sspo': winners only, losers sampled by a replayed snapshot
-beta = 5000.0                   # DPO/SSPO inverse temperature in the 1/2 convention (SSPO.md 2; SD1.5: 5000)
+                                # | on pairs, frozen base as reference: 'dmpo' (reverse KL) | 'kto' (unpaired
+                                # utility) | 'see_dpo' (self-entropy) | 'dpo_cm' (timestep mask) | and 'mapo'
+                                # (pairs, no reference). README's table: the paper of each, and what is reconstructed
+beta = 5000.0                   # inverse temperature in the 1/2 convention (SSPO.md 2). SD1.5: dpo/sspo/see_dpo/dpo_cm
+                                # 5000, dmpo 2000, kto 1000 (no 1/2 in its logit); mapo: weight of its margin term
+dmpo_alpha = 0.01               # DMPO: target probability 1 - alpha of the winner (Diffusion-SDPO's SD1.5 script)
+mapo_snr = 0.5                  # MaPO: s in g(x) = s x / (exp(s x) - 1) (its reference code's snr_value)
+see_gamma = 500.0               # SEE-DPO: weight of the self-entropy bonus, same units as beta (our choice: beta / 10)
+cm_t_range = (100, 900)         # DPO-C&M: samples with t outside [lo, hi) are masked out (our choice; see dpo_cm_loss)
+sdpo_safeguard = False          # Diffusion-SDPO: scale the loser branch's gradient so the winner's error does not rise
+                                # to first order (dpo, sspo, dmpo)
+sdpo_mu = 0.9                   # its safety margin mu in [0, 1] (Diffusion-SDPO's SD1.5 scripts: 0.9)
+noising = "forward"             # x_t: 'forward' (random eps, DDPM) | 'ddim_inversion' (Inversion-DPO: deterministic
+                                # DDIM inversion of each image by the reference; costs inversion_steps forwards/image)
+inversion_steps = 20            # DDIM steps from x0 to t (Inversion-DPO's code: 40)
+inversion_guidance = 1.0        # guidance during inversion (Inversion-DPO's SDXL code: 2.0; 1.0 inverts most exactly)
 ssr = "sign"                    # SSPO's Self-Sampling Regularization: 'sign' (v1) | 'indicator' (v2) | 'off'
 ref_policy = "uniform"          # SSPO reference draw: 'uniform' over all snapshots (RCR) | 'first' | 'last' (SPIN)
 ref_redraw = "stretch"          # new reference every ckpt_every updates ('stretch'; not stated in the paper) | 'step'
@@ -98,8 +113,11 @@ mixed_precision = "bf16"        # 'bf16' autocast on CUDA with fp32 master weigh
 seed = 0                        # model init, data order, noise: a run is a pure function of its config
 # -----------------------------------------------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and type(v) in (bool, int, float, str, tuple)}
+PAIR_METHODS = ("dpo", "dmpo", "kto", "mapo", "see_dpo", "dpo_cm")  # read image_l from the data
+REF_METHODS = ("dpo", "sspo", "dmpo", "kto", "see_dpo", "dpo_cm")    # compare with a frozen reference UNet
 CHOICES = {"dataset": ("tiny", "pickapic", "imagefolder"), "tiny_mode": ("base", "pairs"),
-           "method": ("sft", "dpo", "sspo"), "ssr": ("sign", "indicator", "off"), "ref_policy": replay.DRAWS,
+           "method": ("sft", "dpo", "sspo", "dmpo", "kto", "mapo", "see_dpo", "dpo_cm"),
+           "noising": ("forward", "ddim_inversion"), "ssr": ("sign", "indicator", "off"), "ref_policy": replay.DRAWS,
            "ref_redraw": ("stretch", "step"), "pool_storage": ("memory", "disk"), "ref_dtype": ("float32", "bfloat16"),
            "lr_schedule": ("constant", "cosine"),
            "noise_schedule": ("scaled_linear", "squaredcos_cap_v2", "linear"), "device": ("auto", "cpu", "cuda"), "mixed_precision": ("bf16", "no")}
@@ -152,12 +170,25 @@ def get_config(argv):
     bad = [f for f in cfg["tiny_flaws"] if f not in data.ALL_FLAWS]
     if bad:
         raise SystemExit(f"config error: tiny_flaws has {bad}; known flaws: {', '.join(data.ALL_FLAWS)}")
+    if cfg["sdpo_safeguard"] and cfg["method"] not in ("dpo", "sspo", "dmpo"):
+        raise SystemExit(f"config error: sdpo_safeguard is for method 'dpo', 'sspo' or 'dmpo', not {cfg['method']!r}")
+    if cfg["noising"] != "forward" and cfg["method"] == "sft":
+        raise SystemExit("config error: noising='ddim_inversion' is for the preference methods, not sft")
+    if not 0 <= cfg["sdpo_mu"] <= 1:
+        raise SystemExit(f"config error: sdpo_mu must be in [0, 1], got {cfg['sdpo_mu']}")
+    if not 0 < cfg["dmpo_alpha"] < 1:
+        raise SystemExit(f"config error: dmpo_alpha must be in (0, 1), got {cfg['dmpo_alpha']}")
+    if cfg["mapo_snr"] <= 0 or cfg["see_gamma"] < 0:
+        raise SystemExit("config error: mapo_snr must be > 0 and see_gamma >= 0")
+    lo_hi = cfg["cm_t_range"]
+    if len(lo_hi) != 2 or not all(type(v) is int for v in lo_hi) or not 0 <= lo_hi[0] < lo_hi[1]:
+        raise SystemExit(f"config error: cm_t_range must be two ints (lo, hi) with 0 <= lo < hi, got {lo_hi}")
     if cfg["dataset"] != "tiny" and not cfg["data_path"]:
         raise SystemExit(f"config error: dataset={cfg['dataset']!r} needs data_path")
     if cfg["dataset"] != "tiny" and not os.path.exists(cfg["data_path"]):
         raise SystemExit(f"config error: data_path {cfg['data_path']!r} does not exist")
     for key in ("batch_size", "grad_accum", "max_steps", "eval_every", "save_every", "log_every", "sample_steps",
-                "ckpt_every", "self_sample_steps"):
+                "ckpt_every", "self_sample_steps", "inversion_steps"):
         if cfg[key] < 1:
             raise SystemExit(f"config error: {key} must be >= 1, got {cfg[key]}")
     return cfg
@@ -195,6 +226,95 @@ def sspo_loss(err_w, err_s, ref_err_w, ref_err_s, beta, ssr="sign"):
     stats = {"implicit_acc": (z > 0).float().mean(), "ssr_switched": (m != 1).float().mean(),
              "err_w": err_w.mean(), "err_s": err_s.mean(), "ref_err_w": ref_err_w.mean(), "ref_err_s": ref_err_s.mean()}
     return -F.logsigmoid(z).mean(), {k: v.detach() for k, v in stats.items()}
+
+
+def dmpo_loss(err_w, err_l, ref_err_w, ref_err_l, beta, alpha):
+    """DMPO (Li, Xu, Dang, Ermon 2025, arXiv 2507.07510): minimise the reverse KL from the model's preference
+    probability p = sigmoid(z), z the Diffusion-DPO logit in the 1/2 convention, to a target Bernoulli(1 - alpha):
+    KL(p || q) = p log(p / q) + (1 - p) log((1 - p) / (1 - q)), q = 1 - alpha. As in the Diffusion-SDPO authors' code
+    (SD1.5: alpha 0.01, beta 2000). Unlike DPO it stops pushing once p reaches 1 - alpha: mode-seeking."""
+    z = -0.5 * beta * ((err_w - ref_err_w) - (err_l - ref_err_l))
+    p, q = torch.sigmoid(z), 1.0 - alpha
+    log_p, log_1mp = -F.softplus(-z), -F.softplus(z)  # log sigmoid(z), log sigmoid(-z): stable for large |z|
+    kl = p * (log_p - math.log(q)) + (1 - p) * (log_1mp - math.log(alpha))
+    stats = {"implicit_acc": (z > 0).float().mean(), "err_w": err_w.mean(), "err_l": err_l.mean(),
+             "ref_err_w": ref_err_w.mean(), "ref_err_l": ref_err_l.mean()}
+    return kl.mean(), {k: v.detach() for k, v in stats.items()}
+
+
+def kto_loss(err, ref_err, desirable, beta):
+    """Diffusion-KTO (Li et al. 2024, arXiv 2404.04465) on unpaired samples. The implicit reward of a sample is how
+    much better the policy denoises it than the reference, g = ref_err - err; the reference point is
+    max(mean g, 0) over the global batch, detached (all-reduced across ranks: the one collective in a loss here).
+    loss = mean(1 - sigmoid(beta (g - ref))) on desirable samples, mean(1 - sigmoid(beta (ref - g))) on the others.
+    No 1/2 in this logit. Pick-a-Pic pairs are fed as winners desirable, losers undesirable (Diffusion-KTO's setup)."""
+    g = ref_err - err
+    total = torch.stack([g.detach().sum(), torch.tensor(float(g.numel()), device=g.device)])
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    ref = (total[0] / total[1]).clamp(min=0)
+    sign = desirable.float() * 2 - 1  # +1 desirable, -1 undesirable
+    u = sign * beta * (g - ref)
+    stats = {"implicit_acc": (u > 0).float().mean(), "kto_ref": ref, "err": err.mean(), "ref_err": ref_err.mean()}
+    return (1 - torch.sigmoid(u)).mean(), {k: v.detach() for k, v in stats.items()}
+
+
+def mapo_loss(err_w, err_l, beta, snr_value=0.5, num_train_timesteps=1000):
+    """MaPO (Hong et al. 2024, arXiv 2406.06424), reference-free: SFT on the winner plus a margin term on the odds
+    g(x) = s x / (exp(s x) - 1), a decreasing function of the error standing in for the likelihood:
+    loss = mean(err_w) - beta mean(log sigmoid(T (g(err_w) - g(err_l)))), as its reference code computes it."""
+    def g(x):
+        return snr_value * x / torch.expm1(snr_value * x)
+    margin = g(err_w) - g(err_l)
+    ratio = F.logsigmoid(num_train_timesteps * margin)
+    stats = {"implicit_acc": (margin > 0).float().mean(), "margin_loss": -ratio.mean(), "err_w": err_w.mean(),
+             "err_l": err_l.mean()}
+    return err_w.mean() - beta * ratio.mean(), {k: v.detach() for k, v in stats.items()}
+
+
+def see_dpo_loss(err_w, err_l, ref_err_w, ref_err_l, beta, gamma):
+    """SEE-DPO (Shekhar, Singh, Zhang 2024/TMLR 2025, arXiv 2411.04712), **reconstructed**: we did not read its
+    diffusion loss verbatim. Adding a self-entropy bonus gamma H(p_theta) to the KL-regularised objective
+    max E[r] - beta KL(p_theta || p_ref) + gamma H(p_theta) gives the optimum p* ~ p_ref^(beta / (beta + gamma))
+    exp(r / (beta + gamma)) -- the reference flattened, as the paper describes -- so the implicit reward is
+    (beta + gamma) log p_theta - beta log p_ref. With log p ~ -err (the Diffusion-DPO bound, 1/2 convention):
+    z = -(1/2) [(beta + gamma)(err_w - err_l) - beta (ref_err_w - ref_err_l)]; gamma = 0 is Diffusion-DPO."""
+    z = -0.5 * ((beta + gamma) * (err_w - err_l) - beta * (ref_err_w - ref_err_l))
+    stats = {"implicit_acc": (z > 0).float().mean(), "err_w": err_w.mean(), "err_l": err_l.mean(),
+             "ref_err_w": ref_err_w.mean(), "ref_err_l": ref_err_l.mean()}
+    return -F.logsigmoid(z).mean(), {k: v.detach() for k, v in stats.items()}
+
+
+def dpo_cm_loss(err_w, err_l, ref_err_w, ref_err_l, t, beta, t_range):
+    """DPO-C&M of the SDPO paper (Yang et al. 2025, arXiv 2505.21893; v2 carries the authors' note of a critical
+    error in its main theorem; v3 is renamed SIPO), **only as far as its public description determines it**:
+    Diffusion-DPO with the uninformative timesteps masked out. Here a sample counts iff lo <= t < hi, and the
+    per-sample loss is multiplied by that 0/1 weight before the batch mean (a masked sample weighs 0, like an
+    importance weight clipped to 0). Not determined by what we could read, so not implemented: the estimator of
+    the step-wise importance weight p_theta(x_t-1 | x_t) / q(x_t-1 | x_t, x0), its clip value and masking threshold;
+    the window (lo, hi) stands in for them and is our choice."""
+    z = -0.5 * beta * ((err_w - ref_err_w) - (err_l - ref_err_l))
+    keep = ((t >= t_range[0]) & (t < t_range[1])).float()
+    stats = {"implicit_acc": (z > 0).float().mean(), "cm_kept": keep.mean(), "err_w": err_w.mean(),
+             "err_l": err_l.mean(), "ref_err_w": ref_err_w.mean(), "ref_err_l": ref_err_l.mean()}
+    return (keep * -F.logsigmoid(z)).mean(), {k: v.detach() for k, v in stats.items()}
+
+
+def sdpo_scale(pred_w, pred_l, target_w, target_l, mu):
+    """Diffusion-SDPO's safeguard (Fu et al. 2025, arXiv 2511.03317): one scale lambda in [0, 1] per micro-batch for
+    the loser branch's gradient. With g_w, g_l the output-space gradients of the winner's and loser's mean errors
+    (w.r.t. the UNet's predicted noise), the update -g_w + lambda g_l keeps the winner's error from rising to first
+    order, with margin mu, when lambda <= (1 - mu) |g_w|^2 / <g_l, g_w>; so lambda is that bound clipped to
+    [0, 1] when <g_l, g_w> > 0, else 1. As in the authors' code the gradients are those of the plain errors, not
+    weighted by the loss's per-sample sigmoid factors. Returns a detached scalar tensor."""
+    pw, pl = pred_w.detach().float().requires_grad_(True), pred_l.detach().float().requires_grad_(True)
+    with torch.enable_grad():
+        g_w, = torch.autograd.grad((pw - target_w.float()).pow(2).mean(), pw)
+        g_l, = torch.autograd.grad((pl - target_l.float()).pow(2).mean(), pl)
+    inner = (g_w * g_l).sum()
+    if inner <= 0:
+        return torch.ones((), device=inner.device)
+    return ((1 - mu) * g_w.pow(2).sum() / inner).clamp(0, 1).detach()
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -405,9 +525,11 @@ def main(cfg):
             raise SystemExit(f"error: training the base with {cfg['base_config']} failed")
     try:  # bad input is a one-line error before any work: data first (seconds), then the model
         ds = make_dataset(cfg)
-        if cfg["method"] == "dpo" and "image_l" not in ds[0]:
-            raise ValueError(f"method='dpo' needs paired data (image_l), but dataset={cfg['dataset']!r} has none"
-                             + (" (set tiny_mode='pairs')" if cfg["dataset"] == "tiny" else ""))
+        if cfg["method"] in PAIR_METHODS and "image_l" not in ds[0]:
+            raise ValueError(f"method={cfg['method']!r} needs paired data (image_l), but dataset={cfg['dataset']!r} "
+                             "has none" + (" (set tiny_mode='pairs')" if cfg["dataset"] == "tiny" else "")
+                             + (": winners are its desirable, losers its undesirable samples"
+                                if cfg["method"] == "kto" else ""))
         if len(ds) // world < cfg["batch_size"]:
             raise ValueError(f"the dataset has {len(ds)} examples, fewer than one micro-batch of {cfg['batch_size']} "
                              f"per process x {world} process(es)")
@@ -456,7 +578,7 @@ def main(cfg):
                    if ckpt["config"].get(k) != v and k != "init_from"}
         print0(f"resuming {ckpt_path} at step {step}" + (f"; config changed since: {changed}" if changed else ""))
     pool, ref_unet, ref_index, ref_step = None, None, None, None
-    if cfg["method"] in ("dpo", "sspo"):
+    if cfg["method"] in REF_METHODS:
         # one resident reference UNet; snapshots are copied into it in place (replay.py). DPO's pool is theta_0 only
         ref_dtype = torch.bfloat16 if cfg["ref_dtype"] == "bfloat16" else torch.float32
         ref_unet = copy.deepcopy(unet).to(ref_dtype).eval().requires_grad_(False)
@@ -532,7 +654,7 @@ def main(cfg):
             x0_w = model.images_to_latents(m["vae"], batch["image_w"].to(device), vae_noise[0])  # (B, C, H, W)
             prompts = ["" if d else p for p, d in zip(batch["prompt"], drop.tolist())]
             ctx = model.encode_prompts(m["tokenizer"], m["text_encoder"], prompts)  # (B, 77, D)
-            if cfg["method"] == "dpo":
+            if cfg["method"] in PAIR_METHODS:
                 x0_l = model.images_to_latents(m["vae"], batch["image_l"].to(device), vae_noise[1])
             elif cfg["method"] == "sspo":  # the reference draws its own image for each prompt: the loser candidate
                 t0 = time.time()
@@ -550,13 +672,39 @@ def main(cfg):
                     loss, stats = sft_loss(model.denoising_error(ddp_unet, abar, x0_w, eps, t, ctx))
                 else:  # winners first; winner and loser share the noise, the timestep and the (dropped) prompt
                     x0, e2, t2, c2 = torch.cat([x0_w, x0_l]), torch.cat([eps, eps]), torch.cat([t, t]), torch.cat([ctx, ctx])
-                    err_w, err_l = model.denoising_error(ddp_unet, abar, x0, e2, t2, c2).chunk(2)  # (B,) each
-                    with torch.no_grad():
-                        ref_w, ref_l = model.denoising_error(ref_unet, abar, x0, e2, t2, c2).chunk(2)
-                    if cfg["method"] == "dpo":
-                        loss, stats = dpo_loss(err_w, err_l, ref_w, ref_l, cfg["beta"])
+                    if cfg["noising"] == "ddim_inversion":  # Inversion-DPO: x_t (and the eps it implies) from the
+                        # deterministic inversion of each image by the reference (the policy for reference-free MaPO)
+                        inverter = unet if ref_unet is None else ref_unet
+                        _, e2 = model.ddim_invert(inverter, abar, x0, t2, c2, uncond, cfg["inversion_steps"],
+                                                  cfg["inversion_guidance"])
+                    err, pred = model.denoising_error(ddp_unet, abar, x0, e2, t2, c2, return_pred=True)  # (2B,)
+                    err_w, err_l = err.chunk(2)  # (B,) each
+                    if cfg["sdpo_safeguard"]:  # the loser's gradient x lambda, its value unchanged (Diffusion-SDPO):
+                        # err_l depends on the weights only through the loser's prediction, so this equals scaling
+                        # the gradient reaching that prediction by lambda
+                        lam = sdpo_scale(*pred.chunk(2), *e2.chunk(2), cfg["sdpo_mu"])
+                        err_l = err_l.detach() + lam * (err_l - err_l.detach())
+                    if ref_unet is not None:
+                        with torch.no_grad():
+                            ref_w, ref_l = model.denoising_error(ref_unet, abar, x0, e2, t2, c2).chunk(2)
+                    meth, beta = cfg["method"], cfg["beta"]
+                    if meth == "dpo":
+                        loss, stats = dpo_loss(err_w, err_l, ref_w, ref_l, beta)
+                    elif meth == "sspo":
+                        loss, stats = sspo_loss(err_w, err_l, ref_w, ref_l, beta, cfg["ssr"])
+                    elif meth == "dmpo":
+                        loss, stats = dmpo_loss(err_w, err_l, ref_w, ref_l, beta, cfg["dmpo_alpha"])
+                    elif meth == "kto":  # unpaired: winners desirable, losers undesirable
+                        desirable = torch.arange(2 * B, device=device) < B
+                        loss, stats = kto_loss(err, torch.cat([ref_w, ref_l]), desirable, beta)
+                    elif meth == "mapo":
+                        loss, stats = mapo_loss(err_w, err_l, beta, cfg["mapo_snr"], T)
+                    elif meth == "see_dpo":
+                        loss, stats = see_dpo_loss(err_w, err_l, ref_w, ref_l, beta, cfg["see_gamma"])
                     else:
-                        loss, stats = sspo_loss(err_w, err_l, ref_w, ref_l, cfg["beta"], cfg["ssr"])
+                        loss, stats = dpo_cm_loss(err_w, err_l, ref_w, ref_l, t, beta, cfg["cm_t_range"])
+                    if cfg["sdpo_safeguard"]:
+                        stats["sdpo_lambda"] = lam
                 (loss / cfg["grad_accum"]).backward()
             stats_sum["loss"] += loss.item() / cfg["grad_accum"]
             for k, v in stats.items():
