@@ -4,6 +4,7 @@ from the same tiny base with the same optimizer steps and the same data, for sev
 
     python tiny_table.py                       # the README table: 8 methods x 3 seeds, 2 jobs at a time
     python tiny_table.py --seeds 0 --only SSPO SFT --jobs 1
+    python tiny_table.py --out out/quick --set max_steps=20      # --set KEY=VALUE: overrides for every run
 
 Re-runnable: a run whose eval/scores.json exists is not trained again (delete out/table to start over). Writes
 out/table/table.md (printed too), results.json, samples.png (every method's samples on the same prompts and noise)
@@ -41,6 +42,9 @@ RUNS = {
 SELF_SAMPLING = ("SPIN-Diffusion", "SSPO")  # names starting with these pay for sampling: scheduled first
 
 
+EXTRA = []  # --set
+
+
 def run_dir(name, seed):
     slug = name.lower().replace(", ", "_").replace(" = ", "_").replace(" ", "_").replace("-", "")
     return os.path.join(OUT, f"{slug}_s{seed}")
@@ -65,7 +69,7 @@ def train_and_eval(name, seed, env):
     log = os.path.join(d, "run.log")
     t0 = time.time()
     resume = ["--init_from=resume"] if os.path.exists(os.path.join(d, "ckpt.pt")) else []
-    sh([sys.executable, "train_sspo.py", config, f"--seed={seed}", f"--out_dir={d}", *overrides, *resume], log, env)
+    sh([sys.executable, "train_sspo.py", config, f"--seed={seed}", f"--out_dir={d}", *overrides, *EXTRA, *resume], log, env)
     t1 = time.time()
     sh([sys.executable, "evaluate.py", d], log, env)
     timing = {"train_s": t1 - t0, "eval_s": time.time() - t1}
@@ -133,11 +137,16 @@ def curves_picture(curves, path, key="judge_seen"):
 
 
 def main():
+    global OUT
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--only", nargs="+", default=list(RUNS), help=f"a subset of: {', '.join(RUNS)}")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time; each gets 2 // jobs threads (at least 1)")
+    p.add_argument("--out", default=OUT, help="where the runs and the table go")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides for every run")
     args = p.parse_args()
+    OUT = args.out
+    EXTRA[:] = ["--" + kv for kv in args.set]
     unknown = [n for n in args.only if n not in RUNS]
     if unknown:
         raise SystemExit(f"error: unknown run {unknown}; known: {', '.join(RUNS)}")
