@@ -107,6 +107,12 @@ def samples_picture(names, seed, path, n=16):
         rows.append(x)
         labels += [f"{data.judge(img, p)[0]:.2f}" for img, p in zip(x, prompts)]
     data.save_grid(torch.cat(rows), path, labels, cols=len(prompts), tile=48)
+    grid = Image.open(path)  # method names down the left side
+    img = Image.new("RGB", (grid.width + 130, grid.height), (40, 40, 40))
+    img.paste(grid, (130, 0))
+    for i, name in enumerate(["base"] + list(names)):
+        ImageDraw.Draw(img).text((4, i * grid.height / len(rows) + 20), name, fill=(230, 230, 230))
+    img.save(path)
     with open(path[:-4] + ".txt", "w") as f:
         f.write("rows: base, " + ", ".join(names) + "\ncolumns: " + "; ".join(prompts) + "\n")
 
