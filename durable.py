@@ -16,29 +16,33 @@ _reached = {}  # fault point -> times reached in this process
 
 
 def fault(point, kill=True):
-    """SSPO_FAULT="point", "point@n" or "point@n%r": the n-th time (default the 1st) this process reaches `point`,
-    on rank r only if given, it dies on the spot (os._exit: no cleanup, no flush, as under SIGKILL). With
-    kill=False the call returns True there instead and the caller misbehaves (a NaN loss). Only a first attempt is
-    hit: workers that torchrun restarted (TORCHELASTIC_RESTART_COUNT > 0) run clean."""
-    spec = os.environ.get("SSPO_FAULT", "")
-    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+    """SSPO_FAULT="point", "point@n" or "point@n%r" (several joined by commas): the n-th time (default the 1st)
+    this process reaches `point`, on rank r only if given, it dies on the spot (os._exit: no cleanup, no flush, as
+    under SIGKILL). With kill=False the call returns True there instead and the caller misbehaves (a NaN loss).
+    Only a first attempt is hit: workers that torchrun restarted (TORCHELASTIC_RESTART_COUNT > 0) run clean."""
+    specs = os.environ.get("SSPO_FAULT", "")
+    if not specs or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
         return False
-    m = re.fullmatch(r"([\w:]+)(?:@(\d+))?(?:%(\d+))?", spec)
-    if not m:
-        raise ValueError(f"SSPO_FAULT={spec!r}: expected point, point@n or point@n%rank")
-    if m[1] != point or (m[3] is not None and int(m[3]) != int(os.environ.get("RANK", "0"))):
-        return False
-    _reached[point] = _reached.get(point, 0) + 1
-    if _reached[point] != int(m[2] or 1):
-        return False
-    if kill:
-        os._exit(137)
-    return True
+    for spec in specs.split(","):
+        m = re.fullmatch(r"([\w:]+)(?:@(\d+))?(?:%(\d+))?", spec)
+        if not m:
+            raise ValueError(f"SSPO_FAULT={specs!r}: expected point, point@n or point@n%rank, joined by commas")
+        if m[1] != point or (m[3] is not None and int(m[3]) != int(os.environ.get("RANK", "0"))):
+            continue
+        _reached[point] = _reached.get(point, 0) + 1
+        if _reached[point] == int(m[2] or 1):
+            if kill:
+                os._exit(137)
+            return True
+    return False
 
 
 def _failed(path, e):
     """One line naming the file: what went wrong and how much room is left on its disk."""
-    why = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
+    cause = e  # torch.save reports a failed write as a RuntimeError whose context is the OSError
+    while not isinstance(cause, OSError) and cause.__context__ is not None:
+        cause = cause.__context__
+    why = cause.strerror if isinstance(cause, OSError) and cause.strerror else f"{type(e).__name__}: {e}"
     parent = os.path.dirname(os.path.abspath(path))
     free = f"; {shutil.disk_usage(parent).free / 2**20:.0f} MB free there" if os.path.isdir(parent) else ""
     return OSError(f"cannot write {path}: {why}{free}")

@@ -233,6 +233,7 @@ def setup(cfg):
 
 def teardown():
     if dist.is_initialized():
+        dist.barrier()  # the rank hosting the store (rank 0 when torchrun does not share its own) leaves last
         dist.destroy_process_group()
 
 
@@ -433,10 +434,15 @@ def save_checkpoint(cfg, unet, ema, text_encoder, opt, step, data_pos, pool, tal
     durable.fault("ckpt:renamed")
     durable.link(path, os.path.join(out, "ckpt.pt"))
     durable.fault("ckpt:linked")
-    kept = checkpoints(out)
+    drop_old_checkpoints(cfg, pool)
+
+
+def drop_old_checkpoints(cfg, pool):
+    """Keep the newest keep_checkpoints checkpoints, and the disk pool's snapshot files that they name."""
+    kept = checkpoints(cfg["out_dir"])
     for _, old in kept[:-cfg["keep_checkpoints"]]:
         os.remove(old)
-    if pool is not None and pool.storage == "disk":  # delete the snapshot files no kept checkpoint names
+    if pool is not None and pool.storage == "disk":  # the pool holds the newest's; the others' are read, mmapped
         older = [torch.load(p, map_location="cpu", weights_only=False, mmap=True)["pool"]
                  for _, p in kept[-cfg["keep_checkpoints"]:-1]]
         pool.prune(also={e["path"] for d in older if d for e in d["entries"]})
@@ -539,6 +545,8 @@ def main(cfg):
                                     cfg["pool_storage"], os.path.join(out, "pool"), cfg["seed"], ref_dtype, writer=master)
         if resume:
             pool.load_state_dict(ckpt["pool"])
+    if resume:  # a kill may have come after a new checkpoint but before the old ones went
+        together(master, drop_old_checkpoints, cfg, pool)
     ddp_unet = DDP(unet, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else unet
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
     abar = m["scheduler"].alphas_cumprod.to(device)
@@ -653,11 +661,11 @@ def main(cfg):
                 with torch.no_grad():
                     torch._foreach_lerp_(list(ema.parameters()), list(unet.parameters()), 1 - cfg["ema_decay"])
         elif cfg["nonfinite"] == "stop":
-            raise SystemExit(f"error: non-finite loss ({stats_sum['loss']}) or gradient norm ({grad_norm.item()}) at "
-                             f"step {step} on rank {rank}; its prompts: {update_prompts}")
+            raise SystemExit(f"error: non-finite loss ({stats_sum['loss']}) or gradient norm ({grad_norm.item()}) in "
+                             f"step {step + 1} on rank {rank}; its prompts: {update_prompts}")
         else:
             tallies["skipped_updates"] += 1
-            print0(f"step {step}: non-finite loss ({stats_sum['loss']}) or gradient norm ({grad_norm.item()}) on some "
+            print0(f"step {step + 1}: non-finite loss ({stats_sum['loss']}) or gradient norm ({grad_norm.item()}) on some "
                    f"rank: update skipped ({tallies['skipped_updates']} so far)")
         opt.zero_grad(set_to_none=True)
         stats_sum["t_train"] = time.time() - t_start - stats_sum.get("t_sample", 0.0)  # seconds, this update
@@ -684,8 +692,15 @@ def main(cfg):
                f"{first_eval['judge_seen']:.3f} / {first_eval['judge_heldout']:.3f} -> step {step} "
                f"{res['judge_seen']:.3f} / {res['judge_heldout']:.3f}")
     print0(f"done: {out}/ckpt.pt, {out}/unet/, samples in {out}/samples/")
+    del ddp_unet  # DDP's reducer holds the process group: free it while every rank is still here
     teardown()
 
 
 if __name__ == "__main__":
-    main(get_config(sys.argv[1:]))
+    try:
+        main(get_config(sys.argv[1:]))
+    except RuntimeError as e:  # a collective failed: gloo saw a peer's socket close, or ddp_timeout passed
+        if not (isinstance(e, dist.DistError) or "gloo" in str(e) or "NCCL" in str(e)):
+            raise
+        raise SystemExit(f"error: rank {os.environ.get('RANK')}: a collective failed, another rank has died or hangs "
+                         f"(see its log): {str(e).strip().splitlines()[0]}")
