@@ -1,6 +1,7 @@
 """
 Soak test (not in CI): the tiny SSPO run, with a disk pool and a checkpoint every 2 updates, killed with SIGKILL at
-random moments and resumed (auto_resume) until it finishes; then its final weights, optimizer state and pool are
+random moments (at most --kills a round, so a round ends even on a loaded machine) and resumed (auto_resume)
+until it finishes; then its final weights, optimizer state and pool are
 compared, bit for bit, with one uninterrupted run of the same config. Rounds repeat until the time budget is spent.
 
     OMP_NUM_THREADS=1 python soak.py --minutes=12              # prints kills, resumes, and whether weights are equal
@@ -42,6 +43,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--minutes", type=float, default=12)
     p.add_argument("--dir", default="out/soak")
+    p.add_argument("--kills", type=int, default=6, help="most kills in a round; then the run may finish")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     rng, t_end = random.Random(a.seed), time.time() + 60 * a.minutes
@@ -62,7 +64,7 @@ def main():
             proc = launch(out)
             starts += 1
             try:
-                code = proc.wait(timeout=rng.uniform(0, 1.2 * duration))
+                code = proc.wait(timeout=rng.uniform(0, 1.2 * duration) if starts <= a.kills else None)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
