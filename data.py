@@ -5,6 +5,7 @@ Training data. Two kinds:
   - real data: Pick-a-Pic v2 parquet shards, and image folders with metadata.jsonl (the diffusers convention).
 Every dataset yields {"prompt": str, "image_w": (3, R, R) float in [-1, 1]} and, for pairs, "image_l".
 """
+import collections
 import glob
 import io
 import itertools
@@ -233,17 +234,37 @@ def draw_aug(rng, random_crop, random_flip):
     return crop, bool(random_flip and rng.random() < 0.5)
 
 
+NOTED = collections.Counter()  # this process's count of images load_image converted / upscaled (SkipBad reads it)
+
+
+def to_rgb(im):
+    """Any PIL image -> RGB, all pixels decoded. 16-bit greyscale (I;16, and I as 16-bit PNGs open) is scaled to
+    8 bits, where PIL's convert would clip everything above 255 to white; transparency (RGBA, LA, PA, P with a
+    transparent colour) is composited onto white, as an image viewer shows it; CMYK, L, P, YCbCr, ... by PIL."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        return Image.fromarray((np.asarray(im, dtype=np.float64) / 257).clip(0, 255).round().astype(np.uint8)).convert("RGB")
+    if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return im.convert("RGB")
+
+
 def load_image(src, resolution, aug=(None, False), name=None):
-    """src: a path or encoded image bytes -> (3, R, R) float32 in [-1, 1]. Like torchvision's Resize(R) (PIL
-    bilinear, shortest side = R, which the Diffusion-DPO and diffusers trainers use), then Center/RandomCrop(R),
-    then the flip from `aug`, then ToTensor + Normalize(0.5, 0.5). `name` is what an error calls the image."""
+    """src: a path or encoded image bytes -> (3, R, R) float32 in [-1, 1]. Any mode is converted (to_rgb); then
+    like torchvision's Resize(R) (PIL bilinear, shortest side = R, which the Diffusion-DPO and diffusers trainers
+    use; a smaller image is upscaled), then Center/RandomCrop(R), then the flip from `aug`, then ToTensor +
+    Normalize(0.5, 0.5). `name` is what an error calls the image. ValueError for bytes that are missing (None),
+    corrupt or truncated."""
     name = name or (os.fspath(src) if isinstance(src, (str, os.PathLike)) else "image bytes")
+    if src is None:
+        raise ValueError(f"{name}: no image (missing bytes)")
     # Someone may have set this global to accept truncated files; then PIL silently pads them with grey. We want
     # an error instead, so turn it off for this decode only (DataLoader workers are processes, not threads).
     truncated_ok, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
     try:
         with Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src) as im:
-            img = im.convert("RGB")  # decodes all pixels now: JPEGs load lazily, so truncation shows up here
+            NOTED["converted"] += im.mode != "RGB"
+            img = to_rgb(im)  # decodes all pixels now: JPEGs load lazily, so truncation shows up here
     except FileNotFoundError:
         raise
     except Exception as e:
@@ -251,6 +272,7 @@ def load_image(src, resolution, aug=(None, False), name=None):
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = truncated_ok
     R, (w, h), (crop, flip) = resolution, img.size, aug
+    NOTED["upscaled"] += min(w, h) < R
     W, H = (R, int(R * h / w)) if w <= h else (int(R * w / h), R)  # torchvision Resize's rounding
     if (W, H) != img.size:
         img = img.resize((W, H), Image.BILINEAR)
@@ -438,3 +460,33 @@ class ImageFolder(torch.utils.data.Dataset):
         aug = draw_aug(np.random.default_rng([self.seed, self.epoch, i]), self.random_crop, self.random_flip)
         imgs = [load_image(p, self.resolution, aug) for p in files]
         return {"prompt": text, "image_w": imgs[0], **({"image_l": imgs[1]} if self.paired else {})}
+
+
+class SkipBad(torch.utils.data.Dataset):
+    """A real dataset whose unreadable examples (corrupt or truncated image, missing image bytes: load_image's
+    ValueError naming file and row) are replaced by the next readable one, i + 1, i + 2, ...: every batch keeps its
+    size, so DDP ranks stay in step and a run stays a pure function of its config (the replacement may repeat an
+    example in the batch). Each item also carries, for the epoch's summary in train_sspo.py: `skipped` (unreadable
+    examples passed over), `error` (the first one's message, else ""), `converted` and `upscaled` (images not in
+    RGB, smaller than the resolution)."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def set_epoch(self, epoch):
+        self.ds.set_epoch(epoch)
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        errors, before = [], collections.Counter(NOTED)
+        for k in range(len(self.ds)):
+            try:
+                item = self.ds[(i + k) % len(self.ds)]
+            except ValueError as e:
+                errors.append(str(e))
+                continue
+            return {**item, "skipped": len(errors), "error": errors[0] if errors else "",
+                    "converted": NOTED["converted"] - before["converted"], "upscaled": NOTED["upscaled"] - before["upscaled"]}
+        raise ValueError(f"no readable example in the dataset; the first: {errors[0]}")

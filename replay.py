@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+import durable
+
 DRAWS = ("uniform", "first", "last")
 
 
@@ -46,13 +48,14 @@ class ReferencePool:
         entry = {"step": step, "state": None, "path": None}  # path: a file name inside `folder`
         if self.storage == "memory":
             entry["state"] = {k: v.detach().to("cpu", self.dtype, copy=True) for k, v in state.items()}
-        else:  # written under a temporary name, then renamed: a crash never leaves a partial snapshot in use
+        else:  # written whole or not at all (durable.py): a kill never leaves a partial snapshot in use
             entry["path"] = f"snapshot_{step:08d}.safetensors"  # relative: the run directory may move
             if self.writer:
                 os.makedirs(self.folder, exist_ok=True)
-                path = os.path.join(self.folder, entry["path"])
-                save_file({k: v.detach().to("cpu", self.dtype).contiguous() for k, v in state.items()}, path + ".tmp")
-                os.replace(path + ".tmp", path)
+                tensors = {k: v.detach().to("cpu", self.dtype).contiguous() for k, v in state.items()}
+                # save_file writes the open temporary file by its name: no second copy of SD1.5's UNet in memory
+                durable.write_file(os.path.join(self.folder, entry["path"]), lambda f: save_file(tensors, f.name),
+                                   point="pool")
         if slot is None:
             self.entries.append(entry)
         else:  # the replaced file stays on disk until prune(): the last checkpoint may still name it
@@ -95,10 +98,11 @@ class ReferencePool:
                 t.copy_(state[name])
         return e["step"]
 
-    def prune(self):
-        """Delete snapshot files the pool no longer holds. Call after a checkpoint of this state is safely saved."""
+    def prune(self, also=()):
+        """Delete snapshot files the pool no longer holds and `also` (the files older kept checkpoints name) does
+        not list. Call after a checkpoint of this state is safely saved."""
         if self.storage == "disk" and self.writer and os.path.isdir(self.folder):
-            keep = {e["path"] for e in self.entries}
+            keep = {e["path"] for e in self.entries} | set(also)
             for f in os.listdir(self.folder):
                 if f.endswith(".safetensors") and f not in keep:
                     os.remove(os.path.join(self.folder, f))

@@ -10,11 +10,12 @@ Importing this file runs nothing: the loss functions and the config reader are i
 """
 import ast
 import copy
+import datetime
 import json
 import difflib
 import math
 import os
-import shutil
+import re
 import subprocess
 import sys
 import time
@@ -29,6 +30,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 import data
+import durable
 import model
 import replay
 
@@ -37,6 +39,10 @@ import replay
 # I/O
 out_dir = "out/run"             # run directory: ckpt.pt, log.txt, samples/, and an SD-layout model folder
 init_from = "scratch"           # 'scratch' (random tiny model) | 'resume' (out_dir/ckpt.pt) | SD-layout folder or hub id
+auto_resume = False             # resume from out_dir's newest checkpoint if it has one, else start as init_from says;
+                                # workers that torchrun --max-restarts restarts always do
+keep_checkpoints = 2            # ckpt_STEP.pt files kept (the newest is also ckpt.pt, a hard link); older ones, and pool
+                                # snapshots only they name, are deleted once a newer checkpoint is complete
 eval_every = 200                # optimizer steps between evals (loss, judge, sample grid); the last step always evals
 save_every = 200                # optimizer steps between checkpoints; the last step always saves
 log_every = 10                  # optimizer steps between log lines
@@ -52,6 +58,8 @@ random_flip = False             # horizontal flips as the peers do for real data
 random_crop = False             # random instead of center crop after resizing the short side
 caption_dropout = 0.1           # probability of the empty prompt: keeps an unconditional model for guidance
 num_workers = 0                 # DataLoader worker processes per rank
+bad_data = "skip"               # real data that cannot be read (corrupt or truncated image, missing bytes): 'skip' =
+                                # replaced by the next readable example, counted | 'stop' naming its file and row
 # model (init_from='scratch' only: the tiny world's model; an SD model brings its own architecture)
 unet_channels = (32, 64)        # block_out_channels; attention at every level but the first
 text_dim = 32                   # width of the tiny CLIP text encoder
@@ -100,6 +108,8 @@ adam_beta1 = 0.9
 adam_beta2 = 0.999
 grad_clip = 1.0                 # max global grad norm; 0 disables
 grad_checkpointing = False      # trade compute for UNet activation memory (SD1.5 at batch > 1 per GPU)
+nonfinite = "skip"              # a NaN/inf loss or gradient: 'skip' the update (counted, logged; all ranks agree) |
+                                # 'stop' naming the step and the batch's prompts
 ema_decay = 0.0                 # >0: evaluate and save an exponential moving average of the weights (pretraining);
                                 # 0 for alignment, as Diffusion-DPO and SSPO train without one
 # sampling (eval grids; the shared DDIM sampler)
@@ -111,6 +121,8 @@ n_eval_images = 8               # images in the sample grid for real data (the t
 device = "auto"                 # 'auto' (cuda if available) | 'cpu' | 'cuda'
 mixed_precision = "bf16"        # 'bf16' autocast on CUDA with fp32 master weights | 'no'. CPU always runs fp32
 seed = 0                        # model init, data order, noise: a run is a pure function of its config
+ddp_timeout = 1800              # seconds a collective waits for a rank that is gone before the run stops (gloo sees a
+                                # dead peer's closed socket at once; NCCL waits this long)
 # -----------------------------------------------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and type(v) in (bool, int, float, str, tuple)}
 PAIR_METHODS = ("dpo", "dmpo", "kto", "mapo", "see_dpo", "dpo_cm")  # read image_l from the data
@@ -120,6 +132,7 @@ CHOICES = {"dataset": ("tiny", "pickapic", "imagefolder"), "tiny_mode": ("base",
            "noising": ("forward", "ddim_inversion"), "ssr": ("sign", "indicator", "off"), "ref_policy": replay.DRAWS,
            "ref_redraw": ("stretch", "step"), "pool_storage": ("memory", "disk"), "ref_dtype": ("float32", "bfloat16"),
            "lr_schedule": ("constant", "cosine"),
+           "bad_data": ("skip", "stop"), "nonfinite": ("skip", "stop"),
            "noise_schedule": ("scaled_linear", "squaredcos_cap_v2", "linear"), "device": ("auto", "cpu", "cuda"), "mixed_precision": ("bf16", "no")}
 
 
@@ -188,7 +201,7 @@ def get_config(argv):
     if cfg["dataset"] != "tiny" and not os.path.exists(cfg["data_path"]):
         raise SystemExit(f"config error: data_path {cfg['data_path']!r} does not exist")
     for key in ("batch_size", "grad_accum", "max_steps", "eval_every", "save_every", "log_every", "sample_steps",
-                "ckpt_every", "self_sample_steps", "inversion_steps"):
+                "ckpt_every", "self_sample_steps", "inversion_steps", "keep_checkpoints", "ddp_timeout"):
         if cfg[key] < 1:
             raise SystemExit(f"config error: {key} must be >= 1, got {cfg[key]}")
     return cfg
@@ -327,7 +340,7 @@ def setup(cfg):
     if cfg["device"] == "cuda" and not torch.cuda.is_available():
         raise SystemExit("config error: device='cuda' but no CUDA device is visible")
     if ddp:
-        dist.init_process_group("nccl" if want_cuda else "gloo")
+        dist.init_process_group("nccl" if want_cuda else "gloo", timeout=datetime.timedelta(seconds=cfg["ddp_timeout"]))
         rank, world = dist.get_rank(), dist.get_world_size()
         local = int(os.environ["LOCAL_RANK"])
     else:
@@ -341,6 +354,7 @@ def setup(cfg):
 
 def teardown():
     if dist.is_initialized():
+        dist.barrier()  # the rank hosting the store (rank 0 when torchrun does not share its own) leaves last
         dist.destroy_process_group()
 
 
@@ -356,6 +370,24 @@ def all_mean(values, device):
     t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return dict(zip(values, (t / dist.get_world_size()).tolist()))
+
+
+def together(run_here, fn, *args):
+    """fn(*args) where run_here (rank 0's file writes), then one collective: an OSError on any rank (disk full, no
+    permission: one line naming the file) stops every rank with that line, rather than leaving the others waiting
+    for a rank that is gone. Also a barrier: nobody reads a file before it is complete."""
+    err = None
+    try:
+        if run_here:
+            fn(*args)
+    except OSError as e:
+        err = f"error: {e} (stopped; what was saved before is intact)"
+    errs = [err]
+    if dist.is_initialized():
+        errs = [None] * dist.get_world_size()
+        dist.all_gather_object(errs, err)
+    if any(errs):
+        raise SystemExit(next(e for e in errs if e))
 
 
 _log_file = None
@@ -387,7 +419,33 @@ def make_dataset(cfg):
         return data.TinyWorld(cfg["tiny_mode"], cfg["tiny_size"], cfg["resolution"], cfg["tiny_p_correct"], cfg["seed"],
                               flaws=cfg["tiny_flaws"])
     cls = data.PickAPic if cfg["dataset"] == "pickapic" else data.ImageFolder
-    return cls(cfg["data_path"], cfg["resolution"], cfg["random_crop"], cfg["random_flip"], cfg["seed"])
+    return data.SkipBad(cls(cfg["data_path"], cfg["resolution"], cfg["random_crop"], cfg["random_flip"], cfg["seed"]))
+
+
+DATA_TALLIES = ("skipped", "converted", "upscaled", "empty_caption", "long_caption")
+
+
+def tally_data(counts, batch, tokenizer, bad_data):
+    """Count, per micro-batch, what the data needed: examples skipped as unreadable and images converted or
+    upscaled (data.SkipBad), empty captions (trained as the unconditional prompt) and captions longer than the
+    tokenizer's 77 tokens (encode_prompts truncates them). bad_data='stop' stops at the first unreadable example."""
+    for err in batch.get("error", ()):
+        if err and bad_data == "stop":
+            raise SystemExit(f"error: {err} (bad_data='stop'; 'skip' replaces such examples)")
+        if err:
+            print0(f"skipped unreadable data: {err}")
+    for k in ("skipped", "converted", "upscaled"):
+        counts[k] += int(batch[k].sum()) if k in batch else 0
+    counts["empty_caption"] += sum(not p.strip() for p in batch["prompt"])
+    counts["long_caption"] += sum(len(ids) > tokenizer.model_max_length for ids in tokenizer(list(batch["prompt"])).input_ids)
+
+
+def report_data(tallies, epoch, device, partial=False):
+    """One line per epoch (summed over ranks), then the counts start again."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    c = {k: v * world for k, v in all_mean(tallies["data"], device).items()}
+    print0(f"data of epoch {epoch}{' so far' if partial else ''}: " + ", ".join(f"{k} {v:.0f}" for k, v in c.items()))
+    tallies["data"] = dict.fromkeys(DATA_TALLIES, 0)
 
 
 def micro_batches(ds, cfg, rank, world, epoch, start):
@@ -470,28 +528,52 @@ def run_eval(m, unet, cfg, ds, device, autocast):
     return out, images, prompts, labels
 
 
-def save_checkpoint(cfg, unet, ema, text_encoder, opt, step, data_pos, pool):
-    """ckpt.pt: everything to resume exactly; unet/: the weights for StableDiffusionPipeline (the EMA if there is
-    one). Each written under a temporary name and renamed, so a crash mid-write leaves the previous one intact."""
-    ckpt = {"unet": unet.state_dict(), "ema": ema.state_dict() if ema else None,
-            "text_encoder": text_encoder.state_dict() if cfg["train_text_encoder"] else None, "optimizer": opt.state_dict(),
-            "step": step, "data_pos": data_pos,
-            "rng": torch.get_rng_state(), "config": cfg, "pool": pool.state_dict() if pool else None}
-    path = os.path.join(cfg["out_dir"], "ckpt.pt")
-    torch.save(ckpt, path + ".tmp")
-    os.replace(path + ".tmp", path)
+def checkpoints(out):
+    """[(step, path)] of the step-named checkpoints in out_dir, oldest first. Each is complete: durable.py only
+    ever gives a file its final name whole."""
+    names = os.listdir(out) if os.path.isdir(out) else []
+    return sorted((int(m[1]), os.path.join(out, m[0])) for m in map(re.compile(r"ckpt_(\d+)\.pt").fullmatch, names) if m)
+
+
+def latest_checkpoint(out):
+    """The newest complete checkpoint: the highest ckpt_STEP.pt (after a kill ckpt.pt may still name the one before
+    it), else ckpt.pt (a run saved before keep_checkpoints existed), else None."""
+    found = checkpoints(out)
+    legacy = os.path.join(out, "ckpt.pt")
+    return found[-1][1] if found else legacy if os.path.isfile(legacy) else None
+
+
+def save_checkpoint(cfg, unet, ema, text_encoder, opt, step, data_pos, pool, tallies):
+    """unet/ (text_encoder/): the weights for StableDiffusionPipeline (the EMA if there is one); then
+    ckpt_STEP.pt: everything to resume exactly, also named ckpt.pt; then the checkpoints beyond keep_checkpoints go,
+    with the pool snapshots only they named. Every file is written whole or not at all (durable.py) and nothing is
+    deleted before the new checkpoint is complete, so a kill at any moment leaves the newest complete checkpoint
+    loadable. unet/ first: wherever a checkpoint exists, a unet/ to load it into exists too."""
+    out = cfg["out_dir"]
     trained = {"unet": ema or unet, **({"text_encoder": text_encoder} if cfg["train_text_encoder"] else {})}
     for name, module in trained.items():
-        final, tmp, old = (os.path.join(cfg["out_dir"], name + x) for x in ("", ".tmp", ".old"))
-        shutil.rmtree(tmp, ignore_errors=True)
-        module.save_pretrained(tmp)
-        shutil.rmtree(old, ignore_errors=True)  # a leftover would make the rename below fail
-        if os.path.isdir(final):
-            os.replace(final, old)
-        os.replace(tmp, final)  # a crash before this line leaves old/: main() puts it back on resume
-        shutil.rmtree(old, ignore_errors=True)
-    if pool:
-        pool.prune()  # snapshot files only the previous checkpoint named
+        durable.write_folder(os.path.join(out, name), module.save_pretrained, point=name)
+    ckpt = {"unet": unet.state_dict(), "ema": ema.state_dict() if ema else None,
+            "text_encoder": text_encoder.state_dict() if cfg["train_text_encoder"] else None, "optimizer": opt.state_dict(),
+            "step": step, "data_pos": data_pos, "tallies": tallies,
+            "rng": torch.get_rng_state(), "config": cfg, "pool": pool.state_dict() if pool else None}
+    path = os.path.join(out, f"ckpt_{step:08d}.pt")
+    durable.write_file(path, lambda f: torch.save(ckpt, f), point="ckpt")
+    durable.fault("ckpt:renamed")
+    durable.link(path, os.path.join(out, "ckpt.pt"))
+    durable.fault("ckpt:linked")
+    drop_old_checkpoints(cfg, pool)
+
+
+def drop_old_checkpoints(cfg, pool):
+    """Keep the newest keep_checkpoints checkpoints, and the disk pool's snapshot files that they name."""
+    kept = checkpoints(cfg["out_dir"])
+    for _, old in kept[:-cfg["keep_checkpoints"]]:
+        os.remove(old)
+    if pool is not None and pool.storage == "disk":  # the pool holds the newest's; the others' are read, mmapped
+        older = [torch.load(p, map_location="cpu", weights_only=False, mmap=True)["pool"]
+                 for _, p in kept[-cfg["keep_checkpoints"]:-1]]
+        pool.prune(also={e["path"] for d in older if d for e in d["entries"]})
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -501,18 +583,19 @@ def main(cfg):
     rank, world, device = setup(cfg)
     master = rank == 0
     out = cfg["out_dir"]
-    resume = cfg["init_from"] == "resume"
-    ckpt_path = os.path.join(out, "ckpt.pt")
-    if resume and not os.path.isfile(ckpt_path):
+    tidied = durable.tidy(out) + durable.tidy(os.path.join(out, "pool")) if master else []  # what a kill left
+    barrier()
+    ckpt_path, latest = os.path.join(out, "ckpt.pt"), latest_checkpoint(out)
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0  # torchrun --max-restarts relaunched us
+    resume = cfg["init_from"] == "resume" or (latest is not None and (cfg["auto_resume"] or restarted))
+    if resume and latest is None:
         raise SystemExit(f"init_from='resume' but {ckpt_path} does not exist")
-    for name in ("unet", "text_encoder"):  # a crash between save_checkpoint's two renames left only name.old
-        if resume and not os.path.isdir(os.path.join(out, name)) and os.path.isdir(os.path.join(out, name + ".old")):
-            os.replace(os.path.join(out, name + ".old"), os.path.join(out, name))
-    if not resume and os.path.isfile(ckpt_path):
-        raise SystemExit(f"{out} already holds a run ({ckpt_path}); resume it with --init_from=resume or choose "
+    if not resume and latest is not None:
+        raise SystemExit(f"{out} already holds a run ({latest}); resume it with --init_from=resume or choose "
                          "another out_dir (nothing is overwritten)")
+    source = out if resume or cfg["init_from"] == "scratch" else cfg["init_from"]  # the run directory is SD-layout
     torch.manual_seed(cfg["seed"])
-    if cfg["base_config"] and cfg["init_from"] not in ("scratch", "resume") and not os.path.isdir(cfg["init_from"]):
+    if cfg["base_config"] and source != out and not os.path.isdir(cfg["init_from"]):
         ok = [True]
         if master:  # the tiny quick start: train the base this run starts from, as its own plain run
             print(f"{cfg['init_from']} is missing: training it first with {cfg['base_config']}")
@@ -533,22 +616,21 @@ def main(cfg):
         if len(ds) // world < cfg["batch_size"]:
             raise ValueError(f"the dataset has {len(ds)} examples, fewer than one micro-batch of {cfg['batch_size']} "
                              f"per process x {world} process(es)")
-        if cfg["init_from"] not in ("scratch", "resume"):
-            model.check_model_path(cfg["init_from"])
+        if source != out:
+            model.check_model_path(source)
     except (FileNotFoundError, ValueError, OSError) as e:
         raise SystemExit(f"error: {e}")
     if master:
         os.makedirs(out, exist_ok=True)
         _log_file = open(os.path.join(out, "log.txt"), "a")
-        if cfg["init_from"] == "scratch":
+        if not resume and cfg["init_from"] == "scratch":
             model.build_tiny_model(out, data.WORDS, cfg["resolution"], cfg["unet_channels"], cfg["text_dim"],
                                    seed=cfg["seed"], schedule=cfg["noise_schedule"])
     barrier()
     use_bf16 = device.type == "cuda" and cfg["mixed_precision"] == "bf16"
     # the run directory is an SD-layout model folder: scratch and resume load from it, a model path from itself
-    m = model.load_model(out if cfg["init_from"] in ("scratch", "resume") else cfg["init_from"], device,
-                         torch.bfloat16 if use_bf16 else torch.float32)
-    if master and cfg["init_from"] not in ("scratch", "resume"):
+    m = model.load_model(source, device, torch.bfloat16 if use_bf16 else torch.float32)
+    if master and source != out:
         model.save_frozen_parts(m, out)
     unet = m["unet"].train()
     text_encoder = m["text_encoder"]
@@ -562,8 +644,10 @@ def main(cfg):
                             weight_decay=cfg["weight_decay"])
     ema = copy.deepcopy(unet).requires_grad_(False) if cfg["ema_decay"] > 0 else None
     step, data_pos = 0, (0, 0)
+    # counts for the log: updates skipped for a non-finite loss or gradient; per epoch, what the data needed
+    tallies = {"skipped_updates": 0, "data": dict.fromkeys(DATA_TALLIES, 0)}
     if resume:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(latest, map_location="cpu", weights_only=False)
         unet.load_state_dict(ckpt["unet"])
         if cfg["train_text_encoder"]:
             text_encoder.load_state_dict(ckpt["text_encoder"])
@@ -571,12 +655,16 @@ def main(cfg):
             ema.load_state_dict(ckpt["ema"] if ckpt.get("ema") else ckpt["unet"])
         opt.load_state_dict(ckpt["optimizer"])
         step, data_pos = ckpt["step"], tuple(ckpt["data_pos"])
+        tallies = ckpt.get("tallies") or tallies
         if step > cfg["max_steps"]:
-            raise SystemExit(f"error: {ckpt_path} is at step {step}, past max_steps={cfg['max_steps']}")
+            raise SystemExit(f"error: {latest} is at step {step}, past max_steps={cfg['max_steps']}")
         torch.set_rng_state(ckpt["rng"])
         changed = {k: (ckpt["config"].get(k), v) for k, v in cfg.items()
                    if ckpt["config"].get(k) != v and k != "init_from"}
-        print0(f"resuming {ckpt_path} at step {step}" + (f"; config changed since: {changed}" if changed else ""))
+        print0(f"resuming {latest} at step {step}" + (f"; config changed since: {changed}" if changed else "")
+               + (f"; after a kill: {', '.join(tidied)}" if tidied else ""))
+        if master and not (os.path.isfile(ckpt_path) and os.path.samefile(latest, ckpt_path)):
+            durable.link(latest, ckpt_path)  # a kill fell between the new checkpoint and its link
     pool, ref_unet, ref_index, ref_step = None, None, None, None
     if cfg["method"] in REF_METHODS:
         # one resident reference UNet; snapshots are copied into it in place (replay.py). DPO's pool is theta_0 only
@@ -587,6 +675,8 @@ def main(cfg):
                                     cfg["pool_storage"], os.path.join(out, "pool"), cfg["seed"], ref_dtype, writer=master)
         if resume:
             pool.load_state_dict(ckpt["pool"])
+    if resume:  # a kill may have come after a new checkpoint but before the old ones went
+        together(master, drop_old_checkpoints, cfg, pool)
     ddp_unet = DDP(unet, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else unet
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
     abar = m["scheduler"].alphas_cumprod.to(device)
@@ -625,9 +715,7 @@ def main(cfg):
                     f.write("\n".join(prompts) + "\n")
             barrier()
         if (step % cfg["save_every"] == 0 or last) and step > 0 and not (resume and step == ckpt["step"]):
-            if master:
-                save_checkpoint(cfg, unet, ema, text_encoder, opt, step, data_pos, pool)
-            barrier()
+            together(master, save_checkpoint, cfg, unet, ema, text_encoder, opt, step, data_pos, pool, tallies)
         if last:
             break
 
@@ -639,15 +727,20 @@ def main(cfg):
         t_start = time.time()
         if pool is not None:  # the reference of this update (SSPO.md 4: Random Checkpoint Replay)
             if cfg["method"] == "sspo" and step > 0 and step % cfg["ckpt_every"] == 0:
-                pool.push(unet.state_dict(), step)
-                barrier()  # a disk pool's file is written by rank 0 before anyone reads it
+                together(True, pool.push, unet.state_dict(), step)  # a disk pool's file: rank 0 writes it
             if ref_index is None or cfg["ref_redraw"] == "step" or step % cfg["ckpt_every"] == 0:
                 # every rank draws the same snapshot: the draw is a function of (seed, step) only
                 ref_index = pool.draw(step if cfg["ref_redraw"] == "step" else step - step % cfg["ckpt_every"])
                 ref_step = pool.load_into(ref_index, ref_unet)
         stats_sum = {"loss": 0.0, **({"t_sample": 0.0} if cfg["method"] == "sspo" else {})}
+        update_prompts = []
         for micro in range(cfg["grad_accum"]):
-            batch, data_pos = next(batches)
+            batch, pos = next(batches)
+            if pos[0] != data_pos[0]:  # a new epoch: what the one before needed
+                report_data(tallies, data_pos[0], device)
+            data_pos = pos
+            tally_data(tallies["data"], batch, m["tokenizer"], cfg["bad_data"])
+            update_prompts += batch["prompt"]
             B = len(batch["prompt"])
             eps, t, drop, x_T, vae_noise = step_randomness(cfg, step, micro, rank, world, (B, *latent_shape), T)
             eps, t = eps.to(device), t.to(device)
@@ -705,6 +798,8 @@ def main(cfg):
                         loss, stats = dpo_cm_loss(err_w, err_l, ref_w, ref_l, t, beta, cfg["cm_t_range"])
                     if cfg["sdpo_safeguard"]:
                         stats["sdpo_lambda"] = lam
+                if durable.fault("nan_loss", kill=False):
+                    loss = loss * float("nan")
                 (loss / cfg["grad_accum"]).backward()
             stats_sum["loss"] += loss.item() / cfg["grad_accum"]
             for k, v in stats.items():
@@ -714,13 +809,25 @@ def main(cfg):
                 dist.all_reduce(p.grad)
                 p.grad /= world
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"] or float("inf"))
-        opt.step()
+        finite = torch.tensor(float(math.isfinite(stats_sum["loss"]) and torch.isfinite(grad_norm).item()), device=device)
+        if world > 1:  # every rank steps or none does: a NaN on one rank's batch must not split the replicas
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if finite.item():
+            opt.step()
+            if ema is not None:
+                with torch.no_grad():
+                    torch._foreach_lerp_(list(ema.parameters()), list(unet.parameters()), 1 - cfg["ema_decay"])
+        elif cfg["nonfinite"] == "stop":
+            raise SystemExit(f"error: non-finite loss ({stats_sum['loss']}) or gradient norm ({grad_norm.item()}) in "
+                             f"step {step + 1} on rank {rank}; its prompts: {update_prompts}")
+        else:
+            tallies["skipped_updates"] += 1
+            print0(f"step {step + 1}: non-finite loss ({stats_sum['loss']}) or gradient norm ({grad_norm.item()}) on some "
+                   f"rank: update skipped ({tallies['skipped_updates']} so far)")
         opt.zero_grad(set_to_none=True)
-        if ema is not None:
-            with torch.no_grad():
-                torch._foreach_lerp_(list(ema.parameters()), list(unet.parameters()), 1 - cfg["ema_decay"])
         stats_sum["t_train"] = time.time() - t_start - stats_sum.get("t_sample", 0.0)  # seconds, this update
         step += 1
+        durable.fault("step")
         # ---------------------------------------------------------------------------------------------------------
 
         bar.update(1)
@@ -735,13 +842,23 @@ def main(cfg):
                    f", lr {lr:.2e}, grad_norm {grad_norm.item():.3f}, {dt:.2f} s/step, "
                    f"{cfg['batch_size'] * cfg['grad_accum'] * world / dt:.0f} samples/s")
     bar.close()
+    report_data(tallies, data_pos[0], device, partial=True)
+    if tallies["skipped_updates"]:
+        print0(f"updates skipped for a non-finite loss or gradient: {tallies['skipped_updates']} of {step}")
     if master and cfg["dataset"] == "tiny" and first_eval is not None:
         print0(f"judge on seen / held-out prompts: step {start_step} "
                f"{first_eval['judge_seen']:.3f} / {first_eval['judge_heldout']:.3f} -> step {step} "
                f"{res['judge_seen']:.3f} / {res['judge_heldout']:.3f}")
     print0(f"done: {out}/ckpt.pt, {out}/unet/, samples in {out}/samples/")
+    del ddp_unet  # DDP's reducer holds the process group: free it while every rank is still here
     teardown()
 
 
 if __name__ == "__main__":
-    main(get_config(sys.argv[1:]))
+    try:
+        main(get_config(sys.argv[1:]))
+    except RuntimeError as e:  # a collective failed: gloo saw a peer's socket close, or ddp_timeout passed
+        if not (isinstance(e, dist.DistError) or "gloo" in str(e) or "NCCL" in str(e)):
+            raise
+        raise SystemExit(f"error: rank {os.environ.get('RANK')}: a collective failed, another rank has died or hangs "
+                         f"(see its log): {str(e).strip().splitlines()[0]}")
