@@ -312,9 +312,8 @@ def sdpo_scale(pred_w, pred_l, target_w, target_l, mu):
         g_w, = torch.autograd.grad((pw - target_w.float()).pow(2).mean(), pw)
         g_l, = torch.autograd.grad((pl - target_l.float()).pow(2).mean(), pl)
     inner = (g_w * g_l).sum()
-    if inner <= 0:
-        return torch.ones((), device=inner.device)
-    return ((1 - mu) * g_w.pow(2).sum() / inner).clamp(0, 1).detach()
+    lam = ((1 - mu) * g_w.pow(2).sum() / inner).clamp(0, 1)
+    return torch.where(inner > 0, lam, torch.ones_like(lam)).detach()  # no Python `if` on a GPU value: no sync
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -706,9 +705,9 @@ def main(cfg):
                     if cfg["sdpo_safeguard"]:
                         stats["sdpo_lambda"] = lam
                 (loss / cfg["grad_accum"]).backward()
-            stats_sum["loss"] += loss.item() / cfg["grad_accum"]
-            for k, v in stats.items():
-                stats_sum[k] = stats_sum.get(k, 0.0) + float(v) / cfg["grad_accum"]
+            for k, v in {"loss": loss, **stats}.items():  # summed as float64 tensors and read at log time: a .item()
+                # here would wait for the GPU every micro-step (the same numbers as Python floats, bit for bit)
+                stats_sum[k] = stats_sum.get(k, 0.0) + torch.as_tensor(v).detach().double() / cfg["grad_accum"]
         if cfg["train_text_encoder"] and world > 1:  # DDP averages the UNet's gradients; these we average here
             for p in text_encoder.parameters():
                 dist.all_reduce(p.grad)
@@ -725,7 +724,7 @@ def main(cfg):
 
         bar.update(1)
         if step % cfg["log_every"] == 0 or step == cfg["max_steps"]:
-            stats = all_mean(stats_sum, device)
+            stats = all_mean({k: float(v) for k, v in stats_sum.items()}, device)
             dt = (time.time() - t_last) / cfg["log_every"]
             t_last = time.time()
             bar.set_postfix(loss=f"{stats['loss']:.4f}")
