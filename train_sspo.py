@@ -100,6 +100,9 @@ adam_beta1 = 0.9
 adam_beta2 = 0.999
 grad_clip = 1.0                 # max global grad norm; 0 disables
 grad_checkpointing = False      # trade compute for UNet activation memory (SD1.5 at batch > 1 per GPU)
+channels_last = False           # UNets in channels_last memory format (python bench.py measures it; off: as published)
+compile_unet = False            # torch.compile the policy and reference UNets in place (compiles first; each new
+                                # input shape recompiles). Off: the published results were trained without it
 ema_decay = 0.0                 # >0: evaluate and save an exponential moving average of the weights (pretraining);
                                 # 0 for alignment, as Diffusion-DPO and SSPO train without one
 # sampling (eval grids; the shared DDIM sampler)
@@ -586,6 +589,12 @@ def main(cfg):
                                     cfg["pool_storage"], os.path.join(out, "pool"), cfg["seed"], ref_dtype, writer=master)
         if resume:
             pool.load_state_dict(ckpt["pool"])
+    for u in (unet, ref_unet, ema) if cfg["channels_last"] else ():  # opt-in fast path (bench.py)
+        if u is not None:
+            u.to(memory_format=torch.channels_last)
+    for u in (unet, ref_unet) if cfg["compile_unet"] else ():  # in place: state_dict keys, checkpoints unchanged
+        if u is not None:
+            u.compile()
     ddp_unet = DDP(unet, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else unet
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
     abar = m["scheduler"].alphas_cumprod.to(device)
