@@ -105,9 +105,9 @@ def build(cfg, sd15, device, tmp):
         with torch.device(device):
             m = {"unet": UNet2DConditionModel(**SD15_UNET), "vae": AutoencoderKL(**SD15_VAE),
                  "tokenizer": model.build_tokenizer(data.WORDS, os.path.join(tmp, "tokenizer")),
-                 "text_encoder": CLIPTextModel(CLIPTextConfig(**SD15_TEXT)),
-                 "scheduler": DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                            clip_sample=False, set_alpha_to_one=False, steps_offset=1)}
+                 "text_encoder": CLIPTextModel(CLIPTextConfig(**SD15_TEXT))}
+        m["scheduler"] = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       clip_sample=False, set_alpha_to_one=False, steps_offset=1)  # SD1.5's
         for k in ("text_encoder", "vae"):
             m[k].to(dtype=frozen).eval().requires_grad_(False)
     else:
@@ -302,8 +302,8 @@ def bench_compile(P, cfg, args):
     fwd_eager = time_it(guided_forward(P, cfg), dev, w, n)
     fb_eager = time_it(policy_fwd_bwd(P, cfg), dev, w, n)
     t0 = time.perf_counter()
-    P["unet"].compile()
-    P["ref_unet"].compile()
+    P["unet"].compile(dynamic=False)  # one graph per input shape (policy: B and 2B; sampler: 2B), no symbolic dims
+    P["ref_unet"].compile(dynamic=False)
     guided_forward(P, cfg)()
     policy_fwd_bwd(P, cfg)()
     sync(dev)

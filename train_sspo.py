@@ -594,7 +594,7 @@ def main(cfg):
             u.to(memory_format=torch.channels_last)
     for u in (unet, ref_unet) if cfg["compile_unet"] else ():  # in place: state_dict keys, checkpoints unchanged
         if u is not None:
-            u.compile()
+            u.compile(dynamic=False)
     ddp_unet = DDP(unet, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else unet
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
     abar = m["scheduler"].alphas_cumprod.to(device)
