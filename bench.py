@@ -1,7 +1,7 @@
 """
 Where a training step's time goes, per method, and how far SSPO is from its floor.
 
-    python bench.py                           # the tiny world (configs/tiny.py) on CPU: about a minute on 2 cores
+    python bench.py                           # the tiny world (configs/tiny.py) on CPU: a minute or two on 2 cores
     python bench.py --sd15                    # the SD1.5-shaped UNet (random weights, configs/sd15.py) on one GPU
     python bench.py --sd15 --compile          # the same with torch.compile'd UNets (compile time printed apart)
     python bench.py --sd15 --resolution 64    # on CPU: a smoke run of the SD1.5 code path at 8x8 latents
@@ -394,10 +394,10 @@ def main(argv):
           f"{guided * 1e3:.2f} ms; snapshot push {swap_push * 1e3:.1f} ms, load {swap_load * 1e3:.1f} ms")
     ratios = {}
     if "sspo" in res:
-        samp = sum(v for k, v in flops["sspo"].items() if k == "sample")
-        ratios["self-sampling util"] = samp / res["sspo"]["sample"] / peak
+        ratios["self-sampling util"] = flops["sspo"]["sample"] / res["sspo"]["sample"] / peak
         ratios["sample / (K x guided forward)"] = res["sspo"]["sample"] / (K * guided)
-        ratios["snapshot swap / sspo step"] = (swap_push + swap_load) / res["sspo"]["step"]
+        ratios["snapshot swap / sspo step"] = (swap_push + swap_load) / res["sspo"]["step"]  # one push + load
+        ratios["snapshot swap amortized / sspo step"] = res["sspo"]["swap"] / res["sspo"]["step"]  # over a stretch
     if "sspo" in res and "dpo" in res:
         floor = res["dpo"]["step"] + K * guided
         ratios["sspo step / floor"] = res["sspo"]["step"] / floor
@@ -409,7 +409,7 @@ def main(argv):
         goal = TARGETS_CPU.get(k) if device.type == "cpu" else None
         print(f"  {k}: {v:.3f}" + (f"  (target <= {goal}: {'met' if v <= goal else 'MISSED'})" if goal else ""))
     if device.type == "cuda":
-        print(f"utilization of the measured bf16 matmul peak (model FLOPs / time)")
+        print("utilization of the measured bf16 matmul peak (model FLOPs / time)")
         for meth, v in [*util.items(), ("self-sampling", ratios.get("self-sampling util"))]:
             if v is not None:
                 goal = TARGETS_GPU.get(meth)
