@@ -145,15 +145,17 @@ def ddim_sample(unet, scheduler, cond, uncond, noise, steps=20, guidance=7.5, et
     B = noise.shape[0]
     dtype = next(unet.parameters()).dtype
     context = (torch.cat([uncond.expand(B, -1, -1), cond]) if guidance != 1.0 else cond).to(dtype)
+    # abar of each step and of the one after it, looked up before the loop: a Python `if` on a GPU tensor inside it
+    # would wait for the GPU at every step (a host-device sync); these are the same values, bit for bit
+    prev = ts - ratio
+    a_ts, a_prevs = abar[ts], torch.where(prev >= 0, abar[prev.clamp(min=0)], final_abar)
     x = noise.float()
-    for t in ts:
+    for t, a_t, a_prev in zip(ts, a_ts, a_prevs):
         if guidance != 1.0:
             e_u, e_c = unet(torch.cat([x, x]).to(dtype), t, encoder_hidden_states=context).sample.float().chunk(2)
             eps = e_u + guidance * (e_c - e_u)
         else:
             eps = unet(x.to(dtype), t, encoder_hidden_states=context).sample.float()
-        a_t = abar[t]
-        a_prev = abar[t - ratio] if t - ratio >= 0 else final_abar
         x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
         if cfg.clip_sample:
             x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)

@@ -110,6 +110,9 @@ grad_clip = 1.0                 # max global grad norm; 0 disables
 grad_checkpointing = False      # trade compute for UNet activation memory (SD1.5 at batch > 1 per GPU)
 nonfinite = "skip"              # a NaN/inf loss or gradient: 'skip' the update (counted, logged; all ranks agree) |
                                 # 'stop' naming the step and the batch's prompts
+channels_last = False           # UNets in channels_last memory format (python bench.py measures it; off: as published)
+compile_unet = False            # torch.compile the policy and reference UNets in place (compiles first; each new
+                                # input shape recompiles). Off: the published results were trained without it
 ema_decay = 0.0                 # >0: evaluate and save an exponential moving average of the weights (pretraining);
                                 # 0 for alignment, as Diffusion-DPO and SSPO train without one
 # sampling (eval grids; the shared DDIM sampler)
@@ -325,9 +328,8 @@ def sdpo_scale(pred_w, pred_l, target_w, target_l, mu):
         g_w, = torch.autograd.grad((pw - target_w.float()).pow(2).mean(), pw)
         g_l, = torch.autograd.grad((pl - target_l.float()).pow(2).mean(), pl)
     inner = (g_w * g_l).sum()
-    if inner <= 0:
-        return torch.ones((), device=inner.device)
-    return ((1 - mu) * g_w.pow(2).sum() / inner).clamp(0, 1).detach()
+    lam = ((1 - mu) * g_w.pow(2).sum() / inner).clamp(0, 1)
+    return torch.where(inner > 0, lam, torch.ones_like(lam)).detach()  # no Python `if` on a GPU value: no sync
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -677,6 +679,12 @@ def main(cfg):
             pool.load_state_dict(ckpt["pool"])
     if resume:  # a kill may have come after a new checkpoint but before the old ones went
         together(master, drop_old_checkpoints, cfg, pool)
+    for u in (unet, ref_unet, ema) if cfg["channels_last"] else ():  # opt-in fast path (bench.py)
+        if u is not None:
+            u.to(memory_format=torch.channels_last)
+    for u in (unet, ref_unet) if cfg["compile_unet"] else ():  # in place: state_dict keys, checkpoints unchanged
+        if u is not None:
+            u.compile(dynamic=False)
     ddp_unet = DDP(unet, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else unet
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
     abar = m["scheduler"].alphas_cumprod.to(device)
@@ -801,16 +809,18 @@ def main(cfg):
                 if durable.fault("nan_loss", kill=False):
                     loss = loss * float("nan")
                 (loss / cfg["grad_accum"]).backward()
-            stats_sum["loss"] += loss.item() / cfg["grad_accum"]
-            for k, v in stats.items():
-                stats_sum[k] = stats_sum.get(k, 0.0) + float(v) / cfg["grad_accum"]
+            for k, v in {"loss": loss, **stats}.items():  # summed as float64 tensors and read at log time: a .item()
+                # here would wait for the GPU every micro-step (the same numbers as Python floats, bit for bit)
+                stats_sum[k] = stats_sum.get(k, 0.0) + torch.as_tensor(v).detach().double() / cfg["grad_accum"]
         if cfg["train_text_encoder"] and world > 1:  # DDP averages the UNet's gradients; these we average here
             for p in text_encoder.parameters():
                 dist.all_reduce(p.grad)
                 p.grad /= world
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"] or float("inf"))
-        finite = torch.tensor(float(math.isfinite(stats_sum["loss"]) and torch.isfinite(grad_norm).item()), device=device)
-        if world > 1:  # every rank steps or none does: a NaN on one rank's batch must not split the replicas
+        # the one host-device sync of an update: whether to step (every rank steps or none does: a NaN on one
+        # rank's batch must not split the replicas)
+        finite = (torch.isfinite(torch.as_tensor(stats_sum["loss"], device=device)) & torch.isfinite(grad_norm)).float()
+        if world > 1:
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         if finite.item():
             opt.step()
@@ -832,7 +842,7 @@ def main(cfg):
 
         bar.update(1)
         if step % cfg["log_every"] == 0 or step == cfg["max_steps"]:
-            stats = all_mean(stats_sum, device)
+            stats = all_mean({k: float(v) for k, v in stats_sum.items()}, device)
             dt = (time.time() - t_last) / cfg["log_every"]
             t_last = time.time()
             bar.set_postfix(loss=f"{stats['loss']:.4f}")

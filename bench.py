@@ -1,0 +1,421 @@
+"""
+Where a training step's time goes, per method, and how far SSPO is from its floor.
+
+    python bench.py                           # the tiny world (configs/tiny.py) on CPU: a minute or two on 2 cores
+    python bench.py --sd15                    # the SD1.5-shaped UNet (random weights, configs/sd15.py) on one GPU
+    python bench.py --sd15 --compile          # the same with torch.compile'd UNets (compile time printed apart)
+    python bench.py --sd15 --resolution 64    # on CPU: a smoke run of the SD1.5 code path at 8x8 latents
+
+A step here is one micro-batch of `batch_size`, built from the same pieces as train_sspo.py's loop (model.py's
+encoders, sampler and denoising_error; train_sspo.py's data, randomness and losses), split into phases:
+data (load + host-to-device), encode (text encoder, VAE), sample (SSPO's self-sampling), policy (forward +
+backward), ref (reference forwards), opt (clip + AdamW, amortized over grad_accum) and swap (snapshot push and
+load, amortized over the ckpt_every x grad_accum micro-batches of a stretch). On a GPU each phase ends with a
+torch.cuda.synchronize: a few microseconds each, but the phases add up to the step. Medians over --iters.
+
+SSPO's floor = (measured DPO step) + K x (measured guided reference forward): the same step as Diffusion-DPO plus
+K sampler steps, each one forward of the reference on cond and uncond batched (2B). Anything above is overhead.
+FLOPs are counted from the models (torch.utils.flop_counter on one step of each method; model FLOPs, so gradient
+checkpointing's recompute is not counted), and utilization is against a big matmul timed on the same device.
+Nothing here changes training: the variants (two forwards, classic attention, channels_last, fp32, compile) are
+built here and put back.
+"""
+import argparse
+import copy
+import os
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop, sdpa_flop
+from transformers import CLIPTextConfig, CLIPTextModel
+
+import data
+import model
+import replay
+import train_sspo
+
+# SD1.5's UNet (stable-diffusion-v1-5/unet/config.json), written out so nothing is downloaded; the rest default
+SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                 block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+SD15_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                layers_per_block=2, sample_size=512)
+SD15_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                 num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
+
+
+def _as_raw(formula):  # torch's registered formulas already take raw arguments; tell FlopCounterMode so
+    def f(*args, **kwargs):
+        return formula(*args, **kwargs)
+    f._get_raw = True
+    return f
+
+
+# torch's counter knows the CUDA attention kernels; the CPU one has the same cost
+CPU_SDPA = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _as_raw(sdpa_flop),
+            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _as_raw(sdpa_backward_flop)}
+TARGETS_CPU = {"sspo step / floor": 1.15, "snapshot swap / sspo step": 0.02}  # at most
+TARGETS_GPU = {"sft": 0.45, "dpo": 0.40, "self-sampling": 0.40}  # at least, of the bf16 matmul peak
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_it(fn, device, warmup, iters):
+    """Median seconds of fn() over iters calls, after warmup calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_peak(device, warmup, iters):
+    """Measured dense matmul rate in FLOP/s: bf16 8192^3 on a GPU, fp32 1024^3 on CPU."""
+    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    return 2 * n ** 3 / time_it(lambda: a @ b, device, max(warmup, 1), max(iters, 3))
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# the pieces: the config's tiny world model, or an SD1.5-shaped one with random weights
+
+def build(cfg, sd15, device, tmp):
+    """-> P, everything a step needs: the model parts (model.load_model's dict), policy, reference, optimizer,
+    reference pool, a batch source and the shapes."""
+    use_bf16 = device.type == "cuda" and cfg["mixed_precision"] == "bf16"
+    frozen = torch.bfloat16 if use_bf16 else torch.float32
+    if sd15:
+        torch.manual_seed(cfg["seed"])
+        with torch.device(device):
+            m = {"unet": UNet2DConditionModel(**SD15_UNET), "vae": AutoencoderKL(**SD15_VAE),
+                 "tokenizer": model.build_tokenizer(data.WORDS, os.path.join(tmp, "tokenizer")),
+                 "text_encoder": CLIPTextModel(CLIPTextConfig(**SD15_TEXT))}
+        m["scheduler"] = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       clip_sample=False, set_alpha_to_one=False, steps_offset=1)  # SD1.5's
+        for k in ("text_encoder", "vae"):
+            m[k].to(dtype=frozen).eval().requires_grad_(False)
+    else:
+        model.build_tiny_model(tmp, data.WORDS, cfg["resolution"], cfg["unet_channels"], cfg["text_dim"],
+                               seed=cfg["seed"], schedule=cfg["noise_schedule"])
+        m = model.load_model(tmp, device, frozen)
+    unet = m["unet"].train()
+    if cfg["grad_checkpointing"]:
+        unet.enable_gradient_checkpointing()
+    ref_dtype = torch.bfloat16 if cfg["ref_dtype"] == "bfloat16" else torch.float32
+    ref_unet = copy.deepcopy(unet).to(ref_dtype).eval().requires_grad_(False)
+    pool = replay.ReferencePool(unet.state_dict(), "uniform", 0, cfg["pool_storage"], os.path.join(tmp, "pool"),
+                                cfg["seed"], ref_dtype)
+    pool.push(unet.state_dict(), 1)  # two snapshots to swap between
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    shape = model.latent_shape(m, cfg["resolution"])
+    B = cfg["batch_size"]
+    if sd15:  # random images: the data phase is the host-to-device copy (no shard here to read)
+        prompts = [data.prompt_of(c) for c in data.ALL_COMBOS]
+        def batches():
+            while True:
+                yield {"prompt": [prompts[i % len(prompts)] for i in range(B)],
+                       "image_w": torch.rand(B, 3, cfg["resolution"], cfg["resolution"]) * 2 - 1,
+                       "image_l": torch.rand(B, 3, cfg["resolution"], cfg["resolution"]) * 2 - 1}, None
+        batch_iter = batches()
+    else:  # the real tiny world, pairs so that DPO has losers
+        batch_iter = train_sspo.micro_batches(train_sspo.make_dataset(cfg), cfg, 0, 1, 0, 0)
+    with torch.no_grad():
+        uncond = model.encode_prompts(m["tokenizer"], m["text_encoder"], [""])
+    return dict(m=m, unet=unet, ref_unet=ref_unet, pool=pool, opt=opt, batches=batch_iter, shape=shape, B=B,
+                uncond=uncond, abar=m["scheduler"].alphas_cumprod.to(device), device=device,
+                autocast=torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext())
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# one step, as train_sspo.py's loop does it (one micro-step, then the update)
+
+def train_step(method, P, cfg, lap, step=0):
+    """One micro-batch of `method` and an optimizer update; lap(name) closes a phase."""
+    m, dev, B, T = P["m"], P["device"], P["B"], P["m"]["scheduler"].config.num_train_timesteps
+    batch, _ = next(P["batches"])
+    eps, t, drop, x_T, vae_noise = train_sspo.step_randomness(cfg, step, 0, 0, 1, (B, *P["shape"]), T)
+    eps, t, x_T = eps.to(dev), t.to(dev), x_T.to(dev)
+    images_w, images_l = batch["image_w"].to(dev), batch["image_l"].to(dev) if method == "dpo" else None
+    lap("data")
+    x0_w = model.images_to_latents(m["vae"], images_w, vae_noise[0])
+    ctx = model.encode_prompts(m["tokenizer"], m["text_encoder"], ["" if d else p for p, d in zip(batch["prompt"], drop.tolist())])
+    if method == "dpo":
+        x0_l = model.images_to_latents(m["vae"], images_l, vae_noise[1])
+    if method == "sspo":
+        cond = model.encode_prompts(m["tokenizer"], m["text_encoder"], batch["prompt"])
+    lap("encode")
+    if method == "sspo":
+        with P["autocast"]:
+            x0_l = model.ddim_sample(P["ref_unet"], m["scheduler"], cond, P["uncond"], x_T, cfg["self_sample_steps"],
+                                     cfg["self_sample_guidance"], cfg["self_sample_eta"])
+        lap("sample")
+    with P["autocast"]:
+        if method == "sft":
+            loss, _ = train_sspo.sft_loss(model.denoising_error(P["unet"], P["abar"], x0_w, eps, t, ctx))
+        else:
+            x0, e2, t2, c2 = torch.cat([x0_w, x0_l]), torch.cat([eps, eps]), torch.cat([t, t]), torch.cat([ctx, ctx])
+            err_w, err_l = model.denoising_error(P["unet"], P["abar"], x0, e2, t2, c2).chunk(2)
+            lap("policy")
+            with torch.no_grad():
+                ref_w, ref_l = model.denoising_error(P["ref_unet"], P["abar"], x0, e2, t2, c2).chunk(2)
+            lap("ref")
+            if method == "dpo":
+                loss, _ = train_sspo.dpo_loss(err_w, err_l, ref_w, ref_l, cfg["beta"])
+            else:
+                loss, _ = train_sspo.sspo_loss(err_w, err_l, ref_w, ref_l, cfg["beta"], cfg["ssr"])
+        loss.backward()
+    lap("policy")
+    torch.nn.utils.clip_grad_norm_(P["unet"].parameters(), cfg["grad_clip"] or float("inf"))
+    P["opt"].step()
+    P["opt"].zero_grad(set_to_none=True)
+    lap("opt")
+
+
+def time_step(method, P, cfg, warmup, iters):
+    """-> {phase: median seconds} over iters steps after warmup steps."""
+    runs = []
+    for i in range(warmup + iters):
+        phases = {}
+        sync(P["device"])
+        last = [time.perf_counter()]
+
+        def lap(name):
+            sync(P["device"])
+            now = time.perf_counter()
+            phases[name] = phases.get(name, 0.0) + now - last[0]
+            last[0] = now
+        train_step(method, P, cfg, lap, step=i)
+        if i >= warmup:
+            runs.append(phases)
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
+def count_flops(method, P, cfg):
+    """-> {phase: FLOPs} of one step, counted by torch's dispatcher (model FLOPs: no checkpoint recompute)."""
+    if cfg["grad_checkpointing"]:
+        P["unet"].disable_gradient_checkpointing()
+    counts = {}
+    with FlopCounterMode(display=False, custom_mapping=CPU_SDPA) as fc:
+        last = [0]
+
+        def lap(name):
+            now = fc.get_total_flops()
+            counts[name] = counts.get(name, 0) + now - last[0]
+            last[0] = now
+        train_step(method, P, cfg, lap)
+    if cfg["grad_checkpointing"]:
+        P["unet"].enable_gradient_checkpointing()
+    return counts
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# the fast-path variants, each measured before and after on the same pieces
+
+def guided_inputs(P, cfg):
+    B, dev = P["B"], P["device"]
+    dtype = next(P["ref_unet"].parameters()).dtype
+    x = torch.randn(B, *P["shape"], device=dev)
+    ctx = torch.randn(B, 77, P["uncond"].shape[-1], device=dev, dtype=dtype)
+    context = torch.cat([P["uncond"].expand(B, -1, -1).to(dtype), ctx])
+    return x, ctx, context, torch.tensor(500, device=dev), dtype
+
+
+def guided_forward(P, cfg, batched=True):
+    """One sampler step's UNet work: cond and uncond in one forward of 2B (ddim_sample), or two of B."""
+    x, ctx, context, t, dtype = guided_inputs(P, cfg)
+    ref = P["ref_unet"]
+
+    @torch.no_grad()
+    def fn():
+        with P["autocast"]:
+            if batched:
+                return ref(torch.cat([x, x]).to(dtype), t, encoder_hidden_states=context).sample
+            ref(x.to(dtype), t, encoder_hidden_states=context[:P["B"]]).sample
+            return ref(x.to(dtype), t, encoder_hidden_states=ctx).sample
+    return fn
+
+
+def policy_fwd_bwd(P, cfg, memory_format=torch.contiguous_format, autocast=None):
+    """The policy's forward + backward on a DPO-shaped batch (2B)."""
+    B2, dev = 2 * P["B"], P["device"]
+    x0 = torch.randn(B2, *P["shape"], device=dev).contiguous(memory_format=memory_format)
+    eps = torch.randn_like(x0)
+    t = torch.randint(0, 1000, (B2,), device=dev)
+    ctx = torch.randn(B2, 77, P["uncond"].shape[-1], device=dev)
+
+    def fn():
+        with autocast or P["autocast"]:
+            model.denoising_error(P["unet"], P["abar"], x0, eps, t, ctx).mean().backward()
+        P["unet"].zero_grad(set_to_none=True)
+    return fn
+
+
+def variants(P, cfg, args):
+    """-> list of (what, before s, after s, note), each measured on the pieces in P and put back after."""
+    dev, w, n = P["device"], args.warmup, args.iters
+    out = []
+    one, two = (time_it(guided_forward(P, cfg, b), dev, w, n) for b in (True, False))
+    out.append(("sampler step: two forwards of B -> cond+uncond in one of 2B", two, one, "model.ddim_sample"))
+    unet = P["unet"]
+    procs = unet.attn_processors  # diffusers' default is AttnProcessor2_0: F.scaled_dot_product_attention
+    in_use = ", ".join(sorted({type(p).__name__ for p in procs.values()}))
+    base = time_it(policy_fwd_bwd(P, cfg), dev, w, n)
+    unet.set_attn_processor(AttnProcessor())
+    classic = time_it(policy_fwd_bwd(P, cfg), dev, w, n)
+    unet.set_attn_processor(procs)  # (it empties the dict it is given)
+    out.append(("attention: classic AttnProcessor -> SDPA", classic, base, f"in use: {in_use}"))
+    unet.to(memory_format=torch.channels_last)
+    cl = time_it(policy_fwd_bwd(P, cfg, torch.channels_last), dev, w, n)
+    unet.to(memory_format=torch.contiguous_format)
+    out.append(("policy fwd+bwd: contiguous -> channels_last", base, cl, "opt-in: channels_last = True"))
+    if dev.type == "cuda":
+        fp32 = time_it(policy_fwd_bwd(P, cfg, autocast=nullcontext()), dev, w, n)
+        out.append(("policy fwd+bwd: fp32 (tf32) -> bf16 autocast", fp32, base, "mixed_precision = 'bf16'"))
+    pool, ref = P["pool"], P["ref_unet"]
+    swap = time_it(lambda: pool.load_into(1, ref), dev, w, n)
+    def rebuild():
+        new = copy.deepcopy(unet).to(ref.dtype).eval().requires_grad_(False)
+        pool.load_into(1, new)
+    out.append(("snapshot swap: new module -> in-place copy (replay.load_into)", time_it(rebuild, dev, 0, n), swap, ""))
+    return out
+
+
+def bench_compile(P, cfg, args):
+    """torch.compile both UNets in place (state_dict keys unchanged); -> (rows like variants(), compile seconds)."""
+    dev, w, n = P["device"], args.warmup, args.iters
+    fwd_eager = time_it(guided_forward(P, cfg), dev, w, n)
+    fb_eager = time_it(policy_fwd_bwd(P, cfg), dev, w, n)
+    t0 = time.perf_counter()
+    P["unet"].compile(dynamic=False)  # one graph per input shape (policy: B and 2B; sampler: 2B), no symbolic dims
+    P["ref_unet"].compile(dynamic=False)
+    guided_forward(P, cfg)()
+    policy_fwd_bwd(P, cfg)()
+    sync(dev)
+    t_compile = time.perf_counter() - t0
+    return [("guided forward: eager -> torch.compile", fwd_eager, time_it(guided_forward(P, cfg), dev, w, n), ""),
+            ("policy fwd+bwd: eager -> torch.compile", fb_eager, time_it(policy_fwd_bwd(P, cfg), dev, w, n), "")], t_compile
+
+
+# -----------------------------------------------------------------------------------------------------------------
+
+def main(argv):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--config", default="", help="a configs/ file (default: configs/tiny.py, or configs/sd15.py with --sd15)")
+    ap.add_argument("--sd15", action="store_true", help="SD1.5-shaped UNet, VAE and text encoder with random weights")
+    ap.add_argument("--iters", type=int, default=5, help="timed iterations per measurement (medians)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
+    ap.add_argument("--batch_size", type=int, default=0, help="per-device micro-batch (default: the config's)")
+    ap.add_argument("--resolution", type=int, default=0, help="image side (default: the config's)")
+    ap.add_argument("--compile", action="store_true", help="also torch.compile the UNets and time them compiled")
+    ap.add_argument("--methods", default="sft,dpo,sspo", help="comma-separated; the floor needs dpo and sspo")
+    args = ap.parse_args(argv)
+    if args.iters < 1 or args.warmup < 0 or args.batch_size < 0 or args.resolution < 0:
+        raise SystemExit("bench error: --iters must be >= 1, --warmup, --batch_size and --resolution >= 0")
+    methods = args.methods.split(",")
+    if not methods or any(x not in ("sft", "dpo", "sspo") for x in methods):
+        raise SystemExit(f"bench error: --methods takes sft, dpo, sspo; got {args.methods!r}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.sd15 and device.type == "cpu" and not 0 < args.resolution <= 128:
+        raise SystemExit("bench error: --sd15 needs a GPU (a step is minutes on CPU); on CPU pass --resolution 64 "
+                         "for a smoke run of the code path at 8x8 latents")
+    over = ["--data_path=."] if args.sd15 else ["--tiny_mode=pairs"]  # no shard read; tiny: DPO needs losers
+    over += [f"--batch_size={args.batch_size}"] * bool(args.batch_size) + [f"--resolution={args.resolution}"] * bool(args.resolution)
+    cfg = train_sspo.get_config([args.config or ("configs/sd15.py" if args.sd15 else "configs/tiny.py"), *over])
+    if device.type == "cuda":  # as train_sspo.setup
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(cfg["seed"])
+    K, B = cfg["self_sample_steps"], cfg["batch_size"]
+    name = "SD1.5-shaped UNet (random weights)" if args.sd15 else f"tiny world UNet {cfg['unet_channels']}"
+    print(f"bench: {name} on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
+          f"{torch.get_num_threads()} threads; batch {B}, resolution {cfg['resolution']}, K = {K} sampler steps, "
+          f"guidance {cfg['self_sample_guidance']}, ref {cfg['ref_dtype']}, grad_checkpointing {cfg['grad_checkpointing']}, "
+          f"bf16 autocast {device.type == 'cuda' and cfg['mixed_precision'] == 'bf16'}; medians of {args.iters} after {args.warmup} warmup")
+    with tempfile.TemporaryDirectory() as tmp:
+        P = build(cfg, args.sd15, device, tmp)
+        print(f"UNet {sum(p.numel() for p in P['unet'].parameters()) / 1e6:.1f}M params, latents {tuple(P['shape'])}, "
+              f"attention: {', '.join(sorted({type(p).__name__ for p in P['unet'].attn_processors.values()}))}")
+        peak = matmul_peak(device, args.warmup, args.iters)
+        peak_name = "bf16" if device.type == "cuda" else "fp32"
+        flops = {meth: count_flops(meth, P, cfg) for meth in methods}
+        rows = variants(P, cfg, args)
+        if args.compile:
+            more, t_compile = bench_compile(P, cfg, args)
+            rows += more
+            print(f"torch.compile: {t_compile:.1f} s to compile (once per run and shape)")
+        guided = time_it(guided_forward(P, cfg), device, args.warmup, args.iters)
+        swap_load = time_it(lambda: P["pool"].load_into(1, P["ref_unet"]), device, args.warmup, args.iters)
+        swap_push = time_it(lambda: P["pool"].push(P["unet"].state_dict(), 2), device, 0, 1)  # grows the pool
+        res, mem = {}, None
+        for meth in methods:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            res[meth] = time_step(meth, P, cfg, args.warmup, args.iters)
+            if device.type == "cuda" and meth == "sspo":
+                mem = torch.cuda.max_memory_allocated(device)
+            res[meth]["opt"] /= cfg["grad_accum"]  # one update per grad_accum micro-batches
+            stretch = cfg["ckpt_every"] * cfg["grad_accum"]  # micro-batches between pushes
+            redraw = stretch if cfg["ref_redraw"] == "stretch" else cfg["grad_accum"]
+            res[meth]["swap"] = (swap_push / stretch + swap_load / redraw) if meth == "sspo" else 0.0
+            res[meth]["step"] = sum(res[meth].values())
+
+    phases = ("data", "encode", "sample", "policy", "ref", "opt", "swap")
+    print(f"\nper micro-batch of {B} (ms; opt amortized over grad_accum {cfg['grad_accum']}, swap over a stretch)")
+    print(f"{'method':8}{'step':>10}{'samples/s':>11}" + "".join(f"{p:>9}" for p in phases) + f"{'TFLOP':>9}{'util':>8}")
+    util = {}
+    for meth, r in res.items():
+        util[meth] = sum(flops[meth].values()) / r["step"] / peak
+        print(f"{meth:8}{r['step'] * 1e3:10.1f}{B / r['step']:11.1f}" + "".join(f"{r.get(p, 0) * 1e3:9.1f}" for p in phases)
+              + f"{sum(flops[meth].values()) / 1e12:9.3f}{util[meth]:8.1%}")
+    print("\nfast path (before -> after, ms)")
+    for what, before, after, note in rows:
+        print(f"  {what:62} {before * 1e3:9.2f} -> {after * 1e3:9.2f}  x{before / after:.2f}  {note}")
+    if "sspo" in res:
+        enc = res["sspo"]["encode"]
+        print(f"  {'text/VAE encoding per step -> precomputed (not implemented)':62} {enc * 1e3:9.2f} ->      0.00  "
+              f"{enc / res['sspo']['step']:.1%} of the sspo step")
+
+    print(f"\nmeasured {peak_name} matmul peak {peak / 1e12:.2f} TFLOP/s; guided reference forward (2B = {2 * B}) "
+          f"{guided * 1e3:.2f} ms; snapshot push {swap_push * 1e3:.1f} ms, load {swap_load * 1e3:.1f} ms")
+    ratios = {}
+    if "sspo" in res:
+        ratios["self-sampling util"] = flops["sspo"]["sample"] / res["sspo"]["sample"] / peak
+        ratios["sample / (K x guided forward)"] = res["sspo"]["sample"] / (K * guided)
+        ratios["snapshot swap / sspo step"] = (swap_push + swap_load) / res["sspo"]["step"]  # one push + load
+        ratios["snapshot swap amortized / sspo step"] = res["sspo"]["swap"] / res["sspo"]["step"]  # over a stretch
+    if "sspo" in res and "dpo" in res:
+        floor = res["dpo"]["step"] + K * guided
+        ratios["sspo step / floor"] = res["sspo"]["step"] / floor
+        print(f"sspo floor = dpo step {res['dpo']['step'] * 1e3:.1f} ms + {K} x {guided * 1e3:.2f} ms = {floor * 1e3:.1f} ms")
+    if mem is not None:
+        print(f"peak memory of an sspo step at batch {B}: {mem / 2 ** 30:.2f} GiB")
+    print("ratios" + ("" if device.type == "cuda" else " (targets are for CPU + the tiny world)"))
+    for k, v in ratios.items():
+        goal = TARGETS_CPU.get(k) if device.type == "cpu" else None
+        print(f"  {k}: {v:.3f}" + (f"  (target <= {goal}: {'met' if v <= goal else 'MISSED'})" if goal else ""))
+    if device.type == "cuda":
+        print("utilization of the measured bf16 matmul peak (model FLOPs / time)")
+        for meth, v in [*util.items(), ("self-sampling", ratios.get("self-sampling util"))]:
+            if v is not None:
+                goal = TARGETS_GPU.get(meth)
+                print(f"  {meth}: {v:.3f}" + (f"  (target >= {goal}: {'met' if v >= goal else 'MISSED'})" if goal else ""))
+    return ratios
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

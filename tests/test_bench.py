@@ -1,0 +1,60 @@
+"""bench.py: one real run on the tiny world prints finite ratios; the SD1.5 code path runs (at a reduced width);
+the opt-in fast path of train_sspo.py trains."""
+import math
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import bench
+from conftest import FAST, ROOT
+
+
+def ratios_of(text):
+    return {k: float(v) for k, v in re.findall(r"^  ([A-Za-z /()-]+): ([-+]?[\d.]+|nan|inf)\b", text, re.M)}
+
+
+def test_bench_tiny_prints_finite_ratios():
+    r = subprocess.run([sys.executable, "bench.py", "--iters=1", "--warmup=0", "--batch_size=4"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)  # about 10 s alone on 2 cores
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = re.findall(r"^(sft|dpo|sspo) +([\d.]+) +([\d.]+)", r.stdout, re.M)
+    assert [m for m, *_ in rows] == ["sft", "dpo", "sspo"], r.stdout
+    assert all(float(ms) > 0 and float(sps) > 0 for _, ms, sps in rows)
+    ratios = ratios_of(r.stdout)
+    for key in ("sspo step / floor", "snapshot swap / sspo step", "self-sampling util", "sample / (K x guided forward)"):
+        assert key in ratios and math.isfinite(ratios[key]) and ratios[key] > 0, (key, r.stdout)
+    # the floor is DPO's step plus K sampler forwards: SSPO's step cannot be far below it
+    assert ratios["sspo step / floor"] > 0.5
+    assert "target <= 1.15" in r.stdout and "cond+uncond in one of 2B" in r.stdout
+
+
+def test_bench_sd15_on_cpu_is_a_one_line_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match=r"^bench error: --sd15 needs a GPU[^\n]*$"):
+        bench.main(["--sd15"])
+
+
+def test_bench_sd15_code_path_runs_at_reduced_width(monkeypatch, capsys, tmp_path):
+    # SD1.5's block types and configs/sd15.py, but narrow levels, one text layer, 8x8 latents, 2 sampler steps
+    cfg = tmp_path / "sd15_short.py"
+    cfg.write_text(open(f"{ROOT}/configs/sd15.py").read() + "\nself_sample_steps = 2\n")
+    monkeypatch.setitem(bench.SD15_UNET, "block_out_channels", (32, 32, 64, 64))
+    monkeypatch.setitem(bench.SD15_UNET, "attention_head_dim", 4)
+    monkeypatch.setitem(bench.SD15_VAE, "block_out_channels", (32, 32, 32, 32))
+    monkeypatch.setitem(bench.SD15_TEXT, "num_hidden_layers", 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    ratios = bench.main(["--sd15", f"--config={cfg}", "--resolution=64", "--iters=1", "--warmup=0", "--methods=dpo,sspo"])
+    out = capsys.readouterr().out
+    assert "SD1.5-shaped UNet" in out and "sspo floor" in out
+    assert all(math.isfinite(v) for v in ratios.values()) and "sspo step / floor" in ratios
+
+
+def test_opt_in_channels_last_trains(run, tmp_path):
+    # compile_unet is not run here: inductor's first compile takes minutes on CPU
+    r = run(FAST + ["--method=sspo", "--tiny_mode=pairs", "--self_sample_steps=2", "--channels_last=True",
+                    f"--out_dir={tmp_path}/cl"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "step 4: loss" in r.stdout
