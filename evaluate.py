@@ -31,7 +31,7 @@ from tqdm import tqdm
 import data
 import model
 import scorers
-from train_sspo import print0, setup, teardown
+from train_sspo import DEFAULTS, print0, setup, teardown
 
 PAPER = {"steps": 50, "guidance": 7.5, "images_per_prompt": 1}  # SSPO.md 7 (the paper's pipeline: PNDM; ours: DDIM)
 PAPER_METRICS = "pickscore,hpsv2,aesthetic,clip,imagereward"
@@ -210,7 +210,7 @@ def main():
         if s != "judge" and s not in scorers.SCORERS:
             raise SystemExit(f"error: unknown metric {s!r} (judge, {', '.join(scorers.SCORERS)})")
 
-    rank, world, device = setup({"device": args.device})
+    rank, world, device = setup({"device": args.device, "ddp_timeout": DEFAULTS["ddp_timeout"]})
     try:
         evaluate(args, weights, metrics, rank, world, device)
     finally:

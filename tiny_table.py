@@ -119,18 +119,18 @@ def samples_picture(names, seed, path, n=16):
 
 def curves_picture(curves, path, key="judge_seen"):
     """judge against optimizer step, one line per method (mean over seeds), drawn with pillow."""
-    W, H, pad = 720, 420, 50
+    W, H, pad = 820, 420, 50
     img = Image.new("RGB", (W, H), "white")
     dr = ImageDraw.Draw(img)
     pts = [p for c in curves.values() for p in c]
     x_max = max(s for s, _ in pts)
     y_lo, y_hi = min(v for _, v in pts) - 0.02, max(v for _, v in pts) + 0.02
-    X = lambda s: pad + (W - 2.6 * pad) * s / x_max
+    X = lambda s: pad + (W - 5 * pad) * s / x_max
     Y = lambda v: H - pad - (H - 2 * pad) * (v - y_lo) / (y_hi - y_lo)
-    dr.line([(pad, pad), (pad, H - pad), (W - 1.6 * pad, H - pad)], fill="black")
+    dr.line([(pad, pad), (pad, H - pad), (X(x_max), H - pad)], fill="black")
     for v in np.linspace(y_lo, y_hi, 5):
         dr.text((4, Y(v) - 6), f"{v:.2f}", fill="black")
-    for s in np.linspace(0, x_max, 5):
+    for s in sorted({s for s, _ in pts}):  # the eval steps
         dr.text((X(s) - 8, H - pad + 6), f"{s:.0f}", fill="black")
     dr.text((W / 2 - 60, H - 18), "optimizer step", fill="black")
     dr.text((pad, 10), f"tiny world: {key.replace('_', ' on ')} prompts (mean over seeds)", fill="black")
@@ -138,7 +138,8 @@ def curves_picture(curves, path, key="judge_seen"):
     for i, (name, c) in enumerate(curves.items()):
         col = colours[i % len(colours)]
         dr.line([(X(s), Y(v)) for s, v in c], fill=col, width=2)
-        dr.text((W - 1.5 * pad, Y(c[-1][1]) - 6), name[:14], fill=col)
+        dr.line([(W - 2.4 * pad, pad + 14 * i + 6), (W - 2.1 * pad, pad + 14 * i + 6)], fill=col, width=2)  # legend
+        dr.text((W - 2 * pad, pad + 14 * i), name, fill=col)
     img.save(path)
 
 
@@ -203,7 +204,8 @@ def main():
     total = (time.time() - t_start) / 60
     lines.append(f"\nmean ± std over seeds {args.seeds}; judge of {base['protocol']['images_per_prompt']} images per "
                  f"prompt ({base['protocol']['steps']} DDIM steps, guidance {base['protocol']['guidance']}, seed "
-                 f"{base['protocol']['seed']}); base trained in this call: {t_base / 60:.1f} min; total {total:.1f} min")
+                 f"{base['protocol']['seed']}); base trained in this call: {t_base / 60:.1f} min; this call took "
+                 f"{total:.1f} min (runs already done are not redone)")
     table = "\n".join(lines)
     print("\n" + table)
     open(os.path.join(OUT, "table.md"), "w").write(table + "\n")
