@@ -377,11 +377,11 @@ def all_mean(values, device):
 def together(run_here, fn, *args):
     """fn(*args) where run_here (rank 0's file writes), then one collective: an OSError on any rank (disk full, no
     permission: one line naming the file) stops every rank with that line, rather than leaving the others waiting
-    for a rank that is gone. Also a barrier: nobody reads a file before it is complete."""
-    err = None
+    for a rank that is gone. Also a barrier: nobody reads a file before it is complete. Returns fn's result."""
+    err = out = None
     try:
         if run_here:
-            fn(*args)
+            out = fn(*args)
     except OSError as e:
         err = f"error: {e} (stopped; what was saved before is intact)"
     errs = [err]
@@ -390,6 +390,7 @@ def together(run_here, fn, *args):
         dist.all_gather_object(errs, err)
     if any(errs):
         raise SystemExit(next(e for e in errs if e))
+    return out
 
 
 _log_file = None
@@ -672,9 +673,9 @@ def main(cfg):
         # one resident reference UNet; snapshots are copied into it in place (replay.py). DPO's pool is theta_0 only
         ref_dtype = torch.bfloat16 if cfg["ref_dtype"] == "bfloat16" else torch.float32
         ref_unet = copy.deepcopy(unet).to(ref_dtype).eval().requires_grad_(False)
-        pool = replay.ReferencePool(None if resume else unet.state_dict(),
-                                    cfg["ref_policy"] if cfg["method"] == "sspo" else "first", cfg["pool_capacity"],
-                                    cfg["pool_storage"], os.path.join(out, "pool"), cfg["seed"], ref_dtype, writer=master)
+        pool = together(True, replay.ReferencePool, None if resume else unet.state_dict(),  # a disk pool writes theta_0
+                        cfg["ref_policy"] if cfg["method"] == "sspo" else "first", cfg["pool_capacity"],
+                        cfg["pool_storage"], os.path.join(out, "pool"), cfg["seed"], ref_dtype, master)
         if resume:
             pool.load_state_dict(ckpt["pool"])
     if resume:  # a kill may have come after a new checkpoint but before the old ones went

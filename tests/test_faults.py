@@ -150,6 +150,18 @@ def test_a_file_that_cannot_be_written_stops_the_run_and_loses_nothing(tmp_path,
     assert [s for s, _ in train_sspo.checkpoints(out)] == [2] and leftovers(out) == []
 
 
+def test_theta_0_of_a_disk_pool_that_cannot_be_written_stops_the_run_in_one_line(tmp_path):
+    """The first file of an SSPO run from a model: theta_0's snapshot in the disk pool (3.9 MB here, over the limit)."""
+    base, out = str(tmp_path / "base"), str(tmp_path / "run")
+    assert fork_main(FAST + [f"--out_dir={base}", "--max_steps=2"])[0] == 0
+    code, text = fork_main(FAST + [f"--out_dir={out}", f"--init_from={base}", "--method=sspo", "--pool_storage=disk",
+                                   "--self_sample_steps=2"], fsize=2 << 20)
+    assert code == 1, text[-3000:]
+    line = error_line(text)
+    assert line.startswith(f"error: cannot write {os.path.join(out, 'pool')}") and "File too large" in line
+    assert "Traceback" not in text and leftovers(out) == []
+
+
 @pytest.mark.parametrize("err", [OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
                                  PermissionError(errno.EACCES, os.strerror(errno.EACCES))])
 def test_disk_full_and_permission_errors_name_the_file(tmp_path, err):
