@@ -23,3 +23,12 @@ def run_script(args, torchrun=None, timeout=300):
 @pytest.fixture
 def run():
     return run_script
+
+
+@pytest.fixture(scope="session")
+def base(tmp_path_factory):
+    """One 2-step tiny base run shared by the test modules that train from a model; they only read it."""
+    out = str(tmp_path_factory.mktemp("base") / "base")
+    p = run_script(FAST + [f"--out_dir={out}", "--max_steps=2"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    return out

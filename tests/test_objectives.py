@@ -232,16 +232,6 @@ def test_kto_says_what_it_needs(tmp_path):
 SHORT = FAST + ["--max_steps=2", "--tiny_mode=pairs", "--self_sample_steps=2", "--ckpt_every=1"]
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """One 2-step tiny base; the runs below only read it."""
-    from conftest import run_script
-    out = str(tmp_path_factory.mktemp("base") / "base")
-    p = run_script(FAST + [f"--out_dir={out}", "--max_steps=2"])
-    assert p.returncode == 0, p.stderr[-3000:]
-    return out
-
-
 @pytest.mark.parametrize("config, extra, logged", [
     # DMPO with the safeguard: the combination of Diffusion-SDPO's SD1.5 DMPO script
     ("configs/tiny_dmpo.py", ["--sdpo_safeguard=True"], ["implicit_acc", "sdpo_lambda", "ref = snapshot of step 0"]),

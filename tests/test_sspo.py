@@ -187,16 +187,6 @@ def test_pool_rejects_bad_settings():
 SMALL = FAST + ["--max_steps=4", "--ckpt_every=2", "--self_sample_steps=2", "--tiny_mode=pairs"]
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """One short tiny base for the tests below; they only read it."""
-    from conftest import run_script
-    out = str(tmp_path_factory.mktemp("base") / "base")
-    p = run_script(FAST + [f"--out_dir={out}", "--max_steps=2"])
-    assert p.returncode == 0, p.stderr[-3000:]
-    return out
-
-
 @pytest.mark.parametrize("config", ["configs/tiny.py", "configs/tiny_sft.py", "configs/tiny_dpo.py", "configs/tiny_spin.py"])
 def test_each_tiny_config_trains(tmp_path, run, config, base):
     p = run([config] + SMALL + [f"--out_dir={tmp_path}/run", f"--init_from={base}", "--base_config="])
