@@ -95,6 +95,44 @@ def matmul_peak(device, warmup, iters):
 # -----------------------------------------------------------------------------------------------------------------
 # the pieces: the config's tiny world model, or an SD1.5-shaped one with random weights
 
+def sd15_parts(device, tmp):
+    """SD1.5's UNet, VAE, text encoder (random weights) and scheduler; our small CLIPTokenizer (written to tmp)."""
+    with torch.device(device):
+        m = {"unet": UNet2DConditionModel(**SD15_UNET), "vae": AutoencoderKL(**SD15_VAE),
+             "tokenizer": model.build_tokenizer(data.WORDS, os.path.join(tmp, "tokenizer")),
+             "text_encoder": CLIPTextModel(CLIPTextConfig(**SD15_TEXT))}
+    m["scheduler"] = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                   clip_sample=False, set_alpha_to_one=False, steps_offset=1)  # SD1.5's
+    return m
+
+
+def write_sd15(out, n_rows=32):
+    """--write_sd15 DIR: the random SD1.5-shaped model as a diffusers folder, and DIR/train/shard.parquet with
+    n_rows Pick-a-Pic rows of random 512 px JPEGs, so that the real loop runs on a GPU with nothing downloaded:
+    torchrun --nproc_per_node=1 train_sspo.py configs/sd15.py --init_from=DIR --data_path=DIR/train ..."""
+    import io
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+    torch.manual_seed(0)
+    m = sd15_parts("cpu", out)
+    m["unet"].save_pretrained(os.path.join(out, "unet"))
+    model.save_frozen_parts(m, out)
+    rng = np.random.default_rng(0)
+    def jpeg():
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)).save(buf, "JPEG")
+        return buf.getvalue()
+    prompts = [data.prompt_of(c) for c in data.ALL_COMBOS]
+    os.makedirs(os.path.join(out, "train"), exist_ok=True)
+    pq.write_table(pa.table({"caption": [prompts[i % len(prompts)] for i in range(n_rows)],
+                             "jpg_0": pa.array([jpeg() for _ in range(n_rows)], pa.binary()),
+                             "jpg_1": pa.array([jpeg() for _ in range(n_rows)], pa.binary()),
+                             "label_0": [float(i % 2) for i in range(n_rows)]}), os.path.join(out, "train", "shard.parquet"))
+    print(f"wrote {out}: SD1.5-shaped model (random weights) and train/shard.parquet ({n_rows} random pairs)")
+
+
 def build(cfg, sd15, device, tmp):
     """-> P, everything a step needs: the model parts (model.load_model's dict), policy, reference, optimizer,
     reference pool, a batch source and the shapes."""
@@ -102,12 +140,7 @@ def build(cfg, sd15, device, tmp):
     frozen = torch.bfloat16 if use_bf16 else torch.float32
     if sd15:
         torch.manual_seed(cfg["seed"])
-        with torch.device(device):
-            m = {"unet": UNet2DConditionModel(**SD15_UNET), "vae": AutoencoderKL(**SD15_VAE),
-                 "tokenizer": model.build_tokenizer(data.WORDS, os.path.join(tmp, "tokenizer")),
-                 "text_encoder": CLIPTextModel(CLIPTextConfig(**SD15_TEXT))}
-        m["scheduler"] = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                       clip_sample=False, set_alpha_to_one=False, steps_offset=1)  # SD1.5's
+        m = sd15_parts(device, tmp)
         for k in ("text_encoder", "vae"):
             m[k].to(dtype=frozen).eval().requires_grad_(False)
     else:
@@ -324,7 +357,11 @@ def main(argv):
     ap.add_argument("--resolution", type=int, default=0, help="image side (default: the config's)")
     ap.add_argument("--compile", action="store_true", help="also torch.compile the UNets and time them compiled")
     ap.add_argument("--methods", default="sft,dpo,sspo", help="comma-separated; the floor needs dpo and sspo")
+    ap.add_argument("--write_sd15", default="", metavar="DIR", help="write the random SD1.5-shaped model and a "
+                    "Pick-a-Pic shard of random images to DIR (for train_sspo.py configs/sd15.py), then exit")
     args = ap.parse_args(argv)
+    if args.write_sd15:
+        return write_sd15(args.write_sd15)
     if args.iters < 1 or args.warmup < 0 or args.batch_size < 0 or args.resolution < 0:
         raise SystemExit("bench error: --iters must be >= 1, --warmup, --batch_size and --resolution >= 0")
     methods = args.methods.split(",")

@@ -847,11 +847,14 @@ def main(cfg):
             dt = (time.time() - t_last) / cfg["log_every"]
             t_last = time.time()
             bar.set_postfix(loss=f"{stats['loss']:.4f}")
-            log_json({"kind": "train", "step": step, **stats, "lr": lr, "grad_norm": grad_norm.item(), "s_per_step": dt})
+            mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+            log_json({"kind": "train", "step": step, **stats, "lr": lr, "grad_norm": grad_norm.item(), "s_per_step": dt,
+                      **({"peak_gib": mem} if mem is not None else {})})
             print0(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in stats.items()) +
                    (f", ref = snapshot of step {ref_step}" if pool is not None else "") +
                    f", lr {lr:.2e}, grad_norm {grad_norm.item():.3f}, {dt:.2f} s/step, "
-                   f"{cfg['batch_size'] * cfg['grad_accum'] * world / dt:.0f} samples/s")
+                   f"{cfg['batch_size'] * cfg['grad_accum'] * world / dt:.3g} samples/s" +
+                   (f", peak GPU memory {mem:.1f} GiB" if mem is not None else ""))
     bar.close()
     report_data(tallies, data_pos[0], device, partial=True)
     if tallies["skipped_updates"]:
@@ -871,5 +874,13 @@ if __name__ == "__main__":
     except RuntimeError as e:  # a collective failed: gloo saw a peer's socket close, or ddp_timeout passed
         if not (isinstance(e, dist.DistError) or "gloo" in str(e) or "NCCL" in str(e)):
             raise
-        raise SystemExit(f"error: rank {os.environ.get('RANK')}: a collective failed, another rank has died or hangs "
-                         f"(see its log): {str(e).strip().splitlines()[0]}")
+        msg = (f"error: rank {os.environ.get('RANK')}: a collective failed, another rank has died or hangs "
+               f"(see its log): {str(e).strip().splitlines()[0]}")
+        print(msg, file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        if _log_file is not None:  # rank 0's log.txt (flushed after every line)
+            _log_file.write(msg + "\n")
+            _log_file.flush()
+        # not SystemExit: the interpreter's exit would destroy the broken process group, whose threads can then
+        # abort the process ("terminate called without an active exception", exit -6); every file is already closed
+        os._exit(1)
