@@ -357,6 +357,9 @@ def main(argv):
     ap.add_argument("--resolution", type=int, default=0, help="image side (default: the config's)")
     ap.add_argument("--compile", action="store_true", help="also torch.compile the UNets and time them compiled")
     ap.add_argument("--methods", default="sft,dpo,sspo", help="comma-separated; the floor needs dpo and sspo")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override, as train_sspo.py takes it (e.g. --set grad_checkpointing=False); repeatable")
+    ap.add_argument("--no_variants", action="store_true", help="skip the fast-path before/after table")
     ap.add_argument("--write_sd15", default="", metavar="DIR", help="write the random SD1.5-shaped model and a "
                     "Pick-a-Pic shard of random images to DIR (for train_sspo.py configs/sd15.py), then exit")
     args = ap.parse_args(argv)
@@ -373,6 +376,7 @@ def main(argv):
                          "for a smoke run of the code path at 8x8 latents")
     over = ["--data_path=."] if args.sd15 else ["--tiny_mode=pairs"]  # no shard read; tiny: DPO needs losers
     over += [f"--batch_size={args.batch_size}"] * bool(args.batch_size) + [f"--resolution={args.resolution}"] * bool(args.resolution)
+    over += [f"--{kv}" for kv in args.set]
     cfg = train_sspo.get_config([args.config or ("configs/sd15.py" if args.sd15 else "configs/tiny.py"), *over])
     if device.type == "cuda":  # as train_sspo.setup
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -390,7 +394,7 @@ def main(argv):
         peak = matmul_peak(device, args.warmup, args.iters)
         peak_name = "bf16" if device.type == "cuda" else "fp32"
         flops = {meth: count_flops(meth, P, cfg) for meth in methods}
-        rows = variants(P, cfg, args)
+        rows = [] if args.no_variants else variants(P, cfg, args)
         if args.compile:
             more, t_compile = bench_compile(P, cfg, args)
             rows += more

@@ -3,6 +3,7 @@ The paper's table in miniature: base, SFT, Diffusion-DPO, SPIN-Diffusion, SSPO a
 from the same tiny base with the same optimizer steps and the same data, for several seeds, then judged.
 
     python tiny_table.py                       # the README table: 8 methods x 3 seeds, 2 jobs at a time
+    python tiny_table.py --objectives          # + the other objectives' rows (DMPO, KTO, MaPO, ...): ~35 min more
     python tiny_table.py --seeds 0 --only SSPO SFT --jobs 1
     python tiny_table.py --out out/quick --set max_steps=20      # --set KEY=VALUE: overrides for every run
 
@@ -39,14 +40,25 @@ RUNS = {
     "SSPO, SSR indicator": ("configs/tiny.py", ["--ssr=indicator"]),
     "SSPO, SSR off": ("configs/tiny.py", ["--ssr=off"]),
 }
-SELF_SAMPLING = ("SPIN-Diffusion", "SSPO")  # names starting with these pay for sampling: scheduled first
+# --objectives: the other preference objectives of the literature (train_sspo.py's losses), same budget, pairs
+OBJECTIVES = {
+    "DMPO": ("configs/tiny_dmpo.py", []),
+    "Diffusion-KTO": ("configs/tiny_kto.py", []),
+    "MaPO": ("configs/tiny_mapo.py", []),
+    "SEE-DPO": ("configs/tiny_see_dpo.py", []),
+    "DPO-C&M": ("configs/tiny_dpo_cm.py", []),
+    "Diffusion-SDPO": ("configs/tiny_sdpo.py", []),
+    "Inversion-DPO": ("configs/tiny_inversion_dpo.py", []),
+}
+ALL = {**RUNS, **OBJECTIVES}
+SLOW = ("SPIN-Diffusion", "SSPO", "Inversion-DPO")  # names starting with these sample or invert: scheduled first
 
 
 EXTRA = []  # --set
 
 
 def run_dir(name, seed):
-    slug = name.lower().replace(", ", "_").replace(" = ", "_").replace(" ", "_").replace("-", "")
+    slug = name.lower().replace(", ", "_").replace(" = ", "_").replace(" ", "_").replace("-", "").replace("&", "")
     return os.path.join(OUT, f"{slug}_s{seed}")
 
 
@@ -65,7 +77,7 @@ def train_and_eval(name, seed, env):
     timing_path = os.path.join(d, "time.json")
     if os.path.exists(os.path.join(d, "eval", "scores.json")) and os.path.exists(timing_path):
         return json.load(open(timing_path))
-    config, overrides = RUNS[name]
+    config, overrides = ALL[name]
     log = os.path.join(d, "run.log")
     t0 = time.time()
     resume = ["--init_from=resume"] if os.path.exists(os.path.join(d, "ckpt.pt")) else []
@@ -134,7 +146,8 @@ def curves_picture(curves, path, key="judge_seen"):
         dr.text((X(s) - 8, H - pad + 6), f"{s:.0f}", fill="black")
     dr.text((W / 2 - 60, H - 18), "optimizer step", fill="black")
     dr.text((pad, 10), f"tiny world: {key.replace('_', ' on ')} prompts (mean over seeds)", fill="black")
-    colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22"]
+    colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+               "#17becf", "#000000", "#aec7e8", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94"]
     for i, (name, c) in enumerate(curves.items()):
         col = colours[i % len(colours)]
         dr.line([(X(s), Y(v)) for s, v in c], fill=col, width=2)
@@ -147,16 +160,19 @@ def main():
     global OUT
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--only", nargs="+", default=list(RUNS), help=f"a subset of: {', '.join(RUNS)}")
+    p.add_argument("--only", nargs="+", default=None, help=f"a subset of: {', '.join(ALL)}")
+    p.add_argument("--objectives", action="store_true", help="add the other objectives' rows to the table: "
+                   f"{', '.join(OBJECTIVES)} (about 35 min more for 3 seeds)")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time; each gets 2 // jobs threads (at least 1)")
     p.add_argument("--out", default=OUT, help="where the runs and the table go")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides for every run")
     args = p.parse_args()
     OUT = args.out
     EXTRA[:] = ["--" + kv for kv in args.set]
-    unknown = [n for n in args.only if n not in RUNS]
+    args.only = args.only or list(RUNS) + list(OBJECTIVES) * args.objectives
+    unknown = [n for n in args.only if n not in ALL]
     if unknown:
-        raise SystemExit(f"error: unknown run {unknown}; known: {', '.join(RUNS)}")
+        raise SystemExit(f"error: unknown run {unknown}; known: {', '.join(ALL)}")
     os.makedirs(OUT, exist_ok=True)
     t_start = time.time()
     env = dict(os.environ)
@@ -168,7 +184,7 @@ def main():
     t_base = time.time() - t_start
 
     env["OMP_NUM_THREADS"] = str(max(1, 2 // args.jobs))
-    jobs = sorted(((n, s) for n in args.only for s in args.seeds), key=lambda j: not j[0].startswith(SELF_SAMPLING))
+    jobs = sorted(((n, s) for n in args.only for s in args.seeds), key=lambda j: not j[0].startswith(SLOW))
     print(f"{len(jobs)} runs, {args.jobs} at a time, {env['OMP_NUM_THREADS']} thread(s) each", flush=True)
     with ThreadPoolExecutor(args.jobs) as pool:
         timings = dict(zip(jobs, pool.map(lambda j: train_and_eval(*j, env), jobs)))
