@@ -22,6 +22,7 @@ built here and put back.
 """
 import argparse
 import copy
+import itertools
 import os
 import statistics
 import sys
@@ -158,19 +159,20 @@ def build(cfg, sd15, device, tmp):
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     shape = model.latent_shape(m, cfg["resolution"])
     B = cfg["batch_size"]
-    if sd15:  # random images: the data phase is the host-to-device copy (no shard here to read)
+    if sd15:  # random images made once: the data phase is the host-to-device copy (the loop's workers decode ahead)
         prompts = [data.prompt_of(c) for c in data.ALL_COMBOS]
+        images = torch.rand(2, 2, B, 3, cfg["resolution"], cfg["resolution"]) * 2 - 1
         def batches():
-            while True:
-                yield {"prompt": [prompts[i % len(prompts)] for i in range(B)],
-                       "image_w": torch.rand(B, 3, cfg["resolution"], cfg["resolution"]) * 2 - 1,
-                       "image_l": torch.rand(B, 3, cfg["resolution"], cfg["resolution"]) * 2 - 1}, None
+            for i in itertools.count():
+                yield {"prompt": [prompts[(i * B + j) % len(prompts)] for j in range(B)],
+                       "image_w": images[i % 2, 0], "image_l": images[i % 2, 1]}, None
         batch_iter = batches()
     else:  # the real tiny world, pairs so that DPO has losers
         batch_iter = train_sspo.micro_batches(train_sspo.make_dataset(cfg), cfg, 0, 1, 0, 0)
     with torch.no_grad():
         uncond = model.encode_prompts(m["tokenizer"], m["text_encoder"], [""])
-    return dict(m=m, unet=unet, ref_unet=ref_unet, pool=pool, opt=opt, batches=batch_iter, shape=shape, B=B,
+    encode = model.PromptCache(m["tokenizer"], m["text_encoder"], cfg["text_cache"])  # as train_sspo.py's loop
+    return dict(m=m, unet=unet, ref_unet=ref_unet, pool=pool, opt=opt, batches=batch_iter, shape=shape, B=B, encode=encode,
                 uncond=uncond, abar=m["scheduler"].alphas_cumprod.to(device), device=device,
                 autocast=torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext())
 
@@ -187,11 +189,11 @@ def train_step(method, P, cfg, lap, step=0):
     images_w, images_l = batch["image_w"].to(dev), batch["image_l"].to(dev) if method == "dpo" else None
     lap("data")
     x0_w = model.images_to_latents(m["vae"], images_w, vae_noise[0])
-    ctx = model.encode_prompts(m["tokenizer"], m["text_encoder"], ["" if d else p for p, d in zip(batch["prompt"], drop.tolist())])
+    ctx = P["encode"](["" if d else p for p, d in zip(batch["prompt"], drop.tolist())])
     if method == "dpo":
         x0_l = model.images_to_latents(m["vae"], images_l, vae_noise[1])
     if method == "sspo":
-        cond = model.encode_prompts(m["tokenizer"], m["text_encoder"], batch["prompt"])
+        cond = P["encode"](batch["prompt"])
     lap("encode")
     if method == "sspo":
         with P["autocast"]:
@@ -320,6 +322,12 @@ def variants(P, cfg, args):
     if dev.type == "cuda":
         fp32 = time_it(policy_fwd_bwd(P, cfg, autocast=nullcontext()), dev, w, n)
         out.append(("policy fwd+bwd: fp32 (tf32) -> bf16 autocast", fp32, base, "mixed_precision = 'bf16'"))
+    prompts = [data.prompt_of(c) for c in data.ALL_COMBOS[:P["B"]]]
+    cache = model.PromptCache(P["m"]["tokenizer"], P["m"]["text_encoder"], len(prompts))
+    cache(prompts)
+    every = time_it(lambda: model.encode_prompts(P["m"]["tokenizer"], P["m"]["text_encoder"], prompts), dev, w, n)
+    out.append(("text encoder per micro-batch -> cached prompts", every, time_it(lambda: cache(prompts), dev, w, n),
+                f"text_cache = {cfg['text_cache']}"))
     pool, ref = P["pool"], P["ref_unet"]
     swap = time_it(lambda: pool.load_into(1, ref), dev, w, n)
     def rebuild():
@@ -426,10 +434,11 @@ def main(argv):
     print("\nfast path (before -> after, ms)")
     for what, before, after, note in rows:
         print(f"  {what:62} {before * 1e3:9.2f} -> {after * 1e3:9.2f}  x{before / after:.2f}  {note}")
-    if "sspo" in res:
-        enc = res["sspo"]["encode"]
-        print(f"  {'text/VAE encoding per step -> precomputed (not implemented)':62} {enc * 1e3:9.2f} ->      0.00  "
-              f"{enc / res['sspo']['step']:.1%} of the sspo step")
+    for meth in ("sft", "dpo", "sspo"):  # with the prompt cache warm, "encode" is the VAE alone
+        if meth in res and P["m"]["vae"] is not None:
+            enc = res[meth]["encode"]
+            print(f"  {f'{meth}: VAE encoding -> precomputed latents (not implemented)':62} {enc * 1e3:9.2f} ->   "
+                  f"   0.00  {enc / res[meth]['step']:.1%} of the {meth} step")
 
     print(f"\nmeasured {peak_name} matmul peak {peak / 1e12:.2f} TFLOP/s; guided reference forward (2B = {2 * B}) "
           f"{guided * 1e3:.2f} ms; snapshot push {swap_push * 1e3:.1f} ms, load {swap_load * 1e3:.1f} ms")

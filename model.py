@@ -85,6 +85,28 @@ def encode_prompts(tokenizer, text_encoder, prompts):
         return text_encoder(ids)[0]
 
 
+class PromptCache:
+    """encode_prompts for a frozen text encoder, each distinct prompt encoded once: its (77, D) output is kept on the
+    encoder's device, in its dtype, for up to `capacity` prompts (the oldest go first); 0 turns the cache off. A
+    trained encoder (train mode) is never cached. Per prompt the output is the same as encoding it in any batch
+    (the encoder treats rows independently; on CPU bit-identical)."""
+
+    def __init__(self, tokenizer, text_encoder, capacity):
+        self.tokenizer, self.text_encoder, self.capacity, self.store = tokenizer, text_encoder, capacity, {}
+
+    def __call__(self, prompts):
+        if self.capacity <= 0 or self.text_encoder.training:
+            return encode_prompts(self.tokenizer, self.text_encoder, prompts)
+        new = list(dict.fromkeys(p for p in prompts if p not in self.store))
+        if new:
+            with torch.no_grad():
+                self.store.update(zip(new, encode_prompts(self.tokenizer, self.text_encoder, new)))
+        out = torch.stack([self.store[p] for p in prompts])
+        while len(self.store) > self.capacity:
+            del self.store[next(iter(self.store))]
+        return out
+
+
 @torch.no_grad()
 def images_to_latents(vae, images, noise=None, generator=None):
     """(B, 3, H, W) in [-1, 1] -> diffusion space: a VAE latent sample (mean + std x noise, as the peers' .sample())

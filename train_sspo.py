@@ -110,6 +110,7 @@ grad_clip = 1.0                 # max global grad norm; 0 disables
 grad_checkpointing = False      # trade compute for UNet activation memory (SD1.5 at batch > 1 per GPU)
 nonfinite = "skip"              # a NaN/inf loss or gradient: 'skip' the update (counted, logged; all ranks agree) |
                                 # 'stop' naming the step and the batch's prompts
+text_cache = 4096               # distinct prompts whose frozen text-encoder output is kept (0: encode every micro-step)
 channels_last = False           # UNets in channels_last memory format (python bench.py measures it; off: as published)
 compile_unet = False            # torch.compile the policy and reference UNets in place (compiles first; each new
                                 # input shape recompiles). Off: the published results were trained without it
@@ -181,6 +182,8 @@ def get_config(argv):
             raise SystemExit(f"config error: {key}={cfg[key]!r} is not one of {', '.join(map(repr, options))}")
     if cfg["train_text_encoder"] and cfg["method"] != "sft":
         raise SystemExit("config error: train_text_encoder is for SFT pretraining; alignment keeps the encoder frozen")
+    if cfg["text_cache"] < 0:
+        raise SystemExit(f"config error: text_cache must be >= 0 (0: no cache), got {cfg['text_cache']}")
     if cfg["pool_capacity"] < 0 or cfg["pool_capacity"] == 1:
         raise SystemExit(f"config error: pool_capacity must be 0 (keep all) or >= 2, got {cfg['pool_capacity']}")
     bad = [f for f in cfg["tiny_flaws"] if f not in data.ALL_FLAWS]
@@ -693,6 +696,7 @@ def main(cfg):
     latent_shape = model.latent_shape(m, cfg["resolution"])  # (C, H, W) of what the UNet denoises
     with torch.no_grad():
         uncond = model.encode_prompts(m["tokenizer"], m["text_encoder"], [""])  # (1, 77, D), for guidance
+    encode = model.PromptCache(m["tokenizer"], m["text_encoder"], cfg["text_cache"])  # frozen encoder: once per prompt
 
     print0("config:", {k: v for k, v in cfg.items()})
     print0(f"{world} process(es) on {device}, bf16 autocast: {use_bf16}; UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.1f}M "
@@ -755,12 +759,12 @@ def main(cfg):
             eps, t = eps.to(device), t.to(device)
             x0_w = model.images_to_latents(m["vae"], batch["image_w"].to(device), vae_noise[0])  # (B, C, H, W)
             prompts = ["" if d else p for p, d in zip(batch["prompt"], drop.tolist())]
-            ctx = model.encode_prompts(m["tokenizer"], m["text_encoder"], prompts)  # (B, 77, D)
+            ctx = encode(prompts)  # (B, 77, D)
             if cfg["method"] in PAIR_METHODS:
                 x0_l = model.images_to_latents(m["vae"], batch["image_l"].to(device), vae_noise[1])
             elif cfg["method"] == "sspo":  # the reference draws its own image for each prompt: the loser candidate
                 t0 = time.time()
-                cond = model.encode_prompts(m["tokenizer"], m["text_encoder"], batch["prompt"])  # no dropout here
+                cond = encode(batch["prompt"])  # no dropout here
                 with autocast:  # the final latent is used directly: no decode/encode round trip
                     g_eta = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + step * 1009 + micro * 31 + rank)
                     x0_l = model.ddim_sample(ref_unet, m["scheduler"], cond, uncond, x_T.to(device),

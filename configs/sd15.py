@@ -1,10 +1,13 @@
 # SSPO on Stable Diffusion 1.5 with Pick-a-Pic v2's preferred images (the losers are never read), 8 GPUs:
 # the paper's run as far as it states it (SSPO.md 4 and 6), and our choices where it does not.
 #   torchrun --nproc_per_node=8 train_sspo.py configs/sd15.py --data_path=/path/to/pickapic_v2/train
-# effective batch: 8 GPUs x batch_size 1 x grad_accum 256 = 2048 (SSPO.md 6; Diffusion-DPO used 16 x 1 x 128)
+# effective batch: 8 GPUs x batch_size 16 x grad_accum 16 = 2048 (SSPO.md 6; Diffusion-DPO used 16 x 1 x 128).
+# Per-GPU batch 16, not 1: on an H100 an SSPO micro-batch of 1 takes 1.28 s and one of 16 takes 3.24 s (the UNet
+# is launch-bound at small batches), at 18.2 vs 21.6 GiB peak (python bench.py --sd15 --batch_size 1 / 16; README).
+# A smaller GPU: lower batch_size and raise grad_accum by the same factor (the update is the same mean).
 # lr: 1e-8 per sample x 2048 = 2.048e-5, constant after warmup, as Diffusion-DPO's launcher
-# time: not measured yet (no GPU run so far). Self-sampling costs 2 x self_sample_steps UNet forwards per example
-# on top of Diffusion-DPO's step; 210 updates show the paper's ~7 snapshots (7 x 30).
+# time: not measured end to end. Self-sampling costs 2 x self_sample_steps UNet forwards per example on top of
+# Diffusion-DPO's step; 210 updates show the paper's ~7 snapshots (7 x 30). See the README for the H100 figures.
 # Baselines: --method=sft (SFT on winners), --method=dpo (pairs, frozen base), --ref_policy=last --ssr=off (SPIN).
 out_dir = "out/sd15_sspo"
 init_from = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # hub id, or a local folder in the same layout
@@ -23,8 +26,8 @@ pool_storage = "disk"               # 1.7 GB a snapshot in bf16: out_dir/pool/, 
 ref_dtype = "bfloat16"              # reference and snapshots in bf16; the policy keeps fp32 master weights
 self_sample_steps = 20              # not stated in the paper: our choice (its evaluation pipeline uses 50)
 self_sample_guidance = 7.5          # the evaluation pipeline's guidance; not stated for training
-batch_size = 1
-grad_accum = 256
+batch_size = 16
+grad_accum = 16
 max_steps = 210
 lr = 2.048e-5
 lr_schedule = "constant"
