@@ -310,18 +310,25 @@ def variants(P, cfg, args):
     unet = P["unet"]
     procs = unet.attn_processors  # diffusers' default is AttnProcessor2_0: F.scaled_dot_product_attention
     in_use = ", ".join(sorted({type(p).__name__ for p in procs.values()}))
+    def timed_or_oom(fn):  # -> (seconds, note): a variant that does not fit in GPU memory is reported, not fatal
+        try:
+            return time_it(fn, dev, w, n), ""
+        except torch.OutOfMemoryError:
+            unet.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            return float("nan"), f"; before: out of GPU memory at batch {P['B']}"
     base = time_it(policy_fwd_bwd(P, cfg), dev, w, n)
     unet.set_attn_processor(AttnProcessor())
-    classic = time_it(policy_fwd_bwd(P, cfg), dev, w, n)
+    classic, oom = timed_or_oom(policy_fwd_bwd(P, cfg))  # classic attention holds (2B x heads x 4096^2) scores
     unet.set_attn_processor(procs)  # (it empties the dict it is given)
-    out.append(("attention: classic AttnProcessor -> SDPA", classic, base, f"in use: {in_use}"))
+    out.append(("attention: classic AttnProcessor -> SDPA", classic, base, f"in use: {in_use}{oom}"))
     unet.to(memory_format=torch.channels_last)
     cl = time_it(policy_fwd_bwd(P, cfg, torch.channels_last), dev, w, n)
     unet.to(memory_format=torch.contiguous_format)
     out.append(("policy fwd+bwd: contiguous -> channels_last", base, cl, "opt-in: channels_last = True"))
     if dev.type == "cuda":
-        fp32 = time_it(policy_fwd_bwd(P, cfg, autocast=nullcontext()), dev, w, n)
-        out.append(("policy fwd+bwd: fp32 (tf32) -> bf16 autocast", fp32, base, "mixed_precision = 'bf16'"))
+        fp32, oom = timed_or_oom(policy_fwd_bwd(P, cfg, autocast=nullcontext()))
+        out.append(("policy fwd+bwd: fp32 (tf32) -> bf16 autocast", fp32, base, f"mixed_precision = 'bf16'{oom}"))
     prompts = [data.prompt_of(c) for c in data.ALL_COMBOS[:P["B"]]]
     cache = model.PromptCache(P["m"]["tokenizer"], P["m"]["text_encoder"], len(prompts))
     cache(prompts)

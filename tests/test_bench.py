@@ -1,6 +1,7 @@
 """bench.py: one real run on the tiny world prints finite ratios; the SD1.5 code path runs (at a reduced width);
 the opt-in fast path of train_sspo.py trains."""
 import math
+import os
 import re
 import subprocess
 import sys
@@ -37,14 +38,33 @@ def test_bench_sd15_on_cpu_is_a_one_line_error(monkeypatch):
         bench.main(["--sd15"])
 
 
-def test_bench_sd15_code_path_runs_at_reduced_width(monkeypatch, capsys, tmp_path):
-    # SD1.5's block types and configs/sd15.py, but narrow levels, one text layer, 8x8 latents, 2 sampler steps
-    cfg = tmp_path / "sd15_short.py"
-    cfg.write_text(open(f"{ROOT}/configs/sd15.py").read() + "\nself_sample_steps = 2\n")
+def narrow(monkeypatch):
     monkeypatch.setitem(bench.SD15_UNET, "block_out_channels", (32, 32, 64, 64))
     monkeypatch.setitem(bench.SD15_UNET, "attention_head_dim", 4)
     monkeypatch.setitem(bench.SD15_VAE, "block_out_channels", (32, 32, 32, 32))
     monkeypatch.setitem(bench.SD15_TEXT, "num_hidden_layers", 1)
+
+
+def test_write_sd15_folder_trains_with_the_sd15_config(monkeypatch, tmp_path, run):
+    """--write_sd15's folder (here at a reduced width) loads through from_pretrained and configs/sd15.py trains on
+    it: Pick-a-Pic shard, VAE, disk snapshot pool, bf16 reference, gradient checkpointing."""
+    narrow(monkeypatch)
+    sd = str(tmp_path / "sd")
+    bench.write_sd15(sd, n_rows=4)
+    r = run(["configs/sd15.py", f"--init_from={sd}", f"--data_path={sd}/train", f"--out_dir={tmp_path}/run",
+             "--resolution=64", "--batch_size=2", "--grad_accum=1", "--max_steps=2", "--self_sample_steps=2",
+             "--ckpt_every=1", "--eval_every=2", "--save_every=2", "--n_eval_images=2", "--sample_steps=2",
+             "--num_workers=0"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "step 2: loss" in r.stdout and "ref = snapshot of step" in r.stdout
+    assert sorted(os.listdir(f"{tmp_path}/run/pool")) and os.path.isdir(f"{tmp_path}/run/unet")
+
+
+def test_bench_sd15_code_path_runs_at_reduced_width(monkeypatch, capsys, tmp_path):
+    # SD1.5's block types and configs/sd15.py, but narrow levels, one text layer, 8x8 latents, 2 sampler steps
+    cfg = tmp_path / "sd15_short.py"
+    cfg.write_text(open(f"{ROOT}/configs/sd15.py").read() + "\nself_sample_steps = 2\nbatch_size = 1\n")
+    narrow(monkeypatch)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     ratios = bench.main(["--sd15", f"--config={cfg}", "--resolution=64", "--iters=1", "--warmup=0", "--methods=dpo,sspo"])
     out = capsys.readouterr().out
