@@ -23,6 +23,7 @@ built here and put back.
 import argparse
 import copy
 import itertools
+import math
 import os
 import statistics
 import sys
@@ -440,7 +441,9 @@ def main(argv):
               + f"{sum(flops[meth].values()) / 1e12:9.3f}{util[meth]:8.1%}")
     print("\nfast path (before -> after, ms)")
     for what, before, after, note in rows:
-        print(f"  {what:62} {before * 1e3:9.2f} -> {after * 1e3:9.2f}  x{before / after:.2f}  {note}")
+        ms = lambda v: f"{v * 1e3:9.2f}" if math.isfinite(v) else f"{'OOM':>9}"
+        ratio = f"x{before / after:.2f}" if math.isfinite(before / after) else "  -  "
+        print(f"  {what:62} {ms(before)} -> {ms(after)}  {ratio}  {note}")
     for meth in ("sft", "dpo", "sspo"):  # with the prompt cache warm, "encode" is the VAE alone
         if meth in res and P["m"]["vae"] is not None:
             enc = res[meth]["encode"]
