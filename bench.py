@@ -335,7 +335,7 @@ def variants(P, cfg, args):
     cache(prompts)
     every = time_it(lambda: model.encode_prompts(P["m"]["tokenizer"], P["m"]["text_encoder"], prompts), dev, w, n)
     out.append(("text encoder per micro-batch -> cached prompts", every, time_it(lambda: cache(prompts), dev, w, n),
-                f"text_cache = {cfg['text_cache']}"))
+                f"text_cache = {cfg['text_cache']}" + (" (off: encode includes the text encoder)" * (not cfg["text_cache"]))))
     pool, ref = P["pool"], P["ref_unet"]
     swap = time_it(lambda: pool.load_into(1, ref), dev, w, n)
     def rebuild():

@@ -696,7 +696,8 @@ def main(cfg):
     latent_shape = model.latent_shape(m, cfg["resolution"])  # (C, H, W) of what the UNet denoises
     with torch.no_grad():
         uncond = model.encode_prompts(m["tokenizer"], m["text_encoder"], [""])  # (1, 77, D), for guidance
-    encode = model.PromptCache(m["tokenizer"], m["text_encoder"], cfg["text_cache"])  # frozen encoder: once per prompt
+    encode = model.PromptCache(m["tokenizer"], m["text_encoder"],  # a frozen encoder: once per prompt
+                               0 if cfg["train_text_encoder"] else cfg["text_cache"])
 
     print0("config:", {k: v for k, v in cfg.items()})
     print0(f"{world} process(es) on {device}, bf16 autocast: {use_bf16}; UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.1f}M "
@@ -854,11 +855,12 @@ def main(cfg):
             mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
             log_json({"kind": "train", "step": step, **stats, "lr": lr, "grad_norm": grad_norm.item(), "s_per_step": dt,
                       **({"peak_gib": mem} if mem is not None else {})})
+            rate = cfg["batch_size"] * cfg["grad_accum"] * world / dt
             print0(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in stats.items()) +
                    (f", ref = snapshot of step {ref_step}" if pool is not None else "") +
-                   f", lr {lr:.2e}, grad_norm {grad_norm.item():.3f}, {dt:.2f} s/step, "
-                   f"{cfg['batch_size'] * cfg['grad_accum'] * world / dt:.3g} samples/s" +
-                   (f", peak GPU memory {mem:.1f} GiB" if mem is not None else ""))
+                   f", lr {lr:.2e}, grad_norm {grad_norm.item():.3f}, {dt:.2f} s/step, " +
+                   (f"{rate:.0f}" if rate >= 100 else f"{rate:.3g}") + " samples/s" +
+                   (f", peak GPU memory so far {mem:.1f} GiB" if mem is not None else ""))
     bar.close()
     report_data(tallies, data_pos[0], device, partial=True)
     if tallies["skipped_updates"]:

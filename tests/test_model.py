@@ -46,17 +46,22 @@ def test_load_and_encode(sd_dir):
 def test_prompt_cache_matches_encoding_and_is_bounded(sd_dir):
     m = model.load_model(sd_dir)
     tok, enc = m["tokenizer"], m["text_encoder"]
+    rows = []  # how many prompts each forward of the encoder sees
+    enc.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[0]))
     prompts = [data.prompt_of(c) for c in data.ALL_COMBOS[:6]]
     cache = model.PromptCache(tok, enc, capacity=4)
     first = cache(prompts[:3] + [prompts[0], ""])  # duplicates in a batch are encoded once
+    assert rows == [4] and list(cache.store) == prompts[:3] + [""]
     assert torch.equal(first, model.encode_prompts(tok, enc, prompts[:3] + [prompts[0], ""]))
-    assert list(cache.store) == prompts[:3] + [""]
+    rows.clear()
+    assert torch.equal(cache(["", prompts[2]]), first[[4, 2]]) and rows == []  # all cached: no forward
     again = cache(prompts[3:] + prompts[:1])  # 3 more than fit: the oldest go, the batch is still whole
-    assert torch.equal(again, model.encode_prompts(tok, enc, prompts[3:] + prompts[:1]))
+    assert rows == [3] and torch.equal(again, model.encode_prompts(tok, enc, prompts[3:] + prompts[:1]))
     assert len(cache.store) == 4 and prompts[1] not in cache.store and prompts[5] in cache.store
-    enc.train()  # an encoder being trained is encoded every time, with gradients when it has them
+    enc.train().requires_grad_(True)  # an encoder being trained is encoded every time, with gradients
     cache = model.PromptCache(tok, enc, 4)
-    assert cache(prompts).shape == (6, 77, 32) and not cache.store
+    out = cache(prompts)
+    assert out.requires_grad and out.shape == (6, 77, 32) and not cache.store
 
 
 def test_missing_parts_are_named(tmp_path, sd_dir):
