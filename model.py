@@ -11,6 +11,7 @@ import diffusers
 import torch
 import transformers
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 # the libraries' per-file progress bars and their hint to install accelerate would bury our own progress bar
@@ -115,7 +116,19 @@ def images_to_latents(vae, images, noise=None, generator=None):
     latent shape makes the draw reproducible; else it comes from `generator`."""
     if vae is None:
         return images
-    dist = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
+    return sample_latents(vae, encode_moments(vae, images), noise, generator)
+
+
+def encode_moments(vae, images):
+    """(B, 3, H, W) in [-1, 1] -> (B, 2C, H/8, W/8) in the VAE's dtype: the encoder's output, the mean and the
+    log-variance of the latent's Gaussian. What latents.py stores: the noise is drawn later, at each step."""
+    return vae.encode(images.to(vae.device, vae.dtype)).latent_dist.parameters
+
+
+def sample_latents(vae, moments, noise=None, generator=None):
+    """encode_moments' output -> diffusion space, drawn as images_to_latents draws it (the same arithmetic, so a
+    run from the latent cache equals one that encodes)."""
+    dist = DiagonalGaussianDistribution(moments.to(vae.device, vae.dtype))
     z = dist.sample(generator) if noise is None else dist.mean + dist.std * noise.to(dist.mean)
     return (z * vae.config.scaling_factor).float()
 

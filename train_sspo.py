@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 import data
 import durable
+import latents
 import model
 import replay
 
@@ -58,6 +59,8 @@ random_flip = False             # horizontal flips as the peers do for real data
 random_crop = False             # random instead of center crop after resizing the short side
 caption_dropout = 0.1           # probability of the empty prompt: keeps an unconditional model for guidance
 num_workers = 0                 # DataLoader worker processes per rank
+latent_cache = ""               # folder of precomputed VAE latents of the data (python latents.py CONFIG builds it):
+                                # no image is decoded or encoded while training | "": encode every image every step
 bad_data = "skip"               # real data that cannot be read (corrupt or truncated image, missing bytes): 'skip' =
                                 # replaced by the next readable example, counted | 'stop' naming its file and row
 # model (init_from='scratch' only: the tiny world's model; an SD model brings its own architecture)
@@ -182,6 +185,8 @@ def get_config(argv):
             raise SystemExit(f"config error: {key}={cfg[key]!r} is not one of {', '.join(map(repr, options))}")
     if cfg["train_text_encoder"] and cfg["method"] != "sft":
         raise SystemExit("config error: train_text_encoder is for SFT pretraining; alignment keeps the encoder frozen")
+    if cfg["latent_cache"]:
+        latents.check_config(cfg)
     if cfg["text_cache"] < 0:
         raise SystemExit(f"config error: text_cache must be >= 0 (0: no cache), got {cfg['text_cache']}")
     if cfg["pool_capacity"] < 0 or cfg["pool_capacity"] == 1:
@@ -424,6 +429,10 @@ def make_dataset(cfg):
     if cfg["dataset"] == "tiny":
         return data.TinyWorld(cfg["tiny_mode"], cfg["tiny_size"], cfg["resolution"], cfg["tiny_p_correct"], cfg["seed"],
                               flaws=cfg["tiny_flaws"])
+    if cfg["latent_cache"]:
+        ds = latents.CachedLatents(cfg["latent_cache"], cfg["seed"], cfg["random_flip"])
+        ds.check_config(cfg)
+        return ds
     cls = data.PickAPic if cfg["dataset"] == "pickapic" else data.ImageFolder
     return data.SkipBad(cls(cfg["data_path"], cfg["resolution"], cfg["random_crop"], cfg["random_flip"], cfg["seed"]))
 
@@ -484,6 +493,14 @@ def step_randomness(cfg, step, micro, rank, world, shape, num_timesteps):
     return eps, t, drop, x_T, vae_noise
 
 
+def to_latents(vae, batch, which, device, noise=None, generator=None):
+    """A batch's winners (which='w') or losers ('l') in diffusion space: its images VAE-encoded, or the moments
+    that latents.py stored for them, drawn with the same noise."""
+    if f"latent_{which}" in batch:
+        return model.sample_latents(vae, batch[f"latent_{which}"].to(device), noise, generator)
+    return model.images_to_latents(vae, batch[f"image_{which}"].to(device), noise, generator)
+
+
 def lr_at(step, cfg):
     if step < cfg["warmup_steps"]:
         return cfg["lr"] * (step + 1) / cfg["warmup_steps"]
@@ -509,11 +526,11 @@ def run_eval(m, unet, cfg, ds, device, autocast):
     noise (the same every eval, so grids are comparable), and for the tiny world the judge's mean score."""
     unet.eval()
     g = torch.Generator().manual_seed(cfg["seed"] + 1)
-    batch = [ds[i] for i in range(min(cfg["batch_size"], len(ds)))]
-    x0 = model.images_to_latents(m["vae"], torch.stack([b["image_w"] for b in batch]).to(device), generator=g)
+    batch = torch.utils.data.default_collate([ds[i] for i in range(min(cfg["batch_size"], len(ds)))])
+    x0 = to_latents(m["vae"], batch, "w", device, generator=g)
     eps = torch.randn(x0.shape, generator=g).to(device)
-    t = torch.randint(0, m["scheduler"].config.num_train_timesteps, (len(batch),), generator=g).to(device)
-    ctx = model.encode_prompts(m["tokenizer"], m["text_encoder"], [b["prompt"] for b in batch])
+    t = torch.randint(0, m["scheduler"].config.num_train_timesteps, (len(x0),), generator=g).to(device)
+    ctx = model.encode_prompts(m["tokenizer"], m["text_encoder"], batch["prompt"])
     with autocast:
         loss = model.denoising_error(unet, m["scheduler"].alphas_cumprod, x0, eps, t, ctx).mean().item()
     prompts = eval_prompts(cfg, ds)
@@ -614,7 +631,7 @@ def main(cfg):
             raise SystemExit(f"error: training the base with {cfg['base_config']} failed")
     try:  # bad input is a one-line error before any work: data first (seconds), then the model
         ds = make_dataset(cfg)
-        if cfg["method"] in PAIR_METHODS and "image_l" not in ds[0]:
+        if cfg["method"] in PAIR_METHODS and "image_l" not in ds[0] and "latent_l" not in ds[0]:
             raise ValueError(f"method={cfg['method']!r} needs paired data (image_l), but dataset={cfg['dataset']!r} "
                              "has none" + (" (set tiny_mode='pairs')" if cfg["dataset"] == "tiny" else "")
                              + (": winners are its desirable, losers its undesirable samples"
@@ -636,6 +653,11 @@ def main(cfg):
     use_bf16 = device.type == "cuda" and cfg["mixed_precision"] == "bf16"
     # the run directory is an SD-layout model folder: scratch and resume load from it, a model path from itself
     m = model.load_model(source, device, torch.bfloat16 if use_bf16 else torch.float32)
+    if cfg["latent_cache"]:
+        try:
+            ds.check_vae(m["vae"])
+        except ValueError as e:
+            raise SystemExit(f"error: {e}")
     if master and source != out:
         model.save_frozen_parts(m, out)
     unet = m["unet"].train()
@@ -758,11 +780,11 @@ def main(cfg):
             B = len(batch["prompt"])
             eps, t, drop, x_T, vae_noise = step_randomness(cfg, step, micro, rank, world, (B, *latent_shape), T)
             eps, t = eps.to(device), t.to(device)
-            x0_w = model.images_to_latents(m["vae"], batch["image_w"].to(device), vae_noise[0])  # (B, C, H, W)
+            x0_w = to_latents(m["vae"], batch, "w", device, vae_noise[0])  # (B, C, H, W)
             prompts = ["" if d else p for p, d in zip(batch["prompt"], drop.tolist())]
             ctx = encode(prompts)  # (B, 77, D)
             if cfg["method"] in PAIR_METHODS:
-                x0_l = model.images_to_latents(m["vae"], batch["image_l"].to(device), vae_noise[1])
+                x0_l = to_latents(m["vae"], batch, "l", device, vae_noise[1])
             elif cfg["method"] == "sspo":  # the reference draws its own image for each prompt: the loser candidate
                 t0 = time.time()
                 cond = encode(batch["prompt"])  # no dropout here

@@ -1,0 +1,168 @@
+"""latents.py: the VAE latent cache. A run from it is the run that encodes; what it cannot serve is refused."""
+import glob
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from PIL import Image
+from safetensors.torch import load_file
+
+import data
+import latents
+import model
+import train_sspo
+from conftest import FAST
+
+N = 20  # pairs in the test folder
+
+
+def write_pairs(root, n=N, paired=True):
+    """An imagefolder of n judge-world pairs at 24 px (a correct render wins over one with the wrong colour)."""
+    os.makedirs(os.path.join(root, "img"), exist_ok=True)
+    rng, rows = np.random.default_rng(0), []
+    for i, c in enumerate(data.ALL_COMBOS[:n]):
+        for k, flaw in (("w", None), ("l", "colour")):
+            Image.fromarray(data.render(c, 24, rng, flaw=flaw)).save(os.path.join(root, "img", f"{i}{k}.png"))
+        rows.append({"file_name": f"img/{i}w.png", "text": data.prompt_of(c),
+                     **({"loser_file_name": f"img/{i}l.png"} if paired else {})})
+    with open(os.path.join(root, "metadata.jsonl"), "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """-> (a tiny SD-layout model with a VAE, an imagefolder of pairs)."""
+    root = tmp_path_factory.mktemp("latents")
+    sd = model.build_tiny_model(str(root / "sd"), data.WORDS, resolution=16, with_vae=True)
+    return sd, write_pairs(str(root / "pairs"))
+
+
+def cfg_args(world, *more):
+    return ["--dataset=imagefolder", f"--data_path={world[1]}", f"--init_from={world[0]}", "--random_flip=True", *more]
+
+
+def unet_weights(out):
+    return load_file(glob.glob(os.path.join(out, "unet", "*.safetensors"))[0])
+
+
+def test_a_run_from_the_cache_is_the_run_that_encodes(world, tmp_path, run):
+    cache = str(tmp_path / "cache")
+    # batch 1 in the build and the run: the VAE encodes the same single images, so even its rounding agrees
+    latents.main(cfg_args(world, f"--latent_cache={cache}", "--batch_size=1"))
+    assert sorted(os.listdir(cache)) == ["meta.json", "shard_000000.json", "shard_000000.npy"]
+    assert np.load(os.path.join(cache, "shard_000000.npy")).shape[:3] == (N, 2, 2)  # examples, winner/loser, flips
+    # 8 updates of 4 = 32 examples: into the second epoch, whose flips are other draws
+    common = FAST + cfg_args(world, "--method=dpo", "--batch_size=1", "--grad_accum=4", "--max_steps=8", "--n_eval_images=2")
+    for name, more in (("encoded", []), ("cached", [f"--latent_cache={cache}"])):
+        p = run(common + [f"--out_dir={tmp_path / name}", *more])
+        assert p.returncode == 0, p.stderr[-3000:]
+    a, b = unet_weights(tmp_path / "encoded"), unet_weights(tmp_path / "cached")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    before = load_file(glob.glob(os.path.join(world[0], "unet", "*.safetensors"))[0])
+    assert any(not torch.equal(before[k], a[k]) for k in a)  # it trained
+
+
+def test_bfloat16_moments_keep_their_bits(world, tmp_path):
+    vae = AutoencoderKL.from_pretrained(world[0], subfolder="vae").to(torch.bfloat16)
+    ds = data.ImageFolder(world[1], 16, random_flip=False)
+    moments = model.encode_moments(vae, torch.stack([ds[i]["image_w"] for i in range(4)]))  # (4, 2C, h, w)
+    folder = str(tmp_path / "bf16")
+    latents.write_meta(folder, {"examples": 4, "images": 1, "vae_dtype": "bfloat16"})
+    latents.write_shard(folder, 0, moments[:, None, None], ["p"] * 4)  # (4, 1 image, 1 flip, 2C, h, w)
+    cached = latents.CachedLatents(folder)
+    assert all(cached[i]["latent_w"].dtype == torch.bfloat16 and torch.equal(cached[i]["latent_w"], moments[i])
+               for i in range(4))
+    mean, logvar = moments[:1].float().chunk(2, 1)
+    z = model.sample_latents(vae, cached[0]["latent_w"][None], torch.full_like(mean, 0.5))
+    assert torch.allclose(z, (mean + logvar.mul(0.5).exp() * 0.5) * vae.config.scaling_factor, rtol=2e-2, atol=1e-3)
+
+
+def test_a_stopped_build_goes_on_where_it_was_and_ranks_share_the_shards(world, tmp_path, monkeypatch):
+    monkeypatch.setattr(latents, "SHARD", 8)  # 20 examples: shards of 8, 8, 4
+    cache = str(tmp_path / "cache")
+    argv = cfg_args(world, f"--latent_cache={cache}", "--batch_size=4")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    latents.main(argv)  # rank 1 of 2 builds shard 1 only; rank 0 writes meta.json
+    assert sorted(f for f in os.listdir(cache) if f.endswith(".json")) == ["shard_000001.json"]
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(latents, "build_shard", lambda *a: 1 / 0)  # rank 0 stopped before its first shard
+    with pytest.raises(ZeroDivisionError):
+        latents.main(argv)
+    with pytest.raises(ValueError, match="2 of 3 shards are not built"):
+        latents.CachedLatents(cache)
+    monkeypatch.undo()
+    monkeypatch.setattr(latents, "SHARD", 8)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    latents.main(argv)  # rank 0: shards 0 and 2
+    first = {f: np.load(os.path.join(cache, f)) for f in os.listdir(cache) if f.endswith(".npy")}
+    assert len(first) == 3
+    # stopped mid-way: shard 1 lost its done-mark, shard 2 left a temporary file
+    os.remove(os.path.join(cache, "shard_000001.json"))
+    open(os.path.join(cache, "shard_000002.npy.tmp"), "wb").write(b"half")
+    times = {f: os.stat(os.path.join(cache, f)).st_mtime_ns for f in os.listdir(cache)}
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    latents.main(argv)
+    assert not os.path.exists(os.path.join(cache, "shard_000002.npy.tmp"))
+    assert all(os.stat(os.path.join(cache, f)).st_mtime_ns == times[f]
+               for f in ("shard_000000.npy", "shard_000002.npy", "shard_000002.json"))  # not rebuilt
+    assert os.stat(os.path.join(cache, "shard_000001.npy")).st_mtime_ns != times["shard_000001.npy"]
+    assert all(np.array_equal(np.load(os.path.join(cache, f)), x) for f, x in first.items())
+    ds = latents.CachedLatents(cache, seed=0, random_flip=True)
+    assert [ds[i]["prompt"] for i in range(N)] == [data.ImageFolder(world[1], 16)[i]["prompt"] for i in range(N)]
+
+
+def test_a_cache_is_used_only_for_what_it_was_built_for(world, tmp_path):
+    cache = str(tmp_path / "cache")
+    latents.main(cfg_args(world, f"--latent_cache={cache}", "--batch_size=8"))
+    cfg = lambda *more: train_sspo.get_config(cfg_args(world, f"--latent_cache={cache}", *more))
+    with pytest.raises(ValueError, match=r"resolution: cache 16, config 32"):
+        train_sspo.make_dataset(cfg("--resolution=32"))
+    with pytest.raises(ValueError, match=r"flips: cache \[False, True\], config \[False\]"):
+        train_sspo.make_dataset(cfg("--random_flip=False"))
+    with open(os.path.join(world[1], "metadata.jsonl"), "a") as f:  # the data changed since the build
+        f.write("\n")
+    try:
+        with pytest.raises(ValueError, match=r"data_files: cache"):
+            train_sspo.make_dataset(cfg())
+    finally:
+        with open(os.path.join(world[1], "metadata.jsonl"), "rb+") as f:
+            f.truncate(os.path.getsize(f.name) - 1)
+    other = model.build_tiny_model(str(tmp_path / "other"), data.WORDS, resolution=16, with_vae=True, seed=1)
+    ds = train_sspo.make_dataset(cfg())
+    with pytest.raises(ValueError, match="built with another VAE"):
+        ds.check_vae(model.load_model(other)["vae"])
+    ds.check_vae(model.load_model(world[0])["vae"])
+    with pytest.raises(SystemExit, match="random_crop=False"):
+        cfg("--random_crop=True")
+    with pytest.raises(SystemExit, match="for real data"):
+        train_sspo.get_config([f"--latent_cache={cache}"])
+    with pytest.raises(FileNotFoundError, match="meta.json: no such file; build the cache first"):
+        latents.CachedLatents(str(tmp_path / "none"))
+    # building into a folder that holds another cache changes nothing there
+    before = {f: os.stat(os.path.join(cache, f)).st_mtime_ns for f in os.listdir(cache)}
+    with pytest.raises(SystemExit, match=r"holds a cache built for something else \(.*resolution: 16 there, 32 here"):
+        latents.main(cfg_args(world, f"--latent_cache={cache}", "--resolution=32"))
+    assert {f: os.stat(os.path.join(cache, f)).st_mtime_ns for f in os.listdir(cache)} == before
+    with pytest.raises(SystemExit, match="has no VAE"):
+        latents.main(cfg_args(world, f"--latent_cache={tmp_path}/px", "--init_from=scratch"))
+    # a shard damaged on disk: the error names it and how to rebuild it
+    npy = os.path.join(cache, "shard_000000.npy")
+    with open(npy, "rb+") as f:
+        f.truncate(100)
+    with pytest.raises(ValueError, match=r"shard_000000.npy: unreadable latent cache shard .* delete it and its .json"):
+        ds[0]
+
+
+def test_pair_methods_need_a_cache_with_losers(world, tmp_path, run):
+    pairs = write_pairs(str(tmp_path / "single"), n=8, paired=False)
+    cache = str(tmp_path / "cache")
+    argv = ["--dataset=imagefolder", f"--data_path={pairs}", f"--init_from={world[0]}", f"--latent_cache={cache}"]
+    latents.main(argv + ["--batch_size=8"])
+    assert "latent_l" not in latents.CachedLatents(cache)[0]
+    p = run(FAST + argv + ["--method=dpo", f"--out_dir={tmp_path}/run"])
+    assert p.returncode == 1 and "method='dpo' needs paired data" in p.stderr, p.stderr[-2000:]
