@@ -199,6 +199,11 @@ def main(argv):
     vae = vae.to(device, dtype).eval().requires_grad_(False)
     meta = {**describe(cfg, len(ds), 2 if "image_l" in ds[0] else 1), **vae_id(vae)}
     folder, meta_path = cfg["latent_cache"], os.path.join(cfg["latent_cache"], "meta.json")
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    foreign = sorted(f for f in names if not f.startswith(("meta.json", "shard_")))
+    if foreign:  # never write into (or tidy) a folder of someone else's files
+        raise SystemExit(f"error: {folder} is not empty and not a latent cache (it has {foreign[0]!r}); choose a new "
+                         "or empty folder for latent_cache")
     if os.path.isfile(meta_path):  # go on with a cache of the same build; never mix two
         with open(meta_path) as f:
             old = json.load(f)

@@ -69,7 +69,7 @@ def test_bench_sd15_code_path_runs_at_reduced_width(monkeypatch, capsys, tmp_pat
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     ratios = bench.main(["--sd15", f"--config={cfg}", "--resolution=64", "--iters=1", "--warmup=0", "--methods=dpo,sspo"])
     out = capsys.readouterr().out
-    assert "SD1.5-shaped UNet" in out and "sspo floor" in out
+    assert "SD1.5-shaped UNet" in out and "sspo floor" in out and "images -> latent cache (latents.py)" in out
     assert all(math.isfinite(v) for v in ratios.values()) and "sspo step / floor" in ratios
 
 

@@ -148,6 +148,8 @@ def test_a_cache_is_used_only_for_what_it_was_built_for(world, tmp_path):
     with pytest.raises(SystemExit, match=r"holds a cache built for something else \(.*resolution: 16 there, 32 here"):
         latents.main(cfg_args(world, f"--latent_cache={cache}", "--resolution=32"))
     assert {f: os.stat(os.path.join(cache, f)).st_mtime_ns for f in os.listdir(cache)} == before
+    with pytest.raises(SystemExit, match=r"is not empty and not a latent cache \(it has 'img'\)"):
+        latents.main(cfg_args(world, f"--latent_cache={world[1]}"))  # the data folder itself
     with pytest.raises(SystemExit, match="has no VAE"):
         latents.main(cfg_args(world, f"--latent_cache={tmp_path}/px", "--init_from=scratch"))
     # a shard damaged on disk: the error names it and how to rebuild it
