@@ -345,7 +345,7 @@ def variants(P, cfg, args):
         with torch.no_grad():
             moments = model.encode_moments(vae, images.to(dev)).cpu()
         latents.write_meta(folder, {"examples": P["B"], "images": 1, "vae_dtype": str(vae.dtype).removeprefix("torch.")})
-        latents.write_shard(folder, 0, moments[:, None, None], ["a prompt"] * P["B"])
+        latents.write_shard(folder, 0, moments[:, None, None], {"prompt": ["a prompt"] * P["B"]})
         ds = latents.CachedLatents(folder)
         read = lambda: torch.utils.data.default_collate([ds[i] for i in range(P["B"])])["latent_w"]
         t_read = time_it(read, torch.device("cpu"), w, n)

@@ -14,7 +14,7 @@ cannot be precomputed and is refused. Unreadable examples are replaced as data.S
 
 Layout: DIR/meta.json (what it was built from: data files, resolution, flips, VAE weights' hash and dtype),
 DIR/shard_NNNNNN.npy (SHARD examples: (n, images, flips, 2C, h, w); bfloat16 kept as int16 bits) and
-DIR/shard_NNNNNN.json (their prompts), each written whole (durable.write_file). The .json is written last and marks
+DIR/shard_NNNNNN.json (their prompts, and what data.SkipBad reported), each written whole (durable.write_file). The .json is written last and marks
 a shard done, so a build that was stopped goes on from where it was. Rank r of N builds shards r, r + N, ...
 """
 import hashlib
@@ -45,12 +45,15 @@ def check_config(cfg):
 
 
 def data_files(cfg):
-    """{file: size in bytes} of what the dataset reads its index from: a changed file is a different dataset."""
+    """{file: size in bytes} of what the dataset reads its index from, named relative to data_path (the data may
+    move): a changed file is a different dataset. Training from the cache still reads these to check them."""
+    path = cfg["data_path"]
     if cfg["dataset"] == "pickapic":
-        files = data._parquet_files(cfg["data_path"])
+        files = data._parquet_files(path)
     else:
-        files = [os.path.join(cfg["data_path"], "metadata.jsonl")]
-    return {os.path.abspath(f): os.path.getsize(f) for f in files}
+        files = [os.path.join(path, "metadata.jsonl")]
+    base = path if os.path.isdir(path) else os.path.dirname(path)
+    return {os.path.relpath(f, base): os.path.getsize(f) for f in files}
 
 
 def vae_id(vae):
@@ -84,15 +87,19 @@ class CachedLatents(torch.utils.data.Dataset):
         if not os.path.isfile(meta_path):
             raise FileNotFoundError(f"{meta_path}: no such file; build the cache first: python latents.py CONFIG "
                                     f"--latent_cache={folder}")
-        with open(meta_path) as f:
-            self.meta = json.load(f)
-        n = math.ceil(self.meta["examples"] / SHARD)
+        try:
+            with open(meta_path) as f:
+                self.meta = json.load(f)
+            n = math.ceil(self.meta["examples"] / SHARD)
+            self.meta["images"], self.meta["vae_dtype"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{meta_path}: not a latent cache's meta.json ({type(e).__name__}: {e})") from None
         missing = [s for s in range(n) if not os.path.isfile(shard_path(folder, s, "json"))]
         if missing:
             raise ValueError(f"{folder}: {len(missing)} of {n} shards are not built (first: "
                              f"{shard_path(folder, missing[0], 'npy')}); run python latents.py CONFIG again "
                              "to finish the cache")
-        self._prompts = (None, None)  # (shard, its prompts): one JSON read per shard a worker visits in a row
+        self._rows = (None, None)  # (shard, its rows): one JSON read per shard a worker visits in a row
 
     def check_config(self, cfg):
         """ValueError unless the cache was built for this config's data files, resolution and flips."""
@@ -120,24 +127,25 @@ class CachedLatents(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         i = range(len(self))[i]
-        flip = data.draw_aug(np.random.default_rng([self.seed, self.epoch, i]), False, self.random_flip)[1]
         s, r = divmod(i, SHARD)
-        path = shard_path(self.folder, s, "npy")
+        path = shard_path(self.folder, s, "json")
         try:
+            if self._rows[0] != s:
+                with open(path) as f:
+                    self._rows = (s, json.load(f))
+            row = {k: v[r] for k, v in self._rows[1].items()}  # prompt, and what data.SkipBad reported
+            # data.SkipBad replaced an unreadable example i by the readable i + k: its flip is drawn for i + k
+            aug_rng = np.random.default_rng([self.seed, self.epoch, row.pop("source", i)])
+            flip = data.draw_aug(aug_rng, False, self.random_flip)[1]
+            path = shard_path(self.folder, s, "npy")
             x = np.array(np.load(path, mmap_mode="r")[r, :, int(flip)])  # (images, 2C, h, w), read from disk
         except Exception as e:
             raise ValueError(f"{path}: unreadable latent cache shard ({type(e).__name__}: {e}); delete it and its "
-                             ".json and run python latents.py CONFIG to rebuild it") from None
+                             ".json (or .npy) and run python latents.py CONFIG to rebuild it") from None
         x = torch.from_numpy(x)
         if self.meta["vae_dtype"] == "bfloat16":
             x = x.view(torch.bfloat16)
-        if self._prompts[0] != s:
-            with open(shard_path(self.folder, s, "json")) as f:
-                self._prompts = (s, json.load(f)["prompts"])
-        item = {"prompt": self._prompts[1][r], "latent_w": x[0]}
-        if len(x) > 1:
-            item["latent_l"] = x[1]
-        return item
+        return {**row, "latent_w": x[0], **({"latent_l": x[1]} if len(x) > 1 else {})}
 
 
 def write_meta(folder, meta):
@@ -145,35 +153,38 @@ def write_meta(folder, meta):
     durable.write_file(os.path.join(folder, "meta.json"), lambda f: f.write(json.dumps(meta, indent=1).encode()))
 
 
-def write_shard(folder, s, x, prompts):
-    """Shard s: the moments (a tensor (n, images, flips, 2C, h, w)), then its prompts, which mark it done."""
+def write_shard(folder, s, x, rows):
+    """Shard s: the moments (a tensor (n, images, flips, 2C, h, w)), then rows = {"prompt": [n prompts], and
+    optionally per example "source" (the index whose images these are) and data.SkipBad's counts}, which mark it
+    done."""
     x = x.view(torch.int16) if x.dtype == torch.bfloat16 else x  # numpy has no bfloat16: keep its bits
     durable.write_file(shard_path(folder, s, "npy"), lambda f: np.save(f, x.numpy()))
-    durable.write_file(shard_path(folder, s, "json"), lambda f: f.write(json.dumps({"prompts": prompts}).encode()))
+    durable.write_file(shard_path(folder, s, "json"), lambda f: f.write(json.dumps(rows).encode()))
 
 
 @torch.no_grad()
 def build_shard(ds, s, vae, cfg, device, bar):
-    """Encode examples [s x SHARD, ...) of the image dataset ds (unflipped) -> (moments, prompts, tallies)."""
+    """Encode examples [s x SHARD, ...) of ds, a data.SkipBad image dataset (unflipped) -> (moments, rows)."""
     idx = range(s * SHARD, min(len(ds), (s + 1) * SHARD))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, idx), cfg["batch_size"],
                                          num_workers=cfg["num_workers"])
     flips = [False, True] if cfg["random_flip"] else [False]
-    out, prompts, tallies = [], [], {"skipped": 0, "converted": 0, "upscaled": 0}
+    out, rows = [], {k: [] for k in ("prompt", "source", "skipped", "error", "converted", "upscaled")}
     for batch in loader:
         for err in batch["error"]:
             if err and cfg["bad_data"] == "stop":
                 raise SystemExit(f"error: {err} (bad_data='stop'; 'skip' replaces such examples)")
-        for k in tallies:
-            tallies[k] += int(batch[k].sum())
+        first = idx[0] + len(rows["prompt"])
+        rows["source"] += [(first + j + k) % len(ds) for j, k in enumerate(batch["skipped"].tolist())]
+        for k in ("prompt", "error", "skipped", "converted", "upscaled"):
+            rows[k] += batch[k] if k in ("prompt", "error") else batch[k].tolist()
         per_image = []
         for key in ("image_w", "image_l") if "image_l" in batch else ("image_w",):
             x = batch[key].to(device)
             per_image.append(torch.stack([model.encode_moments(vae, x.flip(-1) if f else x) for f in flips], 1))
         out.append(torch.stack(per_image, 1).cpu())  # (b, images, flips, 2C, h, w)
-        prompts += batch["prompt"]
         bar.update(len(batch["prompt"]))
-    return torch.cat(out), prompts, tallies
+    return torch.cat(out), rows
 
 
 def main(argv):
@@ -186,47 +197,57 @@ def main(argv):
     cuda = cfg["device"] == "cuda" or (cfg["device"] == "auto" and torch.cuda.is_available())
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if cuda else "cpu")
     src = cfg["out_dir"] if cfg["init_from"] == "resume" else cfg["init_from"]
-    try:  # bad input is a one-line error before any encoding
-        ds = data.SkipBad((data.PickAPic if cfg["dataset"] == "pickapic" else data.ImageFolder)(
-            cfg["data_path"], cfg["resolution"], False, False, cfg["seed"]))  # unflipped: flips are made below
-        if src == "scratch" or (os.path.isdir(src) and not os.path.isdir(os.path.join(src, "vae"))):
-            raise ValueError(f"init_from={src!r} has no VAE (a pixel-space model): there is nothing to cache")
-        local = model.check_model_path(src)
-        vae = AutoencoderKL.from_pretrained(src, subfolder="vae", local_files_only=local)
+    folder, meta_path = cfg["latent_cache"], os.path.join(cfg["latent_cache"], "meta.json")
+    try:  # bad input is a one-line error before any encoding; so is a write that fails (it names the file)
+        build(cfg, src, folder, meta_path, rank, world, device, cuda)
     except (FileNotFoundError, ValueError, OSError) as e:
         raise SystemExit(f"error: {e}")
+
+
+def build(cfg, src, folder, meta_path, rank, world, device, cuda):
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"latent_cache {folder} is a file, not a folder")
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    foreign = sorted(f for f in names if not f.startswith(("meta.json", "shard_")))
+    if foreign:  # never write into a folder of someone else's files
+        raise ValueError(f"{folder} is not empty and not a latent cache (it has {foreign[0]!r}); choose a new "
+                         "or empty folder for latent_cache")
+    ds = data.SkipBad((data.PickAPic if cfg["dataset"] == "pickapic" else data.ImageFolder)(
+        cfg["data_path"], cfg["resolution"], False, False, cfg["seed"]))  # unflipped: flips are made below
+    if src == "scratch" or (os.path.isdir(src) and not os.path.isdir(os.path.join(src, "vae"))):
+        raise ValueError(f"init_from={src!r} has no VAE (a pixel-space model): there is nothing to cache")
+    vae = AutoencoderKL.from_pretrained(src, subfolder="vae", local_files_only=model.check_model_path(src))
     dtype = torch.bfloat16 if cuda and cfg["mixed_precision"] == "bf16" else torch.float32  # as train_sspo.py loads it
     vae = vae.to(device, dtype).eval().requires_grad_(False)
     meta = {**describe(cfg, len(ds), 2 if "image_l" in ds[0] else 1), **vae_id(vae)}
-    folder, meta_path = cfg["latent_cache"], os.path.join(cfg["latent_cache"], "meta.json")
-    names = os.listdir(folder) if os.path.isdir(folder) else []
-    foreign = sorted(f for f in names if not f.startswith(("meta.json", "shard_")))
-    if foreign:  # never write into (or tidy) a folder of someone else's files
-        raise SystemExit(f"error: {folder} is not empty and not a latent cache (it has {foreign[0]!r}); choose a new "
-                         "or empty folder for latent_cache")
     if os.path.isfile(meta_path):  # go on with a cache of the same build; never mix two
-        with open(meta_path) as f:
-            old = json.load(f)
+        try:
+            with open(meta_path) as f:
+                old = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{meta_path}: not a latent cache's meta.json ({e})") from None
         if old != meta:
             diff = "; ".join(f"{k}: {old.get(k)!r} there, {v!r} here" for k, v in meta.items() if old.get(k) != v)
-            raise SystemExit(f"error: {folder} holds a cache built for something else ({diff}); choose another "
+            raise ValueError(f"{folder} holds a cache built for something else ({diff}); choose another "
                              "latent_cache (nothing there is overwritten)")
     elif rank == 0:
         write_meta(folder, meta)
     os.makedirs(folder, exist_ok=True)
-    if rank == 0:
-        durable.tidy(folder)  # a stopped build's half-written NAME.tmp
     n = math.ceil(len(ds) / SHARD)
+    for s in range(rank, n, world):  # what a stopped build of these shards left; other ranks' files are theirs
+        for ext in ("npy", "json"):
+            if os.path.exists(shard_path(folder, s, ext) + ".tmp"):
+                os.remove(shard_path(folder, s, ext) + ".tmp")
     todo = [s for s in range(rank, n, world) if not os.path.isfile(shard_path(folder, s, "json"))]
     print(f"latents: {len(ds)} examples x {meta['images']} image(s) x {len(meta['flips'])} flip(s) at "
           f"{cfg['resolution']} px -> {folder}; rank {rank} of {world}: {len(todo)} of its shards to build")
-    tallies = {"skipped": 0, "converted": 0, "upscaled": 0}
+    tallies = dict.fromkeys(("skipped", "converted", "upscaled"), 0)
     bar = tqdm(total=sum(min(len(ds), (s + 1) * SHARD) - s * SHARD for s in todo), disable=rank != 0,
                desc="encode", unit="example", dynamic_ncols=True)
     for s in todo:
-        x, prompts, t = build_shard(ds, s, vae, cfg, device, bar)
-        tallies = {k: tallies[k] + t[k] for k in tallies}
-        write_shard(folder, s, x, prompts)
+        x, rows = build_shard(ds, s, vae, cfg, device, bar)
+        tallies = {k: v + sum(rows[k]) for k, v in tallies.items()}
+        write_shard(folder, s, x, rows)
     bar.close()
     print(f"latents: rank {rank} done; data it read: " + ", ".join(f"{k} {v}" for k, v in tallies.items()))
 

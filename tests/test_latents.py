@@ -2,6 +2,7 @@
 import glob
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ import latents
 import model
 import train_sspo
 from conftest import FAST
+from test_faults import bad_shard
 
 N = 20  # pairs in the test folder
 
@@ -66,13 +68,33 @@ def test_a_run_from_the_cache_is_the_run_that_encodes(world, tmp_path, run):
     assert any(not torch.equal(before[k], a[k]) for k in a)  # it trained
 
 
+def test_unreadable_rows_are_replaced_and_counted_as_without_the_cache(world, tmp_path, run):
+    """5 of 12 Pick-a-Pic rows are unreadable: data.SkipBad gives example i the images of the readable i + k, whose
+    flip is drawn for i + k, and the epoch's data line counts what was passed over. The cache keeps both."""
+    shard, cache = bad_shard(tmp_path / "s.parquet"), str(tmp_path / "cache")
+    argv = ["--dataset=pickapic", f"--data_path={shard}", f"--init_from={world[0]}", "--random_flip=True"]
+    latents.main(argv + [f"--latent_cache={cache}", "--batch_size=1"])
+    # 5 updates of 4 = 20 examples: all of epoch 0 and part of epoch 1
+    common = FAST + argv + ["--method=dpo", "--batch_size=1", "--grad_accum=4", "--max_steps=5", "--n_eval_images=2"]
+    text = {}
+    for name, more in (("encoded", []), ("cached", [f"--latent_cache={cache}"])):
+        p = run(common + [f"--out_dir={tmp_path / name}", *more])
+        assert p.returncode == 0, p.stderr[-3000:]
+        text[name] = [re.sub(r"0x[0-9a-f]+", "0x", line)  # PIL's message names an object's address
+                      for line in p.stdout.splitlines() if line.startswith(("data of epoch", "skipped unreadable"))]
+    assert "data of epoch 0: skipped 6, converted 9, upscaled 2, empty_caption 1, long_caption 1" in text["encoded"]
+    assert text["cached"] == text["encoded"]
+    a, b = unet_weights(tmp_path / "encoded"), unet_weights(tmp_path / "cached")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_bfloat16_moments_keep_their_bits(world, tmp_path):
     vae = AutoencoderKL.from_pretrained(world[0], subfolder="vae").to(torch.bfloat16)
     ds = data.ImageFolder(world[1], 16, random_flip=False)
     moments = model.encode_moments(vae, torch.stack([ds[i]["image_w"] for i in range(4)]))  # (4, 2C, h, w)
     folder = str(tmp_path / "bf16")
     latents.write_meta(folder, {"examples": 4, "images": 1, "vae_dtype": "bfloat16"})
-    latents.write_shard(folder, 0, moments[:, None, None], ["p"] * 4)  # (4, 1 image, 1 flip, 2C, h, w)
+    latents.write_shard(folder, 0, moments[:, None, None], {"prompt": ["p"] * 4})  # (4, 1 image, 1 flip, 2C, h, w)
     cached = latents.CachedLatents(folder)
     assert all(cached[i]["latent_w"].dtype == torch.bfloat16 and torch.equal(cached[i]["latent_w"], moments[i])
                for i in range(4))
