@@ -199,12 +199,15 @@ def main(argv):
     src = cfg["out_dir"] if cfg["init_from"] == "resume" else cfg["init_from"]
     folder, meta_path = cfg["latent_cache"], os.path.join(cfg["latent_cache"], "meta.json")
     try:  # bad input is a one-line error before any encoding; so is a write that fails (it names the file)
-        build(cfg, src, folder, meta_path, rank, world, device, cuda)
+        check_folder(folder)
+        # the training run's dataset, unflipped (build_shard makes the flips)
+        ds = train_sspo.make_dataset({**cfg, "latent_cache": "", "random_flip": False})
+        build(cfg, ds, src, folder, meta_path, rank, world, device, cuda)
     except (FileNotFoundError, ValueError, OSError) as e:
         raise SystemExit(f"error: {e}")
 
 
-def build(cfg, src, folder, meta_path, rank, world, device, cuda):
+def check_folder(folder):
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise ValueError(f"latent_cache {folder} is a file, not a folder")
     names = os.listdir(folder) if os.path.isdir(folder) else []
@@ -212,8 +215,9 @@ def build(cfg, src, folder, meta_path, rank, world, device, cuda):
     if foreign:  # never write into a folder of someone else's files
         raise ValueError(f"{folder} is not empty and not a latent cache (it has {foreign[0]!r}); choose a new "
                          "or empty folder for latent_cache")
-    ds = data.SkipBad((data.PickAPic if cfg["dataset"] == "pickapic" else data.ImageFolder)(
-        cfg["data_path"], cfg["resolution"], False, False, cfg["seed"]))  # unflipped: flips are made below
+
+
+def build(cfg, ds, src, folder, meta_path, rank, world, device, cuda):
     if src == "scratch" or (os.path.isdir(src) and not os.path.isdir(os.path.join(src, "vae"))):
         raise ValueError(f"init_from={src!r} has no VAE (a pixel-space model): there is nothing to cache")
     vae = AutoencoderKL.from_pretrained(src, subfolder="vae", local_files_only=model.check_model_path(src))

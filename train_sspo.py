@@ -631,7 +631,7 @@ def main(cfg):
             raise SystemExit(f"error: training the base with {cfg['base_config']} failed")
     try:  # bad input is a one-line error before any work: data first (seconds), then the model
         ds = make_dataset(cfg)
-        if cfg["method"] in PAIR_METHODS and "image_l" not in ds[0] and "latent_l" not in ds[0]:
+        if cfg["method"] in PAIR_METHODS and not {"image_l", "latent_l"} & ds[0].keys():
             raise ValueError(f"method={cfg['method']!r} needs paired data (image_l), but dataset={cfg['dataset']!r} "
                              "has none" + (" (set tiny_mode='pairs')" if cfg["dataset"] == "tiny" else "")
                              + (": winners are its desirable, losers its undesirable samples"
