@@ -16,6 +16,7 @@ import difflib
 import math
 import os
 import re
+import resource
 import subprocess
 import sys
 import time
@@ -711,7 +712,9 @@ def main(cfg):
     for u in (unet, ref_unet) if cfg["compile_unet"] else ():  # in place: state_dict keys, checkpoints unchanged
         if u is not None:
             u.compile(dynamic=False)
-    ddp_unet = DDP(unet, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else unet
+    # gradients as views into DDP's all-reduce buckets: one copy of the UNet's gradients, not two (3.4 GB on SD1.5)
+    ddp_unet = DDP(unet, device_ids=[device.index] if device.type == "cuda" else None,
+                   gradient_as_bucket_view=True) if world > 1 else unet
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
     abar = m["scheduler"].alphas_cumprod.to(device)
     T = m["scheduler"].config.num_train_timesteps
@@ -862,7 +865,8 @@ def main(cfg):
             tallies["skipped_updates"] += 1
             print0(f"step {step + 1}: non-finite loss ({stats_sum['loss']}) or gradient norm ({grad_norm.item()}) on some "
                    f"rank: update skipped ({tallies['skipped_updates']} so far)")
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=world == 1)  # under DDP, zeroed in place: still the bucket views (freed, the next
+        # no_sync micro-steps would accumulate into new tensors, a second copy until the all-reduce)
         stats_sum["t_train"] = time.time() - t_start - stats_sum.get("t_sample", 0.0)  # seconds, this update
         step += 1
         durable.fault("step")
@@ -874,15 +878,16 @@ def main(cfg):
             dt = (time.time() - t_last) / cfg["log_every"]
             t_last = time.time()
             bar.set_postfix(loss=f"{stats['loss']:.4f}")
-            mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+            mem = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else
+                   resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30  # Linux: ru_maxrss in KiB
             log_json({"kind": "train", "step": step, **stats, "lr": lr, "grad_norm": grad_norm.item(), "s_per_step": dt,
-                      **({"peak_gib": mem} if mem is not None else {})})
+                      "peak_gib": mem})
             rate = cfg["batch_size"] * cfg["grad_accum"] * world / dt
             print0(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in stats.items()) +
                    (f", ref = snapshot of step {ref_step}" if pool is not None else "") +
                    f", lr {lr:.2e}, grad_norm {grad_norm.item():.3f}, {dt:.2f} s/step, " +
                    (f"{rate:.0f}" if rate >= 100 else f"{rate:.3g}") + " samples/s" +
-                   (f", peak GPU memory so far {mem:.1f} GiB" if mem is not None else ""))
+                   f", peak {'GPU memory' if device.type == 'cuda' else 'RSS'} so far {mem:.2f} GiB")
     bar.close()
     report_data(tallies, data_pos[0], device, partial=True)
     if tallies["skipped_updates"]:
