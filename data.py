@@ -354,12 +354,13 @@ class PickAPic(torch.utils.data.Dataset):
     build the index); images (and the caption, kept off the heap) are read per item, a whole row group at a time,
     because a row group is the smallest unit parquet can read. Random access therefore costs one row-group read
     per item that misses the small cache below: with a shuffled sampler over big shards, expect I/O-bound loading
-    (more DataLoader workers help; so do row groups of a few hundred rows)."""
+    (more DataLoader workers help; so do row groups of a few hundred rows). losers=False: items without the
+    losing image, which is then never decoded (SFT and SSPO train on the winners only)."""
 
-    def __init__(self, paths, resolution, random_crop=False, random_flip=True, seed=0):
+    def __init__(self, paths, resolution, random_crop=False, random_flip=True, seed=0, losers=True):
         self.files = _parquet_files(paths)
-        self.resolution, self.random_crop, self.random_flip, self.seed, self.epoch = \
-            resolution, random_crop, random_flip, seed, 0
+        self.resolution, self.random_crop, self.random_flip, self.seed, self.epoch, self.losers = \
+            resolution, random_crop, random_flip, seed, 0, losers
         # index as flat numpy arrays, not a list of tuples: ~1M rows stay a few MB and are not copied page by
         # page into every forked DataLoader worker by Python's refcounting
         fid, pos, win, self.rg_start, n_rows = [], [], [], [], 0
@@ -406,17 +407,18 @@ class PickAPic(torch.utils.data.Dataset):
         t, r = self._row_group(k, g), pos - int(self.rg_start[k][g])
         aug = draw_aug(np.random.default_rng([self.seed, self.epoch, i]), self.random_crop, self.random_flip)
         img = [load_image(t.column(f"jpg_{c}")[r].as_py(), self.resolution, aug, f"{self.files[k]} row {pos} jpg_{c}")
-               for c in (w, 1 - w)]
-        return {"prompt": t.column("caption")[r].as_py(), "image_w": img[0], "image_l": img[1]}
+               for c in ((w, 1 - w) if self.losers else (w,))]
+        return {"prompt": t.column("caption")[r].as_py(), "image_w": img[0], **({"image_l": img[1]} if self.losers else {})}
 
 
 class ImageFolder(torch.utils.data.Dataset):
     """The diffusers imagefolder convention: root/metadata.jsonl, one JSON object a line with `file_name` (relative
-    to root) and `text`; with `loser_file_name` too (on every line or none) the items are pairs."""
+    to root) and `text`; with `loser_file_name` too (on every line or none) the items are pairs, unless
+    losers=False: then the losing images are checked to exist but never read."""
 
-    def __init__(self, root, resolution, random_crop=False, random_flip=True, seed=0):
-        self.resolution, self.random_crop, self.random_flip, self.seed, self.epoch = \
-            resolution, random_crop, random_flip, seed, 0
+    def __init__(self, root, resolution, random_crop=False, random_flip=True, seed=0, losers=True):
+        self.resolution, self.random_crop, self.random_flip, self.seed, self.epoch, self.losers = \
+            resolution, random_crop, random_flip, seed, 0, losers
         meta, self.rows, self.paired = os.path.join(root, "metadata.jsonl"), [], None
         if not os.path.isfile(meta):
             raise FileNotFoundError(f"{meta}: no such file (an imagefolder needs metadata.jsonl with file_name, text)")
@@ -458,8 +460,9 @@ class ImageFolder(torch.utils.data.Dataset):
         i = range(len(self))[i]
         text, *files = self.rows[i]
         aug = draw_aug(np.random.default_rng([self.seed, self.epoch, i]), self.random_crop, self.random_flip)
-        imgs = [load_image(p, self.resolution, aug) for p in files]
-        return {"prompt": text, "image_w": imgs[0], **({"image_l": imgs[1]} if self.paired else {})}
+        pair = self.paired and self.losers
+        imgs = [load_image(p, self.resolution, aug) for p in (files if pair else files[:1])]
+        return {"prompt": text, "image_w": imgs[0], **({"image_l": imgs[1]} if pair else {})}
 
 
 class SkipBad(torch.utils.data.Dataset):

@@ -39,17 +39,22 @@ def load_model(path, device="cpu", frozen_dtype=torch.float32):
     """-> dict(unet, vae or None, text_encoder, tokenizer, scheduler). The UNet stays fp32 (master weights);
     the frozen text encoder and VAE may be cast to `frozen_dtype`."""
     local = check_model_path(path)
-    kw = dict(local_files_only=local)
+
+    def part(cls, sub):  # OSError naming the part: a missing or damaged file, a hub id that does not resolve
+        try:
+            return cls.from_pretrained(path, subfolder=sub, local_files_only=local)
+        except (OSError, ValueError) as e:
+            raise OSError(f"{os.path.join(path, sub) if local else f'{path} ({sub})'}: {cls.__name__}: {e}") from None
     m = {
-        "unet": UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw).to(device),
-        "text_encoder": CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw),
-        "tokenizer": CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw),
+        "unet": part(UNet2DConditionModel, "unet").to(device),
+        "text_encoder": part(CLIPTextModel, "text_encoder"),
+        "tokenizer": part(CLIPTokenizer, "tokenizer"),
         # DDIMScheduler reads SD1.5's PNDM config too; we use its betas/alphas, never its .step()
-        "scheduler": DDIMScheduler.from_pretrained(path, subfolder="scheduler", **kw),
+        "scheduler": part(DDIMScheduler, "scheduler"),
         "vae": None,
     }
     if not local or os.path.isdir(os.path.join(path, "vae")):
-        m["vae"] = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
+        m["vae"] = part(AutoencoderKL, "vae")
     if m["scheduler"].config.prediction_type != "epsilon":
         raise ValueError(f"{path}: prediction_type={m['scheduler'].config.prediction_type!r}; only 'epsilon' "
                          "(SD1.x) is implemented")

@@ -213,9 +213,21 @@ def get_config(argv):
     if cfg["dataset"] != "tiny" and not os.path.exists(cfg["data_path"]):
         raise SystemExit(f"config error: data_path {cfg['data_path']!r} does not exist")
     for key in ("batch_size", "grad_accum", "max_steps", "eval_every", "save_every", "log_every", "sample_steps",
-                "ckpt_every", "self_sample_steps", "inversion_steps", "keep_checkpoints", "ddp_timeout"):
+                "ckpt_every", "self_sample_steps", "inversion_steps", "keep_checkpoints", "ddp_timeout", "resolution"):
         if cfg[key] < 1:
             raise SystemExit(f"config error: {key} must be >= 1, got {cfg[key]}")
+    for key, ok, want in (  # values of the right type that would train something else than asked, silently
+            ("beta", cfg["beta"] > 0, "> 0 (a negative beta prefers the losers)"), ("lr", cfg["lr"] > 0, "> 0"),
+            ("grad_clip", cfg["grad_clip"] >= 0, ">= 0 (0: no clipping)"), ("weight_decay", cfg["weight_decay"] >= 0, ">= 0"),
+            ("warmup_steps", cfg["warmup_steps"] >= 0, ">= 0"), ("ema_decay", 0 <= cfg["ema_decay"] < 1, "in [0, 1) (0: no EMA)"),
+            ("caption_dropout", 0 <= cfg["caption_dropout"] <= 1, "in [0, 1]"), ("eta", 0 <= cfg["eta"] <= 1, "in [0, 1]"),
+            ("self_sample_eta", 0 <= cfg["self_sample_eta"] <= 1, "in [0, 1]"),
+            ("adam_beta1", 0 <= cfg["adam_beta1"] < 1, "in [0, 1)"), ("adam_beta2", 0 <= cfg["adam_beta2"] < 1, "in [0, 1)"),
+            ("unet_channels", len(cfg["unet_channels"]) >= 2 and all(type(c) is int and c > 0 and c % 8 == 0
+                                                                    for c in cfg["unet_channels"]),
+             "two or more positive multiples of 8 (the GroupNorm's 8 groups), like (32, 64)")):
+        if not ok:
+            raise SystemExit(f"config error: {key} must be {want}, got {cfg[key]!r}")
     return cfg
 
 
@@ -435,7 +447,8 @@ def make_dataset(cfg):
         ds.check_config(cfg)
         return ds
     cls = data.PickAPic if cfg["dataset"] == "pickapic" else data.ImageFolder
-    return data.SkipBad(cls(cfg["data_path"], cfg["resolution"], cfg["random_crop"], cfg["random_flip"], cfg["seed"]))
+    return data.SkipBad(cls(cfg["data_path"], cfg["resolution"], cfg["random_crop"], cfg["random_flip"], cfg["seed"],
+                            losers=cfg["method"] in PAIR_METHODS))  # SFT and SSPO never decode the losers
 
 
 DATA_TALLIES = ("skipped", "converted", "upscaled", "empty_caption", "long_caption")
@@ -448,8 +461,10 @@ def tally_data(counts, batch, tokenizer, bad_data):
     for err in batch.get("error", ()):
         if err and bad_data == "stop":
             raise SystemExit(f"error: {err} (bad_data='stop'; 'skip' replaces such examples)")
-        if err:
-            print0(f"skipped unreadable data: {err}")
+        if err:  # every rank's (log.txt gets rank 0's; the epoch's counts sum all ranks)
+            rank = dist.get_rank() if dist.is_initialized() else 0
+            msg = (f"rank {rank}: " if dist.is_initialized() else "") + f"skipped unreadable data: {err}"
+            print0(msg) if rank == 0 else tqdm.write(msg)
     for k in ("skipped", "converted", "upscaled"):
         counts[k] += int(batch[k].sum()) if k in batch else 0
     counts["empty_caption"] += sum(not p.strip() for p in batch["prompt"])
@@ -523,21 +538,30 @@ def eval_prompts(cfg, ds):
 
 @torch.no_grad()
 def run_eval(m, unet, cfg, ds, device, autocast):
-    """Held-out denoising loss (fixed examples, noise and timesteps), samples for the eval prompts from fixed
-    noise (the same every eval, so grids are comparable), and for the tiny world the judge's mean score."""
+    """Denoising loss on the data's first examples (fixed noise and timesteps), samples for the eval prompts from fixed
+    noise (the same every eval, so grids are comparable), and for the tiny world the judge's mean score.
+    The loss is over one global micro-batch of examples, run a process's batch_size at a time with its draws made
+    for all of them first: the same numbers for any number of processes at the same global batch."""
     unet.eval()
     g = torch.Generator().manual_seed(cfg["seed"] + 1)
-    batch = torch.utils.data.default_collate([ds[i] for i in range(min(cfg["batch_size"], len(ds)))])
-    x0 = to_latents(m["vae"], batch, "w", device, generator=g)
-    eps = torch.randn(x0.shape, generator=g).to(device)
-    t = torch.randint(0, m["scheduler"].config.num_train_timesteps, (len(x0),), generator=g).to(device)
-    ctx = model.encode_prompts(m["tokenizer"], m["text_encoder"], batch["prompt"])
-    with autocast:
-        loss = model.denoising_error(unet, m["scheduler"].alphas_cumprod, x0, eps, t, ctx).mean().item()
+    n, B = min(cfg["batch_size"] * (dist.get_world_size() if dist.is_initialized() else 1), len(ds)), cfg["batch_size"]
+    shape = model.latent_shape(m, cfg["resolution"])
+    vae_noise = torch.randn((n, *shape), generator=g) if m["vae"] is not None else None  # as to_latents draws it
+    eps = torch.randn((n, *shape), generator=g)
+    t = torch.randint(0, m["scheduler"].config.num_train_timesteps, (n,), generator=g)
+    errs = []
+    for i in range(0, n, B):
+        batch = torch.utils.data.default_collate([ds[j] for j in range(i, min(i + B, n))])
+        x0 = to_latents(m["vae"], batch, "w", device, None if vae_noise is None else vae_noise[i:i + B])
+        ctx = model.encode_prompts(m["tokenizer"], m["text_encoder"], batch["prompt"])
+        with autocast:
+            errs.append(model.denoising_error(unet, m["scheduler"].alphas_cumprod, x0, eps[i:i + B].to(device),
+                                              t[i:i + B].to(device), ctx))
+    loss = torch.cat(errs).mean().item()
     prompts = eval_prompts(cfg, ds)
     cond = model.encode_prompts(m["tokenizer"], m["text_encoder"], prompts)
     uncond = model.encode_prompts(m["tokenizer"], m["text_encoder"], [""])
-    noise = torch.randn((len(prompts), *x0.shape[1:]), generator=g).to(device)
+    noise = torch.randn((len(prompts), *shape), generator=g).to(device)
     with autocast:
         x = model.ddim_sample(unet, m["scheduler"], cond, uncond, noise, cfg["sample_steps"], cfg["guidance"], cfg["eta"], g)
     images = model.latents_to_images(m["vae"], x).cpu()
@@ -567,7 +591,7 @@ def latest_checkpoint(out):
     return found[-1][1] if found else legacy if os.path.isfile(legacy) else None
 
 
-def save_checkpoint(cfg, unet, ema, text_encoder, opt, step, data_pos, pool, tallies):
+def save_checkpoint(cfg, unet, ema, text_encoder, opt, step, data_pos, pool, tallies, world):
     """unet/ (text_encoder/): the weights for StableDiffusionPipeline (the EMA if there is one); then
     ckpt_STEP.pt: everything to resume exactly, also named ckpt.pt; then the checkpoints beyond keep_checkpoints go,
     with the pool snapshots only they named. Every file is written whole or not at all (durable.py) and nothing is
@@ -579,7 +603,7 @@ def save_checkpoint(cfg, unet, ema, text_encoder, opt, step, data_pos, pool, tal
         durable.write_folder(os.path.join(out, name), module.save_pretrained, point=name)
     ckpt = {"unet": unet.state_dict(), "ema": ema.state_dict() if ema else None,
             "text_encoder": text_encoder.state_dict() if cfg["train_text_encoder"] else None, "optimizer": opt.state_dict(),
-            "step": step, "data_pos": data_pos, "tallies": tallies,
+            "step": step, "data_pos": data_pos, "tallies": tallies, "world": world,
             "rng": torch.get_rng_state(), "config": cfg, "pool": pool.state_dict() if pool else None}
     path = os.path.join(out, f"ckpt_{step:08d}.pt")
     durable.write_file(path, lambda f: torch.save(ckpt, f), point="ckpt")
@@ -598,6 +622,37 @@ def drop_old_checkpoints(cfg, pool):
         older = [torch.load(p, map_location="cpu", weights_only=False, mmap=True)["pool"]
                  for _, p in kept[-cfg["keep_checkpoints"]:-1]]
         pool.prune(also={e["path"] for d in older if d for e in d["entries"]})
+
+
+RESUME_FIXED = ("method", "dataset", "pool_storage", "train_text_encoder")  # what a checkpoint's state depends on
+
+
+def check_resumable(cfg, ckpt, world, path):
+    """SystemExit unless the run can go on from this checkpoint exactly: the same kind of run, and the same global
+    micro-batch (processes x batch_size), which the data position and the per-step noise are counted in."""
+    for k in RESUME_FIXED:
+        if ckpt["config"].get(k, cfg[k]) != cfg[k]:
+            raise SystemExit(f"error: {path} is a run with {k}={ckpt['config'][k]!r}; it cannot resume as {k}={cfg[k]!r} "
+                             "(start a new run with init_from set to that run's folder)")
+    was = ckpt.get("world", world) * ckpt["config"]["batch_size"]  # checkpoints before "world" was saved: unchecked
+    if was != world * cfg["batch_size"]:
+        b = f"batch_size={was // world}" if was % world == 0 else f"a process count that divides {was}"
+        raise SystemExit(f"error: {path} was written with a global micro-batch of {was} (processes x batch_size); this "
+                         f"run has {world} x {cfg['batch_size']} = {world * cfg['batch_size']}. Resume with {b} (the "
+                         "data position and the noise are counted in global micro-batches)")
+
+
+def check_model_fits(cfg, m):
+    """ValueError if the config asks what the loaded model cannot do: more sampler steps than its schedule has, or a
+    resolution its VAE and UNet do not divide."""
+    T = m["scheduler"].config.num_train_timesteps
+    for k in ("sample_steps", "self_sample_steps", "inversion_steps"):
+        if cfg[k] > T:
+            raise ValueError(f"{k}={cfg[k]} is more than the scheduler's {T} timesteps")
+    f = (2 ** (len(m["vae"].config.block_out_channels) - 1) if m["vae"] is not None else 1) \
+        * 2 ** (len(m["unet"].config.block_out_channels) - 1)  # the VAE's downsampling, then the UNet's
+    if cfg["resolution"] % f:
+        raise ValueError(f"resolution={cfg['resolution']} is not a multiple of {f} (the VAE's and the UNet's downsampling)")
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -653,12 +708,13 @@ def main(cfg):
     barrier()
     use_bf16 = device.type == "cuda" and cfg["mixed_precision"] == "bf16"
     # the run directory is an SD-layout model folder: scratch and resume load from it, a model path from itself
-    m = model.load_model(source, device, torch.bfloat16 if use_bf16 else torch.float32)
-    if cfg["latent_cache"]:
-        try:
+    try:
+        m = model.load_model(source, device, torch.bfloat16 if use_bf16 else torch.float32)
+        check_model_fits(cfg, m)
+        if cfg["latent_cache"]:
             ds.check_vae(m["vae"])
-        except ValueError as e:
-            raise SystemExit(f"error: {e}")
+    except (OSError, ValueError) as e:  # a missing or damaged weights file, a hub id that does not resolve
+        raise SystemExit(f"error: {e}" if str(source) in str(e) else f"error: {source}: {e}")
     if master and source != out:
         model.save_frozen_parts(m, out)
     unet = m["unet"].train()
@@ -677,6 +733,7 @@ def main(cfg):
     tallies = {"skipped_updates": 0, "data": dict.fromkeys(DATA_TALLIES, 0)}
     if resume:
         ckpt = torch.load(latest, map_location="cpu", weights_only=False)
+        check_resumable(cfg, ckpt, world, latest)
         unet.load_state_dict(ckpt["unet"])
         if cfg["train_text_encoder"]:
             text_encoder.load_state_dict(ckpt["text_encoder"])
@@ -754,7 +811,7 @@ def main(cfg):
                     f.write("\n".join(prompts) + "\n")
             barrier()
         if (step % cfg["save_every"] == 0 or last) and step > 0 and not (resume and step == ckpt["step"]):
-            together(master, save_checkpoint, cfg, unet, ema, text_encoder, opt, step, data_pos, pool, tallies)
+            together(master, save_checkpoint, cfg, unet, ema, text_encoder, opt, step, data_pos, pool, tallies, world)
         if last:
             break
 

@@ -278,6 +278,16 @@ def test_unreadable_rows_are_replaced_by_the_next_readable_one(tmp_path):
     assert all(torch.equal(again[i]["image_w"], items[i]["image_w"]) for i in (3, 7, 9))  # deterministic
 
 
+def test_winners_only_never_read_the_loser(tmp_path):
+    """SFT and SSPO train on the winners (losers=False): a broken loser costs nothing, a broken winner still skips."""
+    ds = data.SkipBad(data.PickAPic(bad_shard(tmp_path / "s.parquet"), 16, random_flip=False, losers=False))
+    items = [ds[i] for i in range(len(ds))]
+    assert all("image_l" not in it for it in items)
+    # rows 5 (label 0: its truncated jpg_0 is the loser) and 9 (missing loser) are now read as they are
+    assert [it["skipped"] for it in items] == [0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 1, 0]
+    assert [items[i]["prompt"] for i in (5, 9)] == ["truncated", "missing loser"]
+
+
 def test_bad_data_in_a_run_is_counted_or_stops(tmp_path):
     shard = bad_shard(tmp_path / "s.parquet")
     args = FAST + ["--dataset=pickapic", f"--data_path={shard}", "--batch_size=4", "--max_steps=4", "--n_eval_images=2",

@@ -54,7 +54,7 @@ def unet_weights(out):
 def test_a_run_from_the_cache_is_the_run_that_encodes(world, tmp_path, run):
     cache = str(tmp_path / "cache")
     # batch 1 in the build and the run: the VAE encodes the same single images, so even its rounding agrees
-    latents.main(cfg_args(world, f"--latent_cache={cache}", "--batch_size=1"))
+    latents.main(cfg_args(world, f"--latent_cache={cache}", "--batch_size=1", "--method=dpo"))  # losers are stored
     assert sorted(os.listdir(cache)) == ["meta.json", "shard_000000.json", "shard_000000.npy"]
     assert np.load(os.path.join(cache, "shard_000000.npy")).shape[:3] == (N, 2, 2)  # examples, winner/loser, flips
     # 8 updates of 4 = 32 examples: into the second epoch, whose flips are other draws
@@ -73,7 +73,7 @@ def test_unreadable_rows_are_replaced_and_counted_as_without_the_cache(world, tm
     flip is drawn for i + k, and the epoch's data line counts what was passed over. The cache keeps both."""
     shard, cache = bad_shard(tmp_path / "s.parquet"), str(tmp_path / "cache")
     argv = ["--dataset=pickapic", f"--data_path={shard}", f"--init_from={world[0]}", "--random_flip=True"]
-    latents.main(argv + [f"--latent_cache={cache}", "--batch_size=1"])
+    latents.main(argv + [f"--latent_cache={cache}", "--batch_size=1", "--method=dpo"])
     # 5 updates of 4 = 20 examples: all of epoch 0 and part of epoch 1
     common = FAST + argv + ["--method=dpo", "--batch_size=1", "--grad_accum=4", "--max_steps=5", "--n_eval_images=2"]
     text = {}
@@ -182,11 +182,14 @@ def test_a_cache_is_used_only_for_what_it_was_built_for(world, tmp_path):
         ds[0]
 
 
-def test_pair_methods_need_a_cache_with_losers(world, tmp_path, run):
-    pairs = write_pairs(str(tmp_path / "single"), n=8, paired=False)
-    cache = str(tmp_path / "cache")
-    argv = ["--dataset=imagefolder", f"--data_path={pairs}", f"--init_from={world[0]}", f"--latent_cache={cache}"]
-    latents.main(argv + ["--batch_size=8"])
-    assert "latent_l" not in latents.CachedLatents(cache)[0]
-    p = run(FAST + argv + ["--method=dpo", f"--out_dir={tmp_path}/run"])
-    assert p.returncode == 1 and "method='dpo' needs paired data" in p.stderr, p.stderr[-2000:]
+def test_pair_methods_need_a_cache_with_losers(world, tmp_path):
+    """A folder without losers, and pairs cached for SSPO (which never reads the losers): DPO on either is refused."""
+    single = write_pairs(str(tmp_path / "single"), n=8, paired=False)
+    for name, folder, method in (("single", single, "dpo"), ("winners", world[1], "sspo")):
+        cache = str(tmp_path / f"cache_{name}")
+        argv = ["--dataset=imagefolder", f"--data_path={folder}", f"--init_from={world[0]}", f"--latent_cache={cache}"]
+        latents.main(argv + ["--batch_size=8", f"--method={method}"])
+        assert "latent_l" not in latents.CachedLatents(cache)[0]
+        with pytest.raises(SystemExit, match="method='dpo' needs paired data"):
+            train_sspo.main(train_sspo.get_config(FAST + argv + ["--method=dpo", f"--out_dir={tmp_path}/run"]))
+        assert not os.path.exists(tmp_path / "run")

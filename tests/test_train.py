@@ -1,5 +1,6 @@
 """The training script: strict config, the loss, one-line errors, exact resume, and DDP == one process."""
 import os
+import shutil
 
 import pytest
 import torch
@@ -31,6 +32,15 @@ def test_config_files_and_overrides(tmp_path):
     (["--pool_capacity=1"], r"pool_capacity must be 0 \(keep all\) or >= 2"),
     (["--train_text_encoder=True", "--method=sspo"], r"train_text_encoder is for SFT pretraining"),
     (["--tiny_flaws=('colour', 'smudge')"], r"tiny_flaws has \['smudge'\]"),
+    # the right type, a value that would train something else than asked
+    (["--beta=-5000"], r"beta must be > 0 \(a negative beta prefers the losers\), got -5000.0"),
+    (["--grad_clip=-1"], r"grad_clip must be >= 0 \(0: no clipping\)"),
+    (["--ema_decay=1.0"], r"ema_decay must be in \[0, 1\)"),
+    (["--caption_dropout=1.5"], r"caption_dropout must be in \[0, 1\]"),
+    (["--adam_beta2=1.0"], r"adam_beta2 must be in \[0, 1\)"),
+    (["--unet_channels=(32, 60)"], r"unet_channels must be two or more positive multiples of 8"),
+    (["--unet_channels=(32,)"], r"unet_channels must be two or more"),
+    (["--resolution=0"], r"resolution must be >= 1"),
 ])
 def test_config_errors(argv, match):
     with pytest.raises(SystemExit, match=match):
@@ -152,6 +162,8 @@ def test_ddp_two_processes_equal_one(tmp_path, run):
     # as they would if the ranks dealt the randomness wrongly
     three = str(tmp_path / "three")
     assert run(args + [f"--out_dir={three}", "--batch_size=8", "--caption_dropout=0.3"]).returncode == 0
+    evals = [[line for line in open(os.path.join(d, "log.txt")) if line.startswith("eval step 0:")] for d in (one, two)]
+    assert len(evals[0]) == 1 and evals[0] == evals[1]  # the eval draws for the global batch, whatever the processes
     w1, w2, w3 = unet_weights(one), unet_weights(two), unet_weights(three)
     d12 = max((w1[k] - w2[k]).abs().max().item() for k in w1)
     d13 = max((w1[k] - w3[k]).abs().max().item() for k in w1)
@@ -202,3 +214,39 @@ def test_errors_are_one_line(tmp_path, run, args, match):
     p = run(FAST + [f"--out_dir={tmp_path}/r"] + args)
     assert p.returncode != 0
     assert len(p.stderr.strip().splitlines()) == 1 and match in p.stderr, p.stderr[-3000:]
+
+
+def fresh(tmp_path, base, name="r"):
+    """A copy of the shared 2-step base run (its checkpoint included) that a test may resume or damage."""
+    out = str(tmp_path / name)
+    shutil.copytree(base, out)
+    return out
+
+
+def test_what_the_model_cannot_do_or_a_broken_model_is_one_line(tmp_path, base):
+    """Checked right after loading, before any step: no traceback, nothing trained."""
+    for args, match in ((["--resolution=15"], r"resolution=15 is not a multiple of 2 \(the VAE's and the UNet's"),
+                        (["--sample_steps=2000"], r"sample_steps=2000 is more than the scheduler's 1000 timesteps")):
+        with pytest.raises(SystemExit, match=match):
+            train_sspo.main(train_sspo.get_config(FAST + [f"--out_dir={tmp_path}/{args[0][2:6]}", *args]))
+    broken = fresh(tmp_path, base, "broken")
+    for f in os.listdir(os.path.join(broken, "unet")):
+        if f.endswith(".safetensors"):
+            os.remove(os.path.join(broken, "unet", f))
+    with pytest.raises(SystemExit, match=r"^error: \S*/broken/unet: UNet2DConditionModel: .*no file named") as e:
+        train_sspo.main(train_sspo.get_config(FAST + [f"--out_dir={tmp_path}/from_broken", f"--init_from={broken}"]))
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--batch_size=4"], r"global micro-batch of 8 \(processes x batch_size\); this run has 1 x 4 = 4. Resume with "
+                         r"batch_size=8"),
+    (["--method=sspo", "--tiny_mode=pairs"], r"is a run with method='sft'; it cannot resume as method='sspo'"),
+])
+def test_resume_refuses_another_global_batch_or_method(tmp_path, base, args, match):
+    out = fresh(tmp_path, base)
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
+    assert ckpt["world"] == 1 and ckpt["config"]["batch_size"] == 8
+    with pytest.raises(SystemExit, match=match):
+        train_sspo.main(train_sspo.get_config(FAST + [f"--out_dir={out}", "--init_from=resume", *args]))
+    assert [s for s, _ in train_sspo.checkpoints(out)] == [s for s, _ in train_sspo.checkpoints(base)]  # nothing new
