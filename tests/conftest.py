@@ -25,6 +25,19 @@ def run():
     return run_script
 
 
+@pytest.fixture
+def main_here(capsys, monkeypatch):
+    """train_sspo.main(args) in this process, not a subprocess (whose interpreter spends 5 s importing torch and
+    diffusers) -> what it printed. For runs expected to succeed; a failure is the test's traceback."""
+    import train_sspo
+    monkeypatch.chdir(ROOT)  # config files are named from the repo root
+
+    def go(args):
+        train_sspo.main(train_sspo.get_config(args))
+        return capsys.readouterr().out
+    return go
+
+
 @pytest.fixture(scope="session")
 def base(tmp_path_factory):
     """One 2-step tiny base run shared by the test modules that train from a model; they only read it."""

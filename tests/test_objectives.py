@@ -245,11 +245,10 @@ SHORT = FAST + ["--max_steps=2", "--tiny_mode=pairs", "--self_sample_steps=2", "
     # SSPO with the safeguard on its self-sample branch
     ("configs/tiny.py", ["--sdpo_safeguard=True"], ["sdpo_lambda", "ssr_switched"]),
 ])
-def test_each_objective_trains(tmp_path, run, base, config, extra, logged):
+def test_each_objective_trains(tmp_path, main_here, base, config, extra, logged):
     out = str(tmp_path / "run")
-    p = run([config] + SHORT + extra + [f"--out_dir={out}", f"--init_from={base}", "--base_config="])
-    assert p.returncode == 0, p.stderr[-3000:]
-    step = [line for line in p.stdout.splitlines() if line.startswith("step 2:")]
+    text = main_here([config] + SHORT + extra + [f"--out_dir={out}", f"--init_from={base}", "--base_config="])
+    step = [line for line in text.splitlines() if line.startswith("step 2:")]
     assert step and all(k in step[0] for k in logged), step
     assert "nan" not in step[0]
     if "mapo" in config:  # reference-free: no reference UNet, no pool

@@ -188,14 +188,13 @@ SMALL = FAST + ["--max_steps=4", "--ckpt_every=2", "--self_sample_steps=2", "--t
 
 
 @pytest.mark.parametrize("config", ["configs/tiny.py", "configs/tiny_sft.py", "configs/tiny_dpo.py", "configs/tiny_spin.py"])
-def test_each_tiny_config_trains(tmp_path, run, config, base):
-    p = run([config] + SMALL + [f"--out_dir={tmp_path}/run", f"--init_from={base}", "--base_config="])
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert "eval step 4:" in p.stdout and "judge on seen / held-out prompts" in p.stdout
+def test_each_tiny_config_trains(tmp_path, main_here, config, base):
+    out = main_here([config] + SMALL + [f"--out_dir={tmp_path}/run", f"--init_from={base}", "--base_config="])
+    assert "eval step 4:" in out and "judge on seen / held-out prompts" in out
     if "sft" not in config:
-        assert "implicit_acc" in p.stdout and "ref = snapshot of step" in p.stdout
+        assert "implicit_acc" in out and "ref = snapshot of step" in out
     if config in ("configs/tiny.py", "configs/tiny_spin.py"):
-        assert "ssr_switched" in p.stdout and "t_sample" in p.stdout
+        assert "ssr_switched" in out and "t_sample" in out
 
 
 def test_sspo_resume_is_exact_with_a_disk_pool(tmp_path, run, base):
