@@ -5,9 +5,9 @@ ImageReward: scorers.py) -- and, with --base, the win rate of the run against an
 the same noise.
 
     python evaluate.py out/tiny_sspo --base out/tiny_base
-    python evaluate.py out/sd15 --base runwayml/stable-diffusion-v1-5 --prompts pickapic_validation_unique.parquet \
-        --weights aesthetic=/models/sac+logos+ava1-l14-linearMSE.pth --dtype float16
-    torchrun --nproc_per_node=8 evaluate.py out/sd15 --prompts PartiPrompts.tsv    # prompts sharded over ranks
+    python evaluate.py out/sd15_sspo --base stable-diffusion-v1-5/stable-diffusion-v1-5 \
+        --prompts pickapic_validation_unique.parquet --weights aesthetic=/models/sac+logos+ava1-l14-linearMSE.pth --dtype float16
+    torchrun --nproc_per_node=8 evaluate.py out/sd15_sspo --prompts PartiPrompts.tsv    # prompts sharded over ranks
 
 Protocols: 'paper' (SSPO.md 7: guidance 7.5, 50 steps, one image per prompt; the default for Stable Diffusion runs)
 and 'run' (the run's own sample_steps and guidance, 4 images per prompt; the default for the tiny world). Both draw
@@ -52,7 +52,7 @@ def load_model(path, device="cpu", dtype=torch.float32):
     """An SD-layout folder or hub id (a run directory is one), its UNet cast to `dtype` for sampling."""
     try:
         m = model.load_model(path, device, frozen_dtype=dtype)
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:  # FileNotFoundError is an OSError
         raise SystemExit(f"error: {e}")
     m["unet"].to(dtype).eval()
     return m
