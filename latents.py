@@ -7,10 +7,10 @@ in every run over the same data. On the H100, VAE encoding is a quarter of an SF
     torchrun --nproc_per_node=8 train_sspo.py configs/sd15.py --latent_cache=/data/pap_latents
 
 Stored per example, per image (winner; loser too when the config's method reads pairs: --method=dpo builds a cache
-for every method) and per flip (none; horizontal too when random_flip): the
-VAE encoder's output (mean and log-variance, (2C, R/8, R/8) in the VAE's dtype), not a sample: every step still
-draws its own latent noise (model.sample_latents), so a run from the cache is the run without it, up to how the VAE
-rounds in another batch. A center crop is a fixed window, so the flipped crop is the crop's flip; random_crop
+for every method, in which an example with an unreadable loser is replaced for every method) and per flip (none;
+horizontal too when random_flip): the VAE encoder's output (mean and log-variance, (2C, R/8, R/8) in the VAE's
+dtype), not a sample: every step still draws its own latent noise (model.sample_latents), so a run from the cache
+is the run without it, up to how the VAE rounds in another batch. A center crop is a fixed window, so the flipped crop is the crop's flip; random_crop
 cannot be precomputed and is refused. Unreadable examples are replaced as data.SkipBad replaces them.
 
 Layout: DIR/meta.json (what it was built from: data files, resolution, flips, VAE weights' hash and dtype),

@@ -216,15 +216,20 @@ def get_config(argv):
                 "ckpt_every", "self_sample_steps", "inversion_steps", "keep_checkpoints", "ddp_timeout", "resolution"):
         if cfg[key] < 1:
             raise SystemExit(f"config error: {key} must be >= 1, got {cfg[key]}")
+    channels = cfg["unet_channels"]
     for key, ok, want in (  # values of the right type that would train something else than asked, silently
-            ("beta", cfg["beta"] > 0, "> 0 (a negative beta prefers the losers)"), ("lr", cfg["lr"] > 0, "> 0"),
-            ("grad_clip", cfg["grad_clip"] >= 0, ">= 0 (0: no clipping)"), ("weight_decay", cfg["weight_decay"] >= 0, ">= 0"),
-            ("warmup_steps", cfg["warmup_steps"] >= 0, ">= 0"), ("ema_decay", 0 <= cfg["ema_decay"] < 1, "in [0, 1) (0: no EMA)"),
-            ("caption_dropout", 0 <= cfg["caption_dropout"] <= 1, "in [0, 1]"), ("eta", 0 <= cfg["eta"] <= 1, "in [0, 1]"),
+            ("beta", cfg["beta"] > 0, "> 0 (a negative beta prefers the losers)"),
+            ("lr", cfg["lr"] > 0, "> 0"),
+            ("grad_clip", cfg["grad_clip"] >= 0, ">= 0 (0: no clipping)"),
+            ("weight_decay", cfg["weight_decay"] >= 0, ">= 0"),
+            ("warmup_steps", cfg["warmup_steps"] >= 0, ">= 0"),
+            ("ema_decay", 0 <= cfg["ema_decay"] < 1, "in [0, 1) (0: no EMA)"),
+            ("caption_dropout", 0 <= cfg["caption_dropout"] <= 1, "in [0, 1]"),
+            ("eta", 0 <= cfg["eta"] <= 1, "in [0, 1]"),
             ("self_sample_eta", 0 <= cfg["self_sample_eta"] <= 1, "in [0, 1]"),
-            ("adam_beta1", 0 <= cfg["adam_beta1"] < 1, "in [0, 1)"), ("adam_beta2", 0 <= cfg["adam_beta2"] < 1, "in [0, 1)"),
-            ("unet_channels", len(cfg["unet_channels"]) >= 2 and all(type(c) is int and c > 0 and c % 8 == 0
-                                                                    for c in cfg["unet_channels"]),
+            ("adam_beta1", 0 <= cfg["adam_beta1"] < 1, "in [0, 1)"),
+            ("adam_beta2", 0 <= cfg["adam_beta2"] < 1, "in [0, 1)"),
+            ("unet_channels", len(channels) >= 2 and all(type(c) is int and c > 0 and c % 8 == 0 for c in channels),
              "two or more positive multiples of 8 (the GroupNorm's 8 groups), like (32, 64)")):
         if not ok:
             raise SystemExit(f"config error: {key} must be {want}, got {cfg[key]!r}")
@@ -464,7 +469,10 @@ def tally_data(counts, batch, tokenizer, bad_data):
         if err:  # every rank's (log.txt gets rank 0's; the epoch's counts sum all ranks)
             rank = dist.get_rank() if dist.is_initialized() else 0
             msg = (f"rank {rank}: " if dist.is_initialized() else "") + f"skipped unreadable data: {err}"
-            print0(msg) if rank == 0 else tqdm.write(msg)
+            if rank == 0:
+                print0(msg)
+            else:
+                tqdm.write(msg)
     for k in ("skipped", "converted", "upscaled"):
         counts[k] += int(batch[k].sum()) if k in batch else 0
     counts["empty_caption"] += sum(not p.strip() for p in batch["prompt"])
@@ -634,7 +642,9 @@ def check_resumable(cfg, ckpt, world, path):
         if ckpt["config"].get(k, cfg[k]) != cfg[k]:
             raise SystemExit(f"error: {path} is a run with {k}={ckpt['config'][k]!r}; it cannot resume as {k}={cfg[k]!r} "
                              "(start a new run with init_from set to that run's folder)")
-    was = ckpt.get("world", world) * ckpt["config"]["batch_size"]  # checkpoints before "world" was saved: unchecked
+    if "world" not in ckpt:  # written before the process count was saved: the global micro-batch is not known
+        return
+    was = ckpt["world"] * ckpt["config"]["batch_size"]
     if was != world * cfg["batch_size"]:
         b = f"batch_size={was // world}" if was % world == 0 else f"a process count that divides {was}"
         raise SystemExit(f"error: {path} was written with a global micro-batch of {was} (processes x batch_size); this "
@@ -935,10 +945,13 @@ def main(cfg):
             dt = (time.time() - t_last) / cfg["log_every"]
             t_last = time.time()
             bar.set_postfix(loss=f"{stats['loss']:.4f}")
-            mem = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else
-                   resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30  # Linux: ru_maxrss in KiB
+            if device.type == "cuda":
+                mem_key, mem = "peak_gib", torch.cuda.max_memory_allocated(device) / 2 ** 30
+            else:  # this process's peak resident set; ru_maxrss is in KiB on Linux, bytes on macOS
+                rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                mem_key, mem = "peak_rss_gib", rss * (1 if sys.platform == "darwin" else 1024) / 2 ** 30
             log_json({"kind": "train", "step": step, **stats, "lr": lr, "grad_norm": grad_norm.item(), "s_per_step": dt,
-                      "peak_gib": mem})
+                      mem_key: mem})
             rate = cfg["batch_size"] * cfg["grad_accum"] * world / dt
             print0(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in stats.items()) +
                    (f", ref = snapshot of step {ref_step}" if pool is not None else "") +

@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -33,9 +34,21 @@ def main_here(capsys, monkeypatch):
     monkeypatch.chdir(ROOT)  # config files are named from the repo root
 
     def go(args):
-        train_sspo.main(train_sspo.get_config(args))
+        with torch.random.fork_rng():  # main seeds the global generator: leave the suite's as it was
+            train_sspo.main(train_sspo.get_config(args))
         return capsys.readouterr().out
     return go
+
+
+@pytest.fixture(autouse=True)
+def close_run_log():
+    """A train_sspo.main called in this process (main_here, or a test expecting its SystemExit) leaves its log.txt
+    open as train_sspo._log_file: closed after each test, so no later print0 writes into another test's run."""
+    yield
+    train_sspo = sys.modules.get("train_sspo")
+    if train_sspo is not None and train_sspo._log_file is not None:
+        train_sspo._log_file.close()
+        train_sspo._log_file = None
 
 
 @pytest.fixture(scope="session")
