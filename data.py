@@ -408,7 +408,8 @@ class PickAPic(torch.utils.data.Dataset):
         aug = draw_aug(np.random.default_rng([self.seed, self.epoch, i]), self.random_crop, self.random_flip)
         img = [load_image(t.column(f"jpg_{c}")[r].as_py(), self.resolution, aug, f"{self.files[k]} row {pos} jpg_{c}")
                for c in ((w, 1 - w) if self.losers else (w,))]
-        return {"prompt": t.column("caption")[r].as_py(), "image_w": img[0], **({"image_l": img[1]} if self.losers else {})}
+        return {"prompt": t.column("caption")[r].as_py(), "image_w": img[0],
+                **({"image_l": img[1]} if self.losers else {})}
 
 
 class ImageFolder(torch.utils.data.Dataset):

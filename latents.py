@@ -10,8 +10,8 @@ Stored per example, per image (winner; loser too when the config's method reads 
 for every method, in which an example with an unreadable loser is replaced for every method) and per flip (none;
 horizontal too when random_flip): the VAE encoder's output (mean and log-variance, (2C, R/8, R/8) in the VAE's
 dtype), not a sample: every step still draws its own latent noise (model.sample_latents), so a run from the cache
-is the run without it, up to how the VAE rounds in another batch. A center crop is a fixed window, so the flipped crop is the crop's flip; random_crop
-cannot be precomputed and is refused. Unreadable examples are replaced as data.SkipBad replaces them.
+is the run without it, up to how the VAE rounds in another batch. A center crop is a fixed window, so the flipped
+crop is the crop's flip; random_crop cannot be precomputed and is refused. Unreadable examples are replaced as data.SkipBad replaces them.
 
 Layout: DIR/meta.json (what it was built from: data files, resolution, flips, VAE weights' hash and dtype),
 DIR/shard_NNNNNN.npy (SHARD examples: (n, images, flips, 2C, h, w); bfloat16 kept as int16 bits) and

@@ -640,8 +640,8 @@ def check_resumable(cfg, ckpt, world, path):
     micro-batch (processes x batch_size), which the data position and the per-step noise are counted in."""
     for k in RESUME_FIXED:
         if ckpt["config"].get(k, cfg[k]) != cfg[k]:
-            raise SystemExit(f"error: {path} is a run with {k}={ckpt['config'][k]!r}; it cannot resume as {k}={cfg[k]!r} "
-                             "(start a new run with init_from set to that run's folder)")
+            raise SystemExit(f"error: {path} is a run with {k}={ckpt['config'][k]!r}; it cannot resume as "
+                             f"{k}={cfg[k]!r} (start a new run with init_from set to that run's folder)")
     if "world" not in ckpt:  # written before the process count was saved: the global micro-batch is not known
         return
     was = ckpt["world"] * ckpt["config"]["batch_size"]
@@ -662,7 +662,8 @@ def check_model_fits(cfg, m):
     f = (2 ** (len(m["vae"].config.block_out_channels) - 1) if m["vae"] is not None else 1) \
         * 2 ** (len(m["unet"].config.block_out_channels) - 1)  # the VAE's downsampling, then the UNet's
     if cfg["resolution"] % f:
-        raise ValueError(f"resolution={cfg['resolution']} is not a multiple of {f} (the VAE's and the UNet's downsampling)")
+        raise ValueError(f"resolution={cfg['resolution']} is not a multiple of {f} (the VAE's and the UNet's "
+                         "downsampling)")
 
 
 # -----------------------------------------------------------------------------------------------------------------
