@@ -6,7 +6,8 @@ the same noise.
 
     python evaluate.py out/tiny_sspo --base out/tiny_base
     python evaluate.py out/sd15_sspo --base stable-diffusion-v1-5/stable-diffusion-v1-5 \
-        --prompts pickapic_validation_unique.parquet --weights aesthetic=/models/sac+logos+ava1-l14-linearMSE.pth --dtype float16
+        --prompts pickapic_validation_unique.parquet --dtype float16 \
+        --weights aesthetic=/models/sac+logos+ava1-l14-linearMSE.pth
     torchrun --nproc_per_node=8 evaluate.py out/sd15_sspo --prompts PartiPrompts.tsv    # prompts sharded over ranks
 
 Protocols: 'paper' (SSPO.md 7: guidance 7.5, 50 steps, one image per prompt; the default for Stable Diffusion runs)

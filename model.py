@@ -138,11 +138,16 @@ def sample_latents(vae, moments, noise=None, generator=None):
     return (z * vae.config.scaling_factor).float()
 
 
+def vae_factor(m):
+    """How many pixels a side of one latent covers: 8 for SD1.5, 1 for a pixel-space model."""
+    return 2 ** (len(m["vae"].config.block_out_channels) - 1) if m["vae"] is not None else 1
+
+
 def latent_shape(m, resolution):
     """(C, H, W) of the diffusion space for images of side `resolution`."""
     if m["vae"] is None:
         return (3, resolution, resolution)
-    f = 2 ** (len(m["vae"].config.block_out_channels) - 1)
+    f = vae_factor(m)
     return (m["vae"].config.latent_channels, resolution // f, resolution // f)
 
 

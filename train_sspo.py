@@ -659,8 +659,7 @@ def check_model_fits(cfg, m):
     for k in ("sample_steps", "self_sample_steps", "inversion_steps"):
         if cfg[k] > T:
             raise ValueError(f"{k}={cfg[k]} is more than the scheduler's {T} timesteps")
-    f = (2 ** (len(m["vae"].config.block_out_channels) - 1) if m["vae"] is not None else 1) \
-        * 2 ** (len(m["unet"].config.block_out_channels) - 1)  # the VAE's downsampling, then the UNet's
+    f = model.vae_factor(m) * 2 ** (len(m["unet"].config.block_out_channels) - 1)  # the UNet halves the side too
     if cfg["resolution"] % f:
         raise ValueError(f"resolution={cfg['resolution']} is not a multiple of {f} (the VAE's and the UNet's "
                          "downsampling)")
