@@ -3,7 +3,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -26,23 +25,9 @@ def run():
     return run_script
 
 
-@pytest.fixture
-def main_here(capsys, monkeypatch):
-    """train_sspo.main(args) in this process, not a subprocess (whose interpreter spends 5 s importing torch and
-    diffusers) -> what it printed. For runs expected to succeed; a failure is the test's traceback."""
-    import train_sspo
-    monkeypatch.chdir(ROOT)  # config files are named from the repo root
-
-    def go(args):
-        with torch.random.fork_rng():  # main seeds the global generator: leave the suite's as it was
-            train_sspo.main(train_sspo.get_config(args))
-        return capsys.readouterr().out
-    return go
-
-
 @pytest.fixture(autouse=True)
 def close_run_log():
-    """A train_sspo.main called in this process (main_here, or a test expecting its SystemExit) leaves its log.txt
+    """A train_sspo.main called in this process (a test expecting its SystemExit) leaves its log.txt
     open as train_sspo._log_file: closed after each test, so no later print0 writes into another test's run."""
     yield
     train_sspo = sys.modules.get("train_sspo")

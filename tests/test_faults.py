@@ -83,6 +83,7 @@ def test_killed_at_every_critical_point_resumes_to_the_same_weights(tmp_path):
     assert code == 0, text[-3000:]
     # (fault point, the step the next start resumes from, what the kill leaves)
     chain = [("pool:written@3", 2, "a snapshot's .tmp, written whole, not yet renamed"),
+             ("unet:written", 2, "unet.tmp/ written whole, unet/ still the step-2 export"),
              ("unet:swapping", 2, "unet.old/ and no unet/: between the two renames of the export"),
              ("ckpt:written", 2, "ckpt_00000004.pt.tmp, which we cut in half: a partial write"),
              ("ckpt:renamed", 4, "ckpt_00000004.pt complete, ckpt.pt still the step-2 one"),
@@ -97,6 +98,8 @@ def test_killed_at_every_critical_point_resumes_to_the_same_weights(tmp_path):
             tmp = os.path.join(out, "ckpt_00000004.pt.tmp")
             with open(tmp, "r+b") as f:
                 f.truncate(os.path.getsize(tmp) // 2)
+        if point == "unet:written":
+            assert os.path.isdir(os.path.join(out, "unet.tmp")) and os.path.isdir(os.path.join(out, "unet"))
         if point == "unet:swapping":
             assert not os.path.exists(os.path.join(out, "unet")) and os.path.isdir(os.path.join(out, "unet.old"))
         for step, path in train_sspo.checkpoints(out):  # whatever carries a checkpoint's name is complete

@@ -240,15 +240,18 @@ SHORT = FAST + ["--max_steps=2", "--tiny_mode=pairs", "--self_sample_steps=2", "
     ("configs/tiny_mapo.py", ["--noising=ddim_inversion", "--inversion_steps=2"], ["margin_loss", "implicit_acc"]),
     ("configs/tiny_see_dpo.py", [], ["implicit_acc"]),
     ("configs/tiny_dpo_cm.py", [], ["cm_kept"]),
-    # Inversion-DPO's config plus the safeguard: tiny_sdpo.py's setting (dpo + safeguard) runs here too
+    ("configs/tiny_sdpo.py", [], ["sdpo_lambda", "implicit_acc"]),
+    # Inversion-DPO's config plus the safeguard
     ("configs/tiny_inversion_dpo.py", ["--inversion_steps=2", "--sdpo_safeguard=True"], ["sdpo_lambda"]),
     # SSPO with the safeguard on its self-sample branch
     ("configs/tiny.py", ["--sdpo_safeguard=True"], ["sdpo_lambda", "ssr_switched"]),
 ])
-def test_each_objective_trains(tmp_path, main_here, base, config, extra, logged):
+def test_each_objective_trains(tmp_path, run, base, config, extra, logged):
+    """The entry script in a subprocess, as a user runs it."""
     out = str(tmp_path / "run")
-    text = main_here([config] + SHORT + extra + [f"--out_dir={out}", f"--init_from={base}", "--base_config="])
-    step = [line for line in text.splitlines() if line.startswith("step 2:")]
+    p = run([config] + SHORT + extra + [f"--out_dir={out}", f"--init_from={base}", "--base_config="])
+    assert p.returncode == 0, p.stderr[-3000:]
+    step = [line for line in p.stdout.splitlines() if line.startswith("step 2:")]
     assert step and all(k in step[0] for k in logged), step
     assert "nan" not in step[0]
     if "mapo" in config:  # reference-free: no reference UNet, no pool
