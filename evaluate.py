@@ -13,8 +13,9 @@ the same noise.
 Protocols: 'paper' (SSPO.md 7: guidance 7.5, 50 steps, one image per prompt; the default for Stable Diffusion runs)
 and 'run' (the run's own sample_steps and guidance, 4 images per prompt; the default for the tiny world). Both draw
 the noise from one CPU generator seeded once. --steps, --guidance, --seed and --images_per_prompt override either.
-The architecture comes from the run directory. Writes RUN_DIR/eval/scores.json (per image and means, with the
-protocol and the models' identity), grid.png, and with --base side_by_side.png (base left, run right, same noise).
+The architecture comes from the run directory. Writes RUN_DIR/eval/ (or --out) scores.json (per image and means,
+with the protocol and the models' identity), grid.png, and with --base side_by_side.png (base left, run right, same
+noise); a second evaluation into the same folder replaces the first.
 """
 import argparse
 import csv
@@ -60,14 +61,19 @@ def load_model(path, device="cpu", dtype=torch.float32):
 
 
 def unet_sha256(path):
-    """First 16 hex digits of the sha256 of a local model's UNet weights: which weights were scored."""
-    files = sorted(glob.glob(os.path.join(path, "unet", "*.safetensors")) + glob.glob(os.path.join(path, "unet", "*.bin")))
-    if not files:
+    """First 16 hex digits of the sha256 of the UNet weights a local model loads (all shards in order; not variants
+    such as .fp16.safetensors, which from_pretrained does not load by default): which weights were scored."""
+    for ext in ("safetensors", "bin"):
+        files = [f for f in sorted(glob.glob(os.path.join(path, "unet", "*." + ext))) if os.path.basename(f).count(".") == 1]
+        if files:
+            break
+    else:
         return None  # a hub id
     h = hashlib.sha256()
-    with open(files[0], "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    for name in files:
+        with open(name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
     return h.hexdigest()[:16]
 
 
@@ -198,7 +204,11 @@ def main():
     p.add_argument("--batch_size", type=int, default=16, help="images per sampler and scorer call, per process")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="UNet, VAE, text")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--out", default="", help="folder of the results (default RUN_DIR/eval; another keeps an earlier one)")
     args = p.parse_args()
+    for k in ("images_per_prompt", "batch_size"):
+        if getattr(args, k) is not None and getattr(args, k) < 1:
+            raise SystemExit(f"error: --{k} must be >= 1, got {getattr(args, k)}")
     torch.set_num_threads(min(2, torch.get_num_threads()))
     weights = dict(scorers.WEIGHTS)
     for kv in args.weights:
@@ -226,14 +236,18 @@ def evaluate(args, weights, metrics, rank, world, device):
     name = args.protocol or ("run" if tiny else "paper")
     defaults = PAPER if name == "paper" else {"steps": cfg["sample_steps"], "guidance": cfg["guidance"],
                                               "images_per_prompt": 4}
-    ipp = args.images_per_prompt or defaults["images_per_prompt"]
+    ipp = defaults["images_per_prompt"] if args.images_per_prompt is None else args.images_per_prompt
     groups = prompt_groups(args.prompts, cfg)
-    protocol = {"sampler": "DDIM, eta 0", "steps": args.steps or defaults["steps"],
+    protocol = {"sampler": "DDIM, eta 0", "steps": defaults["steps"] if args.steps is None else args.steps,
                 "guidance": defaults["guidance"] if args.guidance is None else args.guidance, "seed": args.seed,
                 "generator": "one CPU generator, seeded once, reused across prompts in order",
                 "images_per_prompt": ipp, "name": name, "dtype": args.dtype,
                 "prompts": ", ".join(args.prompts) or "the tiny world's 40 seen + 8 held-out prompts",
                 "n_prompts": sum(len(v) for v in groups.values())}
+    try:
+        model.check_sampler_steps(m["scheduler"], protocol["steps"], "--steps")
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     metrics = metrics or (["judge"] if tiny else PAPER_METRICS.split(","))
     prompts = [q for qs in groups.values() for q in qs for _ in range(ipp)]
     group_of = [g for g, qs in groups.items() for _ in qs for _ in range(ipp)]
@@ -312,8 +326,10 @@ def write_results(args, cfg, step, protocol, weights, metrics, skipped, groups, 
             d = scores["run"][s] - scores["base"][s]
             result["win_rates"][s] = float(((d > 1e-6) + 0.5 * (np.abs(d) <= 1e-6)).mean())
         result["win_rate_vs_base"] = result["win_rates"][done[0]]
-    out = os.path.join(args.run_dir, "eval")
+    out = args.out or os.path.join(args.run_dir, "eval")
     os.makedirs(out, exist_ok=True)
+    if not args.base and os.path.exists(os.path.join(out, "side_by_side.png")):
+        os.remove(os.path.join(out, "side_by_side.png"))  # an earlier comparison's: these scores do not describe it
     with open(os.path.join(out, "scores.json"), "w") as f:
         json.dump(result, f, indent=1)
     idx = sorted(shown["run"])

@@ -23,14 +23,17 @@ PARTS = ("unet", "text_encoder", "tokenizer", "scheduler")  # + "vae" for latent
 
 
 def check_model_path(path):
-    """FileNotFoundError unless `path` is an SD-layout folder or looks like a hub id. Reads no weights."""
+    """FileNotFoundError unless `path` is an SD-layout folder or looks like a hub id. Reads no weights. A path whose
+    first part is a folder here (out/tiny_bsae) is taken as a local path with a typo, not as a hub id to download."""
     local = os.path.isdir(path)
-    if not local and (path.startswith((".", "/", "~")) or os.path.exists(path)):
-        raise FileNotFoundError(f"model folder {path!r} does not exist (expected an SD-layout folder or a hub id)")
+    first = path.split("/")[0]
+    if not local and (path.startswith((".", "/", "~")) or os.path.exists(path) or ("/" in path and os.path.isdir(first))):
+        raise FileNotFoundError(f"model folder {path!r} does not exist (expected an SD-layout folder or a hub id"
+                                + (f"; {first}/ is a folder here, so this is not read as a hub id)" if os.path.isdir(first) else ")"))
     if local:
         missing = [p for p in PARTS if not os.path.isdir(os.path.join(path, p))]
         if missing:
-            raise FileNotFoundError(f"model folder {path!r} lacks {', '.join(missing)}/ (SD1.5 layout: "
+            raise FileNotFoundError(f"model folder {path!r} lacks {', '.join(p + '/' for p in missing)} (SD1.5 layout: "
                                     f"{' '.join(p + '/' for p in PARTS)} and optionally vae/)")
     return local
 
@@ -178,6 +181,14 @@ def denoising_error(unet, alphas_cumprod, x0, eps, t, context, return_pred=False
 
 
 @torch.no_grad()
+def check_sampler_steps(scheduler, steps, name="steps"):
+    """ValueError unless ddim_sample can take `steps` steps on this schedule (SD1.5's: 1 to 999, not 1000)."""
+    T, offset = scheduler.config.num_train_timesteps, scheduler.config.steps_offset
+    if not 1 <= steps <= T or (steps - 1) * (T // steps) + offset >= T:
+        raise ValueError(f"{name}={steps} does not fit the scheduler's {T} timesteps: DDIM's first timestep, "
+                         f"(steps - 1) x ({T} // steps) + steps_offset {offset}, must be below {T}")
+
+
 def ddim_sample(unet, scheduler, cond, uncond, noise, steps=20, guidance=7.5, eta=0.0, generator=None):
     """DDIM (Song et al. 2021, eq. 12), the same update as diffusers' DDIMScheduler.step (tested against it),
     with classifier-free guidance: cond and uncond in one batched forward. cond (B, 77, D), uncond (1 or B, 77, D),

@@ -1,6 +1,7 @@
 """
 Align a text-to-image diffusion model (a Stable Diffusion UNet, or the tiny world's pixel-space one) with SSPO,
-Self-Sampling Preference Optimization (arXiv 2410.05255), or its baselines SFT and Diffusion-DPO.
+Self-Sampling Preference Optimization (arXiv 2410.05255), or its baselines: SFT, Diffusion-DPO, SPIN-Diffusion (an
+SSPO setting) and the other objectives of the literature below.
 
     python train_sspo.py configs/tiny_base.py                     # one process, CPU or one GPU
     torchrun --nproc_per_node=8 train_sspo.py configs/sd15.py      # DDP (nccl on GPU, gloo on CPU)
@@ -213,7 +214,8 @@ def get_config(argv):
     if cfg["dataset"] != "tiny" and not os.path.exists(cfg["data_path"]):
         raise SystemExit(f"config error: data_path {cfg['data_path']!r} does not exist")
     for key in ("batch_size", "grad_accum", "max_steps", "eval_every", "save_every", "log_every", "sample_steps",
-                "ckpt_every", "self_sample_steps", "inversion_steps", "keep_checkpoints", "ddp_timeout", "resolution"):
+                "ckpt_every", "self_sample_steps", "inversion_steps", "keep_checkpoints", "ddp_timeout", "resolution",
+                "n_eval_images"):
         if cfg[key] < 1:
             raise SystemExit(f"config error: {key} must be >= 1, got {cfg[key]}")
     channels = cfg["unet_channels"]
@@ -223,6 +225,8 @@ def get_config(argv):
             ("grad_clip", cfg["grad_clip"] >= 0, ">= 0 (0: no clipping)"),
             ("weight_decay", cfg["weight_decay"] >= 0, ">= 0"),
             ("warmup_steps", cfg["warmup_steps"] >= 0, ">= 0"),
+            ("seed", cfg["seed"] >= 0, ">= 0 (numpy's generators take no negative seeds)"),
+            ("tiny_p_correct", 0 <= cfg["tiny_p_correct"] <= 1, "in [0, 1]"),
             ("ema_decay", 0 <= cfg["ema_decay"] < 1, "in [0, 1) (0: no EMA)"),
             ("caption_dropout", 0 <= cfg["caption_dropout"] <= 1, "in [0, 1]"),
             ("eta", 0 <= cfg["eta"] <= 1, "in [0, 1]"),
@@ -549,7 +553,8 @@ def run_eval(m, unet, cfg, ds, device, autocast):
     """Denoising loss on the data's first examples (fixed noise and timesteps), samples for the eval prompts from fixed
     noise (the same every eval, so grids are comparable), and for the tiny world the judge's mean score.
     The loss is over one global micro-batch of examples, run a process's batch_size at a time with its draws made
-    for all of them first: the same numbers for any number of processes at the same global batch."""
+    for all of them first: the same numbers for any number of processes at the same global batch. The samples' noise
+    has a generator of its own, so the images and the judge do not depend on the batch size either."""
     unet.eval()
     g = torch.Generator().manual_seed(cfg["seed"] + 1)
     n, B = min(cfg["batch_size"] * (dist.get_world_size() if dist.is_initialized() else 1), len(ds)), cfg["batch_size"]
@@ -569,9 +574,11 @@ def run_eval(m, unet, cfg, ds, device, autocast):
     prompts = eval_prompts(cfg, ds)
     cond = model.encode_prompts(m["tokenizer"], m["text_encoder"], prompts)
     uncond = model.encode_prompts(m["tokenizer"], m["text_encoder"], [""])
-    noise = torch.randn((len(prompts), *shape), generator=g).to(device)
+    gs = torch.Generator().manual_seed(cfg["seed"] + 2)
+    noise = torch.randn((len(prompts), *shape), generator=gs).to(device)
     with autocast:
-        x = model.ddim_sample(unet, m["scheduler"], cond, uncond, noise, cfg["sample_steps"], cfg["guidance"], cfg["eta"], g)
+        x = model.ddim_sample(unet, m["scheduler"], cond, uncond, noise, cfg["sample_steps"], cfg["guidance"], cfg["eta"],
+                              gs)
     images = model.latents_to_images(m["vae"], x).cpu()
     out = {"eval_loss": loss}
     labels = None
@@ -653,12 +660,13 @@ def check_resumable(cfg, ckpt, world, path):
 
 
 def check_model_fits(cfg, m):
-    """ValueError if the config asks what the loaded model cannot do: more sampler steps than its schedule has, or a
+    """ValueError if the config asks what the loaded model cannot do: more sampler steps than its schedule takes, or a
     resolution its VAE and UNet do not divide."""
     T = m["scheduler"].config.num_train_timesteps
-    for k in ("sample_steps", "self_sample_steps", "inversion_steps"):
-        if cfg[k] > T:
-            raise ValueError(f"{k}={cfg[k]} is more than the scheduler's {T} timesteps")
+    for k in ("sample_steps", "self_sample_steps"):
+        model.check_sampler_steps(m["scheduler"], cfg[k], k)
+    if cfg["inversion_steps"] > T:
+        raise ValueError(f"inversion_steps={cfg['inversion_steps']} is more than the scheduler's {T} timesteps")
     f = model.vae_factor(m) * 2 ** (len(m["unet"].config.block_out_channels) - 1)  # the UNet halves the side too
     if cfg["resolution"] % f:
         raise ValueError(f"resolution={cfg['resolution']} is not a multiple of {f} (the VAE's and the UNet's "
@@ -678,13 +686,17 @@ def main(cfg):
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0  # torchrun --max-restarts relaunched us
     resume = cfg["init_from"] == "resume" or (latest is not None and (cfg["auto_resume"] or restarted))
     if resume and latest is None:
-        raise SystemExit(f"init_from='resume' but {ckpt_path} does not exist")
+        raise SystemExit(f"error: init_from='resume' but {ckpt_path} does not exist")
     if not resume and latest is not None:
-        raise SystemExit(f"{out} already holds a run ({latest}); resume it with --init_from=resume or choose "
+        raise SystemExit(f"error: {out} already holds a run ({latest}); resume it with --init_from=resume or choose "
                          "another out_dir (nothing is overwritten)")
     source = out if resume or cfg["init_from"] == "scratch" else cfg["init_from"]  # the run directory is SD-layout
     torch.manual_seed(cfg["seed"])
     if cfg["base_config"] and source != out and not os.path.isdir(cfg["init_from"]):
+        trains = get_config([cfg["base_config"]])["out_dir"]
+        if os.path.normpath(trains) != os.path.normpath(cfg["init_from"]):  # a typo must not train another folder
+            raise SystemExit(f"error: init_from {cfg['init_from']!r} does not exist, and base_config "
+                             f"{cfg['base_config']} would train {trains!r}, not it (--base_config= to only load)")
         ok = [True]
         if master:  # the tiny quick start: train the base this run starts from, as its own plain run
             print(f"{cfg['init_from']} is missing: training it first with {cfg['base_config']}")
@@ -761,6 +773,10 @@ def main(cfg):
                + (f"; after a kill: {', '.join(tidied)}" if tidied else ""))
         if master and not (os.path.isfile(ckpt_path) and os.path.samefile(latest, ckpt_path)):
             durable.link(latest, ckpt_path)  # a kill fell between the new checkpoint and its link
+        if step == cfg["max_steps"]:  # its last eval and save are done: running them again would log them twice
+            print0(f"{latest} is at max_steps={step}: the run is finished (raise --max_steps to train on)")
+            teardown()
+            return
     pool, ref_unet, ref_index, ref_step = None, None, None, None
     if cfg["method"] in REF_METHODS:
         # one resident reference UNet; snapshots are copied into it in place (replay.py). DPO's pool is theta_0 only
@@ -974,6 +990,11 @@ def main(cfg):
 if __name__ == "__main__":
     try:
         main(get_config(sys.argv[1:]))
+    except SystemExit as e:  # a one-line error: also the last line of rank 0's log.txt, where the run is read later
+        if isinstance(e.code, str) and _log_file is not None and not _log_file.closed:
+            _log_file.write(e.code + "\n")
+            _log_file.flush()
+        raise
     except RuntimeError as e:  # a collective failed: gloo saw a peer's socket close, or ddp_timeout passed
         if not (isinstance(e, dist.DistError) or "gloo" in str(e) or "NCCL" in str(e)):
             raise

@@ -26,11 +26,22 @@ def test_evaluate_a_run_against_a_base(tmp_path, run):
     # against itself, with the same noise, every image ties: exactly one half
     p = evaluate(a, "--base", a, "--images_per_prompt=1", "--steps=2")
     assert p.returncode == 0 and json.load(open(os.path.join(a, "eval", "scores.json")))["win_rate_vs_base"] == 0.5
+    # a second evaluation of b without a base replaces scores.json and leaves no comparison it does not describe
+    p = evaluate(b, "--images_per_prompt=1", "--steps=2")
+    assert p.returncode == 0 and not os.path.exists(os.path.join(b, "eval", "side_by_side.png"))
+    assert "win_rate_vs_base" not in json.load(open(os.path.join(b, "eval", "scores.json")))
 
 
-def test_evaluate_errors(tmp_path):
+def test_evaluate_errors(tmp_path, base):
     p = evaluate(str(tmp_path / "nothing"))
     assert p.returncode != 0 and p.stderr.strip().endswith("ckpt.pt not found: not a run directory of train_sspo.py")
+    # SD1.5's schedule takes at most 999 DDIM steps (steps_offset 1); 2000 would silently sample at t = 1 only
+    for args, message in ((["--steps=1000"], "error: --steps=1000 does not fit the scheduler's 1000 timesteps"),
+                          (["--steps=2000"], "error: --steps=2000 does not fit"),
+                          (["--images_per_prompt=0"], "error: --images_per_prompt must be >= 1, got 0")):
+        p = evaluate(base, *args, f"--out={tmp_path}/eval")
+        assert p.returncode != 0 and message in p.stderr.strip().splitlines()[-1], p.stderr[-2000:]
+    assert not os.path.exists(tmp_path / "eval")
 
 
 # -----------------------------------------------------------------------------------------------------------------

@@ -301,8 +301,10 @@ def test_bad_data_in_a_run_is_counted_or_stops(tmp_path):
     assert "data of epoch 0: skipped 6, converted 9, upscaled 2, empty_caption 1, long_caption 1" in text
     assert "data of epoch 1 so far: skipped 0, converted 3, upscaled 1, empty_caption 1, long_caption 0" in text
     assert "skipped unreadable data:" in text and "row 3 jpg_0: cannot decode image" in text
-    code, text = fork_main(args + [f"--out_dir={tmp_path}/stop", "--bad_data=stop", "--random_crop=False"])
-    assert code == 1 and "s.parquet row 5 jpg_0: cannot decode image" in error_line(text) and "bad_data='stop'" in error_line(text)
+    p = run_script(args + [f"--out_dir={tmp_path}/stop", "--bad_data=stop", "--random_crop=False"])  # the entry script
+    line = error_line(p.stderr)
+    assert p.returncode == 1 and "s.parquet row 5 jpg_0: cannot decode image" in line and "bad_data='stop'" in line
+    assert open(tmp_path / "stop" / "log.txt").read().splitlines()[-1] == line  # the run's log says why it stopped
 
 
 # ---- DDP --------------------------------------------------------------------------------------------------------

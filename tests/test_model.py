@@ -64,12 +64,16 @@ def test_prompt_cache_matches_encoding_and_is_bounded(sd_dir):
     assert out.requires_grad and out.shape == (6, 77, 32) and not cache.store
 
 
-def test_missing_parts_are_named(tmp_path, sd_dir):
+def test_missing_parts_are_named(tmp_path, sd_dir, monkeypatch):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         model.load_model(str(tmp_path / "nothing"))
     os.makedirs(tmp_path / "half" / "unet")
-    with pytest.raises(FileNotFoundError, match=r"lacks text_encoder, tokenizer, scheduler/"):
+    with pytest.raises(FileNotFoundError, match=r"lacks text_encoder/, tokenizer/, scheduler/ \("):
         model.load_model(str(tmp_path / "half"))
+    # a relative path under a folder that exists here (out/tiny_bsae) is a typo, not a hub id to try to download
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"'half/typo' does not exist .*; half/ is a folder here"):
+        model.load_model("half/typo")
 
 
 @pytest.mark.parametrize("with_vae", [False, True])

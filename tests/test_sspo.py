@@ -251,3 +251,7 @@ def test_a_missing_base_is_trained_first(tmp_path, run):
     assert "is missing: training it first with" in p.stdout
     assert torch.load(base / "ckpt.pt", weights_only=False)["step"] == 2
     assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["config"]["method"] == "sspo"
+    # a typo in init_from is an error, not a base trained into the base config's out_dir (a different folder)
+    p = run(["configs/tiny.py"] + SMALL + [f"--out_dir={tmp_path}/typo", f"--init_from={base}_typo", f"--base_config={cfg}"])
+    assert p.returncode != 0 and f"base_config {cfg} would train {str(base)!r}, not it" in p.stderr, p.stderr[-3000:]
+    assert not os.path.exists(f"{base}_typo") and not os.path.exists(tmp_path / "typo" / "ckpt.pt")

@@ -1,4 +1,5 @@
 """The training script: strict config, the loss, one-line errors, exact resume, and DDP == one process."""
+import json
 import os
 import shutil
 
@@ -41,6 +42,9 @@ def test_config_files_and_overrides(tmp_path):
     (["--unet_channels=(32, 60)"], r"unet_channels must be two or more positive multiples of 8"),
     (["--unet_channels=(32,)"], r"unet_channels must be two or more"),
     (["--resolution=0"], r"resolution must be >= 1"),
+    (["--seed=-1"], r"seed must be >= 0"),
+    (["--tiny_p_correct=1.5"], r"tiny_p_correct must be in \[0, 1\]"),
+    (["--n_eval_images=0"], r"n_eval_images must be >= 1"),
 ])
 def test_config_errors(argv, match):
     with pytest.raises(SystemExit, match=match):
@@ -198,6 +202,10 @@ def test_too_small_data_and_resume_past_max_steps_are_errors(tmp_path, run):
     assert run(FAST + [f"--out_dir={out}"]).returncode == 0
     p = run(FAST + [f"--out_dir={out}", "--init_from=resume", "--max_steps=2"])
     assert p.returncode != 0 and "is at step 4, past max_steps=2" in p.stderr
+    p = run(FAST + [f"--out_dir={out}", "--init_from=resume"])  # at max_steps: nothing to do, nothing logged twice
+    assert p.returncode == 0 and "is at max_steps=4: the run is finished" in p.stdout, p.stderr[-3000:]
+    evals = [line for line in open(os.path.join(out, "log.jsonl")) if '"kind": "eval"' in line]
+    assert [json.loads(line)["step"] for line in evals] == [0, 4]
 
 
 def test_resume_repairs_an_interrupted_unet_swap(tmp_path, run):
@@ -231,7 +239,9 @@ def fresh(tmp_path, base, name="r"):
 def test_what_the_model_cannot_do_or_a_broken_model_is_one_line(tmp_path, base):
     """Checked right after loading, before any step: no traceback, nothing trained."""
     for args, match in ((["--resolution=15"], r"resolution=15 is not a multiple of 2 \(the VAE's and the UNet's"),
-                        (["--sample_steps=2000"], r"sample_steps=2000 is more than the scheduler's 1000 timesteps")):
+                        (["--sample_steps=2000"], r"sample_steps=2000 does not fit the scheduler's 1000 timesteps"),
+                        # SD1.5's steps_offset 1: 1000 steps would start at timestep 1000 (an IndexError before)
+                        (["--self_sample_steps=1000", "--method=sspo"], r"self_sample_steps=1000 does not fit")):
         with pytest.raises(SystemExit, match=match):
             train_sspo.main(train_sspo.get_config(FAST + [f"--out_dir={tmp_path}/{args[0][2:6]}", *args]))
     broken = fresh(tmp_path, base, "broken")
