@@ -180,7 +180,6 @@ def denoising_error(unet, alphas_cumprod, x0, eps, t, context, return_pred=False
     return (err, pred.float()) if return_pred else err
 
 
-@torch.no_grad()
 def check_sampler_steps(scheduler, steps, name="steps"):
     """ValueError unless ddim_sample can take `steps` steps on this schedule (SD1.5's: 1 to 999, not 1000)."""
     T, offset = scheduler.config.num_train_timesteps, scheduler.config.steps_offset
@@ -189,6 +188,7 @@ def check_sampler_steps(scheduler, steps, name="steps"):
                          f"(steps - 1) x ({T} // steps) + steps_offset {offset}, must be below {T}")
 
 
+@torch.no_grad()
 def ddim_sample(unet, scheduler, cond, uncond, noise, steps=20, guidance=7.5, eta=0.0, generator=None):
     """DDIM (Song et al. 2021, eq. 12), the same update as diffusers' DDIMScheduler.step (tested against it),
     with classifier-free guidance: cond and uncond in one batched forward. cond (B, 77, D), uncond (1 or B, 77, D),

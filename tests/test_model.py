@@ -87,6 +87,7 @@ def test_ddim_sample_matches_diffusers(tmp_path, with_vae):
     c = unet.config.in_channels
     noise = torch.randn(2, c, unet.config.sample_size, unet.config.sample_size, generator=torch.Generator().manual_seed(0))
     ours = model.ddim_sample(unet, m["scheduler"], cond, uncond, noise, steps=5, guidance=3.0)
+    assert not ours.requires_grad  # the UNet's weights require grad: sampling must still build no graph
     s = DDIMScheduler.from_config(m["scheduler"].config)
     s.set_timesteps(5)
     x = noise
