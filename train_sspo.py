@@ -48,7 +48,8 @@ keep_checkpoints = 2            # ckpt_STEP.pt files kept (the newest is also ck
                                 # snapshots only they name, are deleted once a newer checkpoint is complete
 eval_every = 200                # optimizer steps between evals (loss, judge, sample grid); the last step always evals
 save_every = 200                # optimizer steps between checkpoints; the last step always saves
-log_every = 10                  # optimizer steps between log lines
+log_every = 10                  # optimizer steps between log lines: the logged update's stats (mean over its
+                                # micro-batches and ranks), and s/step over the stretch (evals and saves included)
 # data
 dataset = "tiny"                # 'tiny' (synthetic world, data.py) | 'pickapic' (parquet shards) | 'imagefolder'
 data_path = ""                  # parquet file or folder (pickapic); folder with metadata.jsonl (imagefolder)
@@ -165,11 +166,15 @@ def get_config(argv):
         if arg.startswith("--"):
             key, eq, text = arg[2:].partition("=")
             if not eq:
-                raise SystemExit(f"config error: {arg!r} must be --key=value")
-            try:
-                val = ast.literal_eval(text)
-            except (ValueError, SyntaxError):
-                val = text  # a bare string
+                raise SystemExit(f"config error: {arg!r} must be --key=value"
+                                 + (" (to resume a run: --init_from=resume)" if key == "resume" else ""))
+            if type(DEFAULTS.get(key)) is str and not text.startswith(("'", '"')):
+                val = text  # a string key takes the text as it is: --out_dir=2025 is the folder '2025'
+            else:
+                try:
+                    val = ast.literal_eval(text)
+                except (ValueError, SyntaxError):
+                    val = text  # a bare string
             put(key, val, arg)
         else:
             if not os.path.isfile(arg):

@@ -26,6 +26,7 @@ def test_config_files_and_overrides(tmp_path):
     (["--random_flip=1"], r"random_flip .* must be bool"),
     (["--method=ppo"], r"method='ppo' is not one of 'sft'"),
     (["--max_steps"], r"must be --key=value"),
+    (["--resume"], r"'--resume' must be --key=value \(to resume a run: --init_from=resume\)"),
     (["configs/nope.py"], r"config file 'configs/nope.py' not found"),
     (["--dataset=imagefolder"], r"needs data_path"),
     (["--dataset=imagefolder", "--data_path=/no/such/folder"], r"data_path '/no/such/folder' does not exist"),
@@ -49,6 +50,11 @@ def test_config_files_and_overrides(tmp_path):
 def test_config_errors(argv, match):
     with pytest.raises(SystemExit, match=match):
         train_sspo.get_config(argv)
+
+
+def test_string_keys_take_the_text_as_it_is():
+    cfg = train_sspo.get_config(["--out_dir=2025", "--init_from='resume'", "--data_path=1e-3"])
+    assert (cfg["out_dir"], cfg["init_from"], cfg["data_path"]) == ("2025", "resume", "1e-3")
 
 
 def test_config_file_errors(tmp_path):
