@@ -7,7 +7,7 @@ Where a training step's time goes, per method, and how far SSPO is from its floo
     python bench.py --sd15 --resolution 64    # on CPU: a smoke run of the SD1.5 code path at 8x8 latents
 
 A step here is one micro-batch of `batch_size`, built from the same pieces as train_sspo.py's loop (model.py's
-encoders, sampler and denoising_error; train_sspo.py's data, randomness and losses), split into phases:
+encoders, sampler and denoising_error; train_sspo.py's data and randomness; losses.py), split into phases:
 data (load + host-to-device), encode (text encoder, VAE), sample (SSPO's self-sampling), policy (forward +
 backward), ref (reference forwards), opt (clip + AdamW, amortized over grad_accum) and swap (snapshot push and
 load, amortized over the ckpt_every x grad_accum micro-batches of a stretch). On a GPU each phase ends with a
@@ -39,6 +39,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 import data
 import latents
+import losses
 import model
 import replay
 import train_sspo
@@ -204,7 +205,7 @@ def train_step(method, P, cfg, lap, step=0):
         lap("sample")
     with P["autocast"]:
         if method == "sft":
-            loss, _ = train_sspo.sft_loss(model.denoising_error(P["unet"], P["abar"], x0_w, eps, t, ctx))
+            loss, _ = losses.sft_loss(model.denoising_error(P["unet"], P["abar"], x0_w, eps, t, ctx))
         else:
             x0, e2, t2, c2 = torch.cat([x0_w, x0_l]), torch.cat([eps, eps]), torch.cat([t, t]), torch.cat([ctx, ctx])
             err_w, err_l = model.denoising_error(P["unet"], P["abar"], x0, e2, t2, c2).chunk(2)
@@ -213,9 +214,9 @@ def train_step(method, P, cfg, lap, step=0):
                 ref_w, ref_l = model.denoising_error(P["ref_unet"], P["abar"], x0, e2, t2, c2).chunk(2)
             lap("ref")
             if method == "dpo":
-                loss, _ = train_sspo.dpo_loss(err_w, err_l, ref_w, ref_l, cfg["beta"])
+                loss, _ = losses.dpo_loss(err_w, err_l, ref_w, ref_l, cfg["beta"])
             else:
-                loss, _ = train_sspo.sspo_loss(err_w, err_l, ref_w, ref_l, cfg["beta"], cfg["ssr"])
+                loss, _ = losses.sspo_loss(err_w, err_l, ref_w, ref_l, cfg["beta"], cfg["ssr"])
         loss.backward()
     lap("policy")
     torch.nn.utils.clip_grad_norm_(P["unet"].parameters(), cfg["grad_clip"] or float("inf"))

@@ -40,7 +40,7 @@ RUNS = {
     "SSPO, SSR indicator": ("configs/tiny.py", ["--ssr=indicator"]),
     "SSPO, SSR off": ("configs/tiny.py", ["--ssr=off"]),
 }
-# --objectives: the other preference objectives of the literature (train_sspo.py's losses), same budget, pairs
+# --objectives: the other preference objectives of the literature (losses.py), same budget, pairs
 OBJECTIVES = {
     "DMPO": ("configs/tiny_dmpo.py", []),
     "Diffusion-KTO": ("configs/tiny_kto.py", []),

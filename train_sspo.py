@@ -7,7 +7,8 @@ SSPO setting) and the other objectives of the literature below.
     torchrun --nproc_per_node=8 train_sspo.py configs/sd15.py      # DDP (nccl on GPU, gloo on CPU)
     python train_sspo.py configs/tiny_base.py --max_steps=50 --out_dir=out/try   # --key=value overrides
 
-Importing this file runs nothing: the loss functions and the config reader are importable for tests and forks.
+Importing this file runs nothing: the config reader and the loop's helpers are importable for tests and forks; the
+objectives themselves are losses.py.
 """
 import ast
 import copy
@@ -26,7 +27,6 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
@@ -34,6 +34,7 @@ from tqdm import tqdm
 import data
 import durable
 import latents
+import losses
 import model
 import replay
 
@@ -72,7 +73,7 @@ text_dim = 32                   # width of the tiny CLIP text encoder
 train_text_encoder = False      # also train the text encoder: for pretraining from scratch, where a random frozen one
                                 # is a weak condition (SD1.5 and all alignment runs keep it frozen)
 noise_schedule = "scaled_linear"  # SD1.5's betas (0.00085-0.012) | 'squaredcos_cap_v2' | 'linear' (DDPM's)
-# method (the loss functions below)
+# method (the objectives are losses.py)
 method = "sft"                  # 'sft': eps-MSE on image_w (also base pretraining) | 'dpo': pairs, frozen base as
                                 # reference | 'sspo': winners only, losers sampled by a replayed snapshot
                                 # | on pairs, frozen base as reference: 'dmpo' (reverse KL) | 'kto' (unpaired
@@ -243,128 +244,6 @@ def get_config(argv):
         if not ok:
             raise SystemExit(f"config error: {key} must be {want}, got {cfg[key]!r}")
     return cfg
-
-
-# -----------------------------------------------------------------------------------------------------------------
-# losses: pure functions of per-sample errors (shape (B,), float32 mean over C,H,W); each returns (loss, stats)
-
-def sft_loss(err_w):
-    """Supervised fine-tuning: plain eps-MSE on the (winning) images. Also how a base model is pretrained."""
-    return err_w.mean(), {}
-
-
-def dpo_loss(err_w, err_l, ref_err_w, ref_err_l, beta):
-    """Diffusion-DPO (Wallace et al. 2023) in the convention of its reference code: the 1/2 explicit, T*omega(t)
-    folded into beta (SD1.5: 5000). z > 0 when the policy improved on the winner more than on the loser."""
-    z = -0.5 * beta * ((err_w - ref_err_w) - (err_l - ref_err_l))
-    stats = {"implicit_acc": (z > 0).float().mean(), "err_w": err_w.mean(), "err_l": err_l.mean(),
-             "ref_err_w": ref_err_w.mean(), "ref_err_l": ref_err_l.mean()}
-    return -F.logsigmoid(z).mean(), {k: v.detach() for k, v in stats.items()}
-
-
-def sspo_loss(err_w, err_s, ref_err_w, ref_err_s, beta, ssr="sign"):
-    """SSPO (SSPO.md 4): Diffusion-DPO between the winner and the reference's own sample, with Self-Sampling
-    Regularization. s = sign(ref_err_w - err_w), per sample, detached: +1 when the policy already fits the winner
-    better than the reference does, so the reference's sample is judged a loser (plain DPO); otherwise the sample
-    is likely as good as the winner and the update turns SFT-like. The multiplier m on the sample's term:
-      ssr="sign" (v1):      m = s: at -1 both errors are pushed down; a tie (s = 0) keeps the winner term only
-      ssr="indicator" (v2): m = 1 if s = +1 else 0: the winner term alone
-      ssr="off" (ablation): m = 1: every self-sample is a loser (SPIN-Diffusion with ref = last)
-    The loss's form is reconstructed from the paper's reviews (SSPO.md 4), not quoted from an equation."""
-    s = torch.sign(ref_err_w - err_w).detach()
-    m = {"sign": s, "indicator": (s > 0).float(), "off": torch.ones_like(s)}[ssr]
-    z = -0.5 * beta * ((err_w - ref_err_w) - m * (err_s - ref_err_s))
-    stats = {"implicit_acc": (z > 0).float().mean(), "ssr_switched": (m != 1).float().mean(),
-             "err_w": err_w.mean(), "err_s": err_s.mean(), "ref_err_w": ref_err_w.mean(), "ref_err_s": ref_err_s.mean()}
-    return -F.logsigmoid(z).mean(), {k: v.detach() for k, v in stats.items()}
-
-
-def dmpo_loss(err_w, err_l, ref_err_w, ref_err_l, beta, alpha):
-    """DMPO (Li, Xu, Dang, Ermon 2025, arXiv 2507.07510): minimise the reverse KL from the model's preference
-    probability p = sigmoid(z), z the Diffusion-DPO logit in the 1/2 convention, to a target Bernoulli(1 - alpha):
-    KL(p || q) = p log(p / q) + (1 - p) log((1 - p) / (1 - q)), q = 1 - alpha. As in the Diffusion-SDPO authors' code
-    (SD1.5: alpha 0.01, beta 2000). Unlike DPO it stops pushing once p reaches 1 - alpha: mode-seeking."""
-    z = -0.5 * beta * ((err_w - ref_err_w) - (err_l - ref_err_l))
-    p, q = torch.sigmoid(z), 1.0 - alpha
-    log_p, log_1mp = -F.softplus(-z), -F.softplus(z)  # log sigmoid(z), log sigmoid(-z): stable for large |z|
-    kl = p * (log_p - math.log(q)) + (1 - p) * (log_1mp - math.log(alpha))
-    stats = {"implicit_acc": (z > 0).float().mean(), "err_w": err_w.mean(), "err_l": err_l.mean(),
-             "ref_err_w": ref_err_w.mean(), "ref_err_l": ref_err_l.mean()}
-    return kl.mean(), {k: v.detach() for k, v in stats.items()}
-
-
-def kto_loss(err, ref_err, desirable, beta):
-    """Diffusion-KTO (Li et al. 2024, arXiv 2404.04465) on unpaired samples. The implicit reward of a sample is how
-    much better the policy denoises it than the reference, g = ref_err - err; the reference point is
-    max(mean g, 0) over the global batch, detached (all-reduced across ranks: the one collective in a loss here).
-    loss = mean(1 - sigmoid(beta (g - ref))) on desirable samples, mean(1 - sigmoid(beta (ref - g))) on the others.
-    No 1/2 in this logit. Pick-a-Pic pairs are fed as winners desirable, losers undesirable (Diffusion-KTO's setup)."""
-    g = ref_err - err
-    total = torch.stack([g.detach().sum(), torch.tensor(float(g.numel()), device=g.device)])
-    if dist.is_initialized():
-        dist.all_reduce(total)
-    ref = (total[0] / total[1]).clamp(min=0)
-    sign = desirable.float() * 2 - 1  # +1 desirable, -1 undesirable
-    u = sign * beta * (g - ref)
-    stats = {"implicit_acc": (u > 0).float().mean(), "kto_ref": ref, "err": err.mean(), "ref_err": ref_err.mean()}
-    return (1 - torch.sigmoid(u)).mean(), {k: v.detach() for k, v in stats.items()}
-
-
-def mapo_loss(err_w, err_l, beta, snr_value=0.5, num_train_timesteps=1000):
-    """MaPO (Hong et al. 2024, arXiv 2406.06424), reference-free: SFT on the winner plus a margin term on the odds
-    g(x) = s x / (exp(s x) - 1), a decreasing function of the error standing in for the likelihood:
-    loss = mean(err_w) - beta mean(log sigmoid(T (g(err_w) - g(err_l)))), as its reference code computes it."""
-    def g(x):
-        return snr_value * x / torch.expm1(snr_value * x)
-    margin = g(err_w) - g(err_l)
-    ratio = F.logsigmoid(num_train_timesteps * margin)
-    stats = {"implicit_acc": (margin > 0).float().mean(), "margin_loss": -ratio.mean(), "err_w": err_w.mean(),
-             "err_l": err_l.mean()}
-    return err_w.mean() - beta * ratio.mean(), {k: v.detach() for k, v in stats.items()}
-
-
-def see_dpo_loss(err_w, err_l, ref_err_w, ref_err_l, beta, gamma):
-    """SEE-DPO (Shekhar, Singh, Zhang 2024/TMLR 2025, arXiv 2411.04712), **reconstructed**: we did not read its
-    diffusion loss verbatim. Adding a self-entropy bonus gamma H(p_theta) to the KL-regularised objective
-    max E[r] - beta KL(p_theta || p_ref) + gamma H(p_theta) gives the optimum p* ~ p_ref^(beta / (beta + gamma))
-    exp(r / (beta + gamma)) -- the reference flattened, as the paper describes -- so the implicit reward is
-    (beta + gamma) log p_theta - beta log p_ref. With log p ~ -err (the Diffusion-DPO bound, 1/2 convention):
-    z = -(1/2) [(beta + gamma)(err_w - err_l) - beta (ref_err_w - ref_err_l)]; gamma = 0 is Diffusion-DPO."""
-    z = -0.5 * ((beta + gamma) * (err_w - err_l) - beta * (ref_err_w - ref_err_l))
-    stats = {"implicit_acc": (z > 0).float().mean(), "err_w": err_w.mean(), "err_l": err_l.mean(),
-             "ref_err_w": ref_err_w.mean(), "ref_err_l": ref_err_l.mean()}
-    return -F.logsigmoid(z).mean(), {k: v.detach() for k, v in stats.items()}
-
-
-def dpo_cm_loss(err_w, err_l, ref_err_w, ref_err_l, t, beta, t_range):
-    """DPO-C&M of the SDPO paper (Yang et al. 2025, arXiv 2505.21893; v2 carries the authors' note of a critical
-    error in its main theorem; v3 is renamed SIPO), **only as far as its public description determines it**:
-    Diffusion-DPO with the uninformative timesteps masked out. Here a sample counts iff lo <= t < hi, and the
-    per-sample loss is multiplied by that 0/1 weight before the batch mean (a masked sample weighs 0, like an
-    importance weight clipped to 0). Not determined by what we could read, so not implemented: the estimator of
-    the step-wise importance weight p_theta(x_t-1 | x_t) / q(x_t-1 | x_t, x0), its clip value and masking threshold;
-    the window (lo, hi) stands in for them and is our choice."""
-    z = -0.5 * beta * ((err_w - ref_err_w) - (err_l - ref_err_l))
-    keep = ((t >= t_range[0]) & (t < t_range[1])).float()
-    stats = {"implicit_acc": (z > 0).float().mean(), "cm_kept": keep.mean(), "err_w": err_w.mean(),
-             "err_l": err_l.mean(), "ref_err_w": ref_err_w.mean(), "ref_err_l": ref_err_l.mean()}
-    return (keep * -F.logsigmoid(z)).mean(), {k: v.detach() for k, v in stats.items()}
-
-
-def sdpo_scale(pred_w, pred_l, target_w, target_l, mu):
-    """Diffusion-SDPO's safeguard (Fu et al. 2025, arXiv 2511.03317): one scale lambda in [0, 1] per micro-batch for
-    the loser branch's gradient. With g_w, g_l the output-space gradients of the winner's and loser's mean errors
-    (w.r.t. the UNet's predicted noise), the update -g_w + lambda g_l keeps the winner's error from rising to first
-    order, with margin mu, when lambda <= (1 - mu) |g_w|^2 / <g_l, g_w>; so lambda is that bound clipped to
-    [0, 1] when <g_l, g_w> > 0, else 1. As in the authors' code the gradients are those of the plain errors, not
-    weighted by the loss's per-sample sigmoid factors. Returns a detached scalar tensor."""
-    pw, pl = pred_w.detach().float().requires_grad_(True), pred_l.detach().float().requires_grad_(True)
-    with torch.enable_grad():
-        g_w, = torch.autograd.grad((pw - target_w.float()).pow(2).mean(), pw)
-        g_l, = torch.autograd.grad((pl - target_l.float()).pow(2).mean(), pl)
-    inner = (g_w * g_l).sum()
-    lam = ((1 - mu) * g_w.pow(2).sum() / inner).clamp(0, 1)
-    return torch.where(inner > 0, lam, torch.ones_like(lam)).detach()  # no Python `if` on a GPU value: no sync
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -889,7 +768,7 @@ def main(cfg):
             sync = nullcontext() if world == 1 or micro == cfg["grad_accum"] - 1 else ddp_unet.no_sync()
             with sync, autocast:
                 if cfg["method"] == "sft":
-                    loss, stats = sft_loss(model.denoising_error(ddp_unet, abar, x0_w, eps, t, ctx))
+                    loss, stats = losses.sft_loss(model.denoising_error(ddp_unet, abar, x0_w, eps, t, ctx))
                 else:  # winners first; winner and loser share the noise, the timestep and the (dropped) prompt
                     x0, e2, t2, c2 = torch.cat([x0_w, x0_l]), torch.cat([eps, eps]), torch.cat([t, t]), torch.cat([ctx, ctx])
                     if cfg["noising"] == "ddim_inversion":  # Inversion-DPO: x_t (and the eps it implies) from the
@@ -902,27 +781,27 @@ def main(cfg):
                     if cfg["sdpo_safeguard"]:  # the loser's gradient x lambda, its value unchanged (Diffusion-SDPO):
                         # err_l depends on the weights only through the loser's prediction, so this equals scaling
                         # the gradient reaching that prediction by lambda
-                        lam = sdpo_scale(*pred.chunk(2), *e2.chunk(2), cfg["sdpo_mu"])
+                        lam = losses.sdpo_scale(*pred.chunk(2), *e2.chunk(2), cfg["sdpo_mu"])
                         err_l = err_l.detach() + lam * (err_l - err_l.detach())
                     if ref_unet is not None:
                         with torch.no_grad():
                             ref_w, ref_l = model.denoising_error(ref_unet, abar, x0, e2, t2, c2).chunk(2)
                     meth, beta = cfg["method"], cfg["beta"]
                     if meth == "dpo":
-                        loss, stats = dpo_loss(err_w, err_l, ref_w, ref_l, beta)
+                        loss, stats = losses.dpo_loss(err_w, err_l, ref_w, ref_l, beta)
                     elif meth == "sspo":
-                        loss, stats = sspo_loss(err_w, err_l, ref_w, ref_l, beta, cfg["ssr"])
+                        loss, stats = losses.sspo_loss(err_w, err_l, ref_w, ref_l, beta, cfg["ssr"])
                     elif meth == "dmpo":
-                        loss, stats = dmpo_loss(err_w, err_l, ref_w, ref_l, beta, cfg["dmpo_alpha"])
+                        loss, stats = losses.dmpo_loss(err_w, err_l, ref_w, ref_l, beta, cfg["dmpo_alpha"])
                     elif meth == "kto":  # unpaired: winners desirable, losers undesirable
                         desirable = torch.arange(2 * B, device=device) < B
-                        loss, stats = kto_loss(err, torch.cat([ref_w, ref_l]), desirable, beta)
+                        loss, stats = losses.kto_loss(err, torch.cat([ref_w, ref_l]), desirable, beta)
                     elif meth == "mapo":
-                        loss, stats = mapo_loss(err_w, err_l, beta, cfg["mapo_snr"], T)
+                        loss, stats = losses.mapo_loss(err_w, err_l, beta, cfg["mapo_snr"], T)
                     elif meth == "see_dpo":
-                        loss, stats = see_dpo_loss(err_w, err_l, ref_w, ref_l, beta, cfg["see_gamma"])
+                        loss, stats = losses.see_dpo_loss(err_w, err_l, ref_w, ref_l, beta, cfg["see_gamma"])
                     else:
-                        loss, stats = dpo_cm_loss(err_w, err_l, ref_w, ref_l, t, beta, cfg["cm_t_range"])
+                        loss, stats = losses.dpo_cm_loss(err_w, err_l, ref_w, ref_l, t, beta, cfg["cm_t_range"])
                     if cfg["sdpo_safeguard"]:
                         stats["sdpo_lambda"] = lam
                 if durable.fault("nan_loss", kill=False):

@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+import losses
 import model
 import train_sspo
 from conftest import FAST
@@ -33,7 +34,7 @@ def softplus(x):  # -log sigmoid(z) = log(1 + exp(-z))
 def test_dmpo_loss_by_hand():
     # D_w = 0.1 - 0.2 = -0.1, D_l = 0.3 - 0.2 = 0.1; z = -(10 / 2)(-0.2) = 1; p = sigmoid(1), target q = 0.99
     err_w, err_l = t(0.1), t(0.3)
-    loss, stats = train_sspo.dmpo_loss(err_w, err_l, c(0.2), c(0.2), beta=10.0, alpha=0.01)
+    loss, stats = losses.dmpo_loss(err_w, err_l, c(0.2), c(0.2), beta=10.0, alpha=0.01)
     p = sigmoid(1.0)
     assert loss.item() == pytest.approx(p * math.log(p / 0.99) + (1 - p) * math.log((1 - p) / 0.01), rel=1e-5)
     assert stats["implicit_acc"] == 1.0
@@ -45,7 +46,7 @@ def test_dmpo_stops_at_the_target_and_pushes_back_past_it():
     """Reverse KL to Bernoulli(1 - alpha): zero gradient at p = 1 - alpha, i.e. z = log(99), reversed beyond it."""
     for z, sign in [(math.log(99.0), 0), (10.0, -1)]:
         err_w = torch.tensor([-z / 5], requires_grad=True)  # beta 10: z = -5 (err_w - 0) with everything else 0
-        loss, _ = train_sspo.dmpo_loss(err_w, c(0.0), c(0.0), c(0.0), beta=10.0, alpha=0.01)
+        loss, _ = losses.dmpo_loss(err_w, c(0.0), c(0.0), c(0.0), beta=10.0, alpha=0.01)
         loss.backward()
         if sign == 0:
             assert abs(err_w.grad.item()) < 1e-5
@@ -59,7 +60,7 @@ def test_kto_loss_by_hand_with_a_positive_reference_point():
     # g = ref_err - err = [0.1, 0.05]; ref point = max(mean g, 0) = 0.075
     # desirable:   u0 = 10 (0.1 - 0.075) = 0.25;  undesirable: u1 = -10 (0.05 - 0.075) = 0.25
     err = t(0.1, 0.15)
-    loss, stats = train_sspo.kto_loss(err, c(0.2, 0.2), torch.tensor([True, False]), beta=10.0)
+    loss, stats = losses.kto_loss(err, c(0.2, 0.2), torch.tensor([True, False]), beta=10.0)
     assert loss.item() == pytest.approx(1 - sigmoid(0.25), rel=1e-5)
     assert stats["kto_ref"].item() == pytest.approx(0.075) and stats["implicit_acc"] == 1.0
     loss.backward()
@@ -70,7 +71,7 @@ def test_kto_loss_by_hand_with_a_positive_reference_point():
 
 def test_kto_reference_point_is_clipped_at_zero():
     # g = [-0.1, -0.3]: mean -0.2 < 0, so ref = 0; u0 = 10 (-0.1) = -1 (desirable), u1 = -10 (-0.3) = 3
-    loss, stats = train_sspo.kto_loss(c(0.3, 0.5), c(0.2, 0.2), torch.tensor([True, False]), beta=10.0)
+    loss, stats = losses.kto_loss(c(0.3, 0.5), c(0.2, 0.2), torch.tensor([True, False]), beta=10.0)
     assert stats["kto_ref"].item() == 0.0
     assert loss.item() == pytest.approx(((1 - sigmoid(-1.0)) + (1 - sigmoid(3.0))) / 2, rel=1e-5)
     assert stats["implicit_acc"] == 0.5
@@ -83,10 +84,10 @@ def test_kto_reference_point_is_the_global_batch_mean(monkeypatch):
         total += torch.tensor([-0.4, 2.0])
     monkeypatch.setattr(train_sspo.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(train_sspo.dist, "all_reduce", all_reduce)
-    _, stats = train_sspo.kto_loss(c(0.1, 0.15), c(0.2, 0.2), torch.tensor([True, False]), beta=10.0)
+    _, stats = losses.kto_loss(c(0.1, 0.15), c(0.2, 0.2), torch.tensor([True, False]), beta=10.0)
     assert stats["kto_ref"].item() == 0.0
     monkeypatch.setattr(train_sspo.dist, "all_reduce", lambda total: total.add_(torch.tensor([0.2, 2.0])))
-    _, stats = train_sspo.kto_loss(c(0.1, 0.15), c(0.2, 0.2), torch.tensor([True, False]), beta=10.0)
+    _, stats = losses.kto_loss(c(0.1, 0.15), c(0.2, 0.2), torch.tensor([True, False]), beta=10.0)
     assert stats["kto_ref"].item() == pytest.approx((0.15 + 0.2) / 4)  # a positive global mean is used as is
 
 
@@ -95,7 +96,7 @@ def test_kto_reference_point_is_the_global_batch_mean(monkeypatch):
 def test_mapo_loss_by_hand():
     # g(x) = s x / (exp(s x) - 1), s = 0.5: g(0.2) = 0.1 / (e^0.1 - 1), g(0.4) = 0.2 / (e^0.2 - 1); T = 10
     err_w, err_l = t(0.2), t(0.4)
-    loss, stats = train_sspo.mapo_loss(err_w, err_l, beta=0.1, snr_value=0.5, num_train_timesteps=10)
+    loss, stats = losses.mapo_loss(err_w, err_l, beta=0.1, snr_value=0.5, num_train_timesteps=10)
     margin = 0.1 / (math.exp(0.1) - 1) - 0.2 / (math.exp(0.2) - 1)
     assert margin > 0  # the smaller error has the larger odds
     assert loss.item() == pytest.approx(0.2 + 0.1 * softplus(10 * margin), rel=1e-5)
@@ -107,7 +108,7 @@ def test_mapo_loss_by_hand():
 
 def test_mapo_needs_no_reference_and_uses_T():
     # with T = 1000 the same pair's margin term is saturated: the loss is err_w to float precision
-    loss, _ = train_sspo.mapo_loss(c(0.2), c(0.4), beta=0.1)
+    loss, _ = losses.mapo_loss(c(0.2), c(0.4), beta=0.1)
     assert loss.item() == pytest.approx(0.2, abs=1e-6)
 
 
@@ -116,13 +117,13 @@ def test_mapo_needs_no_reference_and_uses_T():
 def test_see_dpo_loss_by_hand():
     # z = -(1/2) [(beta + gamma)(err_w - err_l) - beta (ref_w - ref_l)] = -(1/2) [14 (-0.2) - 10 (0)] = 1.4
     err_w, err_l = t(0.1), t(0.3)
-    loss, stats = train_sspo.see_dpo_loss(err_w, err_l, c(0.2), c(0.2), beta=10.0, gamma=4.0)
+    loss, stats = losses.see_dpo_loss(err_w, err_l, c(0.2), c(0.2), beta=10.0, gamma=4.0)
     assert loss.item() == pytest.approx(softplus(1.4), rel=1e-6)
     loss.backward()  # d loss / d err_w = ((beta + gamma) / 2) sigmoid(-z)
     assert err_w.grad.item() == pytest.approx(7.0 * sigmoid(-1.4), rel=1e-5)
     # gamma = 0 is Diffusion-DPO
     args = (c(0.1, 0.4), c(0.3, 0.2), c(0.2, 0.25), c(0.2, 0.3), 10.0)
-    assert train_sspo.see_dpo_loss(*args, gamma=0.0)[0].item() == pytest.approx(train_sspo.dpo_loss(*args)[0].item())
+    assert losses.see_dpo_loss(*args, gamma=0.0)[0].item() == pytest.approx(losses.dpo_loss(*args)[0].item())
 
 
 # ---- DPO-C&M ----------------------------------------------------------------------------------------------------
@@ -130,14 +131,14 @@ def test_see_dpo_loss_by_hand():
 def test_dpo_cm_masks_timesteps_outside_the_window():
     # sample 0 at t = 50 (masked), sample 1 at t = 500 (kept). Sample 1: z = -5 (-0.1 - 0.1) = 1.
     err_w, err_l = t(0.3, 0.1), t(0.4, 0.3)
-    loss, stats = train_sspo.dpo_cm_loss(err_w, err_l, c(0.2, 0.2), c(0.1, 0.2), torch.tensor([50, 500]), 10.0,
+    loss, stats = losses.dpo_cm_loss(err_w, err_l, c(0.2, 0.2), c(0.1, 0.2), torch.tensor([50, 500]), 10.0,
                                          (100, 900))
     assert loss.item() == pytest.approx((0 + softplus(1.0)) / 2, rel=1e-6)  # the batch mean, masked samples weigh 0
     assert stats["cm_kept"] == 0.5
     loss.backward()
     assert err_w.grad[0] == 0 and err_l.grad[0] == 0 and err_w.grad[1] > 0
     # the window is [lo, hi): 900 is out, 100 is in
-    _, stats = train_sspo.dpo_cm_loss(c(0.1, 0.1), c(0.2, 0.2), c(0.1, 0.1), c(0.2, 0.2), torch.tensor([100, 900]),
+    _, stats = losses.dpo_cm_loss(c(0.1, 0.1), c(0.2, 0.2), c(0.1, 0.1), c(0.2, 0.2), torch.tensor([100, 900]),
                                       10.0, (100, 900))
     assert stats["cm_kept"] == 0.5
 
@@ -155,7 +156,7 @@ def test_sdpo_scale_by_hand(pred_w, pred_l, mu, lam):
     same for both halves, so lambda = clip((1 - mu) |r_w|^2 / <r_l, r_w>, 0, 1)."""
     target = torch.zeros(1, 2, 1, 1)
     pw, pl = torch.tensor(pred_w).view(1, 2, 1, 1), torch.tensor(pred_l).view(1, 2, 1, 1)
-    assert train_sspo.sdpo_scale(pw, pl, target, target, mu).item() == pytest.approx(lam, rel=1e-6)
+    assert losses.sdpo_scale(pw, pl, target, target, mu).item() == pytest.approx(lam, rel=1e-6)
 
 
 def test_sdpo_scale_keeps_the_winner_error_from_rising():
@@ -164,7 +165,7 @@ def test_sdpo_scale_keeps_the_winner_error_from_rising():
     target = torch.randn(3, 4, 5, 5, generator=g)
     pw = target + torch.randn(target.shape, generator=g)
     pl = pw + 0.3 * torch.randn(target.shape, generator=g)  # a loser close to the winner: gradients aligned
-    lam = train_sspo.sdpo_scale(pw, pl, target, target, 0.9).item()
+    lam = losses.sdpo_scale(pw, pl, target, target, 0.9).item()
     r_w, r_l = (pw - target).flatten(), (pl - target).flatten()
     assert 0 < lam < 1
     assert torch.dot(-r_w + lam * r_l, r_w).item() <= -0.9 * r_w.pow(2).sum().item() + 1e-4

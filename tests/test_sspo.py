@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import losses
 import replay
 import train_sspo
 from conftest import FAST
@@ -24,7 +25,7 @@ def softplus(x):  # -log sigmoid(z) = log(1 + exp(-z))
 def test_dpo_loss_by_hand():
     # D_w = 0.1 - 0.2 = -0.1, D_l = 0.3 - 0.2 = 0.1; z = -(10 / 2)(-0.1 - 0.1) = 1
     err_w, err_l = t(0.1), t(0.3)
-    loss, stats = train_sspo.dpo_loss(err_w, err_l, torch.tensor([0.2]), torch.tensor([0.2]), beta=10.0)
+    loss, stats = losses.dpo_loss(err_w, err_l, torch.tensor([0.2]), torch.tensor([0.2]), beta=10.0)
     assert loss.item() == pytest.approx(softplus(1.0), rel=1e-6)
     assert stats["implicit_acc"] == 1.0
     loss.backward()
@@ -35,7 +36,7 @@ def test_dpo_loss_by_hand():
 
 def test_dpo_implicit_accuracy_is_strict_and_starts_at_zero():
     e = torch.tensor([0.2, 0.5])
-    _, stats = train_sspo.dpo_loss(e, e, e, e, beta=5000.0)  # policy == reference: z = 0
+    _, stats = losses.dpo_loss(e, e, e, e, beta=5000.0)  # policy == reference: z = 0
     assert stats["implicit_acc"] == 0.0
 
 
@@ -43,8 +44,8 @@ def test_dpo_implicit_accuracy_is_strict_and_starts_at_zero():
 def test_sspo_is_dpo_when_the_policy_fits_the_winner_better(ssr):
     # err_w 0.1 < ref_err_w 0.2: s = +1, the self-sample is a loser under every variant
     args = (torch.tensor([0.1]), torch.tensor([0.3]), torch.tensor([0.2]), torch.tensor([0.2]), 10.0)
-    loss, stats = train_sspo.sspo_loss(*args, ssr=ssr)
-    assert loss.item() == pytest.approx(train_sspo.dpo_loss(*args)[0].item()) == pytest.approx(softplus(1.0))
+    loss, stats = losses.sspo_loss(*args, ssr=ssr)
+    assert loss.item() == pytest.approx(losses.dpo_loss(*args)[0].item()) == pytest.approx(softplus(1.0))
     assert stats["ssr_switched"] == 0.0
 
 
@@ -53,7 +54,7 @@ def test_sspo_switched_sample_by_hand(ssr, z):
     # err_w 0.3 > ref_err_w 0.2: s = -1. D_w = 0.1, D_s = 0.4 - 0.1 = 0.3, beta / 2 = 5
     #   sign:      z = -5 (D_w + D_s) = -2      indicator: z = -5 D_w = -0.5      off: z = -5 (D_w - D_s) = 1
     err_w, err_s = t(0.3), t(0.4)
-    loss, stats = train_sspo.sspo_loss(err_w, err_s, torch.tensor([0.2]), torch.tensor([0.1]), 10.0, ssr=ssr)
+    loss, stats = losses.sspo_loss(err_w, err_s, torch.tensor([0.2]), torch.tensor([0.1]), 10.0, ssr=ssr)
     assert loss.item() == pytest.approx(softplus(z), rel=1e-6)
     assert stats["ssr_switched"] == (0.0 if ssr == "off" else 1.0)
     loss.backward()
@@ -72,14 +73,14 @@ def test_sspo_exact_tie_takes_sign_zero():
     e = torch.tensor([0.2])
     err_s = t(0.5)
     for ssr, expect in [("sign", softplus(0.0)), ("indicator", softplus(0.0)), ("off", softplus(5 * (0.5 - 0.1)))]:
-        loss, stats = train_sspo.sspo_loss(e, err_s, e, torch.tensor([0.1]), 10.0, ssr=ssr)
+        loss, stats = losses.sspo_loss(e, err_s, e, torch.tensor([0.1]), 10.0, ssr=ssr)
         assert loss.item() == pytest.approx(expect, rel=1e-6), ssr
         assert stats["ssr_switched"] == (0.0 if ssr == "off" else 1.0)  # off never switches
 
 
 def test_sspo_mixed_batch_is_the_mean_of_per_sample_losses():
     err_w, err_s, ref_w, ref_s = [torch.tensor(v) for v in ([0.1, 0.3], [0.3, 0.4], [0.2, 0.2], [0.2, 0.1])]
-    loss, stats = train_sspo.sspo_loss(err_w, err_s, ref_w, ref_s, 10.0, "sign")
+    loss, stats = losses.sspo_loss(err_w, err_s, ref_w, ref_s, 10.0, "sign")
     assert loss.item() == pytest.approx((softplus(1.0) + softplus(-2.0)) / 2, rel=1e-6)
     assert stats["ssr_switched"] == 0.5 and stats["implicit_acc"] == 0.5
 

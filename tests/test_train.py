@@ -6,6 +6,7 @@ import shutil
 import pytest
 import torch
 
+import losses
 import train_sspo
 from conftest import FAST
 
@@ -83,7 +84,7 @@ def test_every_config_in_configs_dir_is_valid():
 
 def test_sft_loss_by_hand():
     err = torch.tensor([0.5, 1.5, 4.0], requires_grad=True)
-    loss, stats = train_sspo.sft_loss(err)
+    loss, stats = losses.sft_loss(err)
     assert loss.item() == pytest.approx(2.0)
     loss.backward()
     assert torch.allclose(err.grad, torch.full((3,), 1 / 3))

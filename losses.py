@@ -1,0 +1,131 @@
+"""
+The objectives: pure functions of per-sample denoising errors (shape (B,), float32 means over C,H,W, model.py's
+denoising_error), each returning (loss, stats). No I/O, no globals, one collective (Diffusion-KTO's reference point):
+what a fork changes for an ablation, and what tests/test_sspo.py and tests/test_objectives.py pin down against
+hand-computed values. train_sspo.py's loop computes the errors (policy and reference, winners first, shared noise and
+timestep) and calls one of these.
+"""
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def sft_loss(err_w):
+    """Supervised fine-tuning: plain eps-MSE on the (winning) images. Also how a base model is pretrained."""
+    return err_w.mean(), {}
+
+
+def dpo_loss(err_w, err_l, ref_err_w, ref_err_l, beta):
+    """Diffusion-DPO (Wallace et al. 2023) in the convention of its reference code: the 1/2 explicit, T*omega(t)
+    folded into beta (SD1.5: 5000). z > 0 when the policy improved on the winner more than on the loser."""
+    z = -0.5 * beta * ((err_w - ref_err_w) - (err_l - ref_err_l))
+    stats = {"implicit_acc": (z > 0).float().mean(), "err_w": err_w.mean(), "err_l": err_l.mean(),
+             "ref_err_w": ref_err_w.mean(), "ref_err_l": ref_err_l.mean()}
+    return -F.logsigmoid(z).mean(), {k: v.detach() for k, v in stats.items()}
+
+
+def sspo_loss(err_w, err_s, ref_err_w, ref_err_s, beta, ssr="sign"):
+    """SSPO (SSPO.md 4): Diffusion-DPO between the winner and the reference's own sample, with Self-Sampling
+    Regularization. s = sign(ref_err_w - err_w), per sample, detached: +1 when the policy already fits the winner
+    better than the reference does, so the reference's sample is judged a loser (plain DPO); otherwise the sample
+    is likely as good as the winner and the update turns SFT-like. The multiplier m on the sample's term:
+      ssr="sign" (v1):      m = s: at -1 both errors are pushed down; a tie (s = 0) keeps the winner term only
+      ssr="indicator" (v2): m = 1 if s = +1 else 0: the winner term alone
+      ssr="off" (ablation): m = 1: every self-sample is a loser (SPIN-Diffusion with ref = last)
+    The loss's form is reconstructed from the paper's reviews (SSPO.md 4), not quoted from an equation."""
+    s = torch.sign(ref_err_w - err_w).detach()
+    m = {"sign": s, "indicator": (s > 0).float(), "off": torch.ones_like(s)}[ssr]
+    z = -0.5 * beta * ((err_w - ref_err_w) - m * (err_s - ref_err_s))
+    stats = {"implicit_acc": (z > 0).float().mean(), "ssr_switched": (m != 1).float().mean(),
+             "err_w": err_w.mean(), "err_s": err_s.mean(), "ref_err_w": ref_err_w.mean(), "ref_err_s": ref_err_s.mean()}
+    return -F.logsigmoid(z).mean(), {k: v.detach() for k, v in stats.items()}
+
+
+def dmpo_loss(err_w, err_l, ref_err_w, ref_err_l, beta, alpha):
+    """DMPO (Li, Xu, Dang, Ermon 2025, arXiv 2507.07510): minimise the reverse KL from the model's preference
+    probability p = sigmoid(z), z the Diffusion-DPO logit in the 1/2 convention, to a target Bernoulli(1 - alpha):
+    KL(p || q) = p log(p / q) + (1 - p) log((1 - p) / (1 - q)), q = 1 - alpha. As in the Diffusion-SDPO authors' code
+    (SD1.5: alpha 0.01, beta 2000). Unlike DPO it stops pushing once p reaches 1 - alpha: mode-seeking."""
+    z = -0.5 * beta * ((err_w - ref_err_w) - (err_l - ref_err_l))
+    p, q = torch.sigmoid(z), 1.0 - alpha
+    log_p, log_1mp = -F.softplus(-z), -F.softplus(z)  # log sigmoid(z), log sigmoid(-z): stable for large |z|
+    kl = p * (log_p - math.log(q)) + (1 - p) * (log_1mp - math.log(alpha))
+    stats = {"implicit_acc": (z > 0).float().mean(), "err_w": err_w.mean(), "err_l": err_l.mean(),
+             "ref_err_w": ref_err_w.mean(), "ref_err_l": ref_err_l.mean()}
+    return kl.mean(), {k: v.detach() for k, v in stats.items()}
+
+
+def kto_loss(err, ref_err, desirable, beta):
+    """Diffusion-KTO (Li et al. 2024, arXiv 2404.04465) on unpaired samples. The implicit reward of a sample is how
+    much better the policy denoises it than the reference, g = ref_err - err; the reference point is
+    max(mean g, 0) over the global batch, detached (all-reduced across ranks: the one collective in a loss here).
+    loss = mean(1 - sigmoid(beta (g - ref))) on desirable samples, mean(1 - sigmoid(beta (ref - g))) on the others.
+    No 1/2 in this logit. Pick-a-Pic pairs are fed as winners desirable, losers undesirable (Diffusion-KTO's setup)."""
+    g = ref_err - err
+    total = torch.stack([g.detach().sum(), torch.tensor(float(g.numel()), device=g.device)])
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    ref = (total[0] / total[1]).clamp(min=0)
+    sign = desirable.float() * 2 - 1  # +1 desirable, -1 undesirable
+    u = sign * beta * (g - ref)
+    stats = {"implicit_acc": (u > 0).float().mean(), "kto_ref": ref, "err": err.mean(), "ref_err": ref_err.mean()}
+    return (1 - torch.sigmoid(u)).mean(), {k: v.detach() for k, v in stats.items()}
+
+
+def mapo_loss(err_w, err_l, beta, snr_value=0.5, num_train_timesteps=1000):
+    """MaPO (Hong et al. 2024, arXiv 2406.06424), reference-free: SFT on the winner plus a margin term on the odds
+    g(x) = s x / (exp(s x) - 1), a decreasing function of the error standing in for the likelihood:
+    loss = mean(err_w) - beta mean(log sigmoid(T (g(err_w) - g(err_l)))), as its reference code computes it."""
+    def g(x):
+        return snr_value * x / torch.expm1(snr_value * x)
+    margin = g(err_w) - g(err_l)
+    ratio = F.logsigmoid(num_train_timesteps * margin)
+    stats = {"implicit_acc": (margin > 0).float().mean(), "margin_loss": -ratio.mean(), "err_w": err_w.mean(),
+             "err_l": err_l.mean()}
+    return err_w.mean() - beta * ratio.mean(), {k: v.detach() for k, v in stats.items()}
+
+
+def see_dpo_loss(err_w, err_l, ref_err_w, ref_err_l, beta, gamma):
+    """SEE-DPO (Shekhar, Singh, Zhang 2024/TMLR 2025, arXiv 2411.04712), **reconstructed**: we did not read its
+    diffusion loss verbatim. Adding a self-entropy bonus gamma H(p_theta) to the KL-regularised objective
+    max E[r] - beta KL(p_theta || p_ref) + gamma H(p_theta) gives the optimum p* ~ p_ref^(beta / (beta + gamma))
+    exp(r / (beta + gamma)) -- the reference flattened, as the paper describes -- so the implicit reward is
+    (beta + gamma) log p_theta - beta log p_ref. With log p ~ -err (the Diffusion-DPO bound, 1/2 convention):
+    z = -(1/2) [(beta + gamma)(err_w - err_l) - beta (ref_err_w - ref_err_l)]; gamma = 0 is Diffusion-DPO."""
+    z = -0.5 * ((beta + gamma) * (err_w - err_l) - beta * (ref_err_w - ref_err_l))
+    stats = {"implicit_acc": (z > 0).float().mean(), "err_w": err_w.mean(), "err_l": err_l.mean(),
+             "ref_err_w": ref_err_w.mean(), "ref_err_l": ref_err_l.mean()}
+    return -F.logsigmoid(z).mean(), {k: v.detach() for k, v in stats.items()}
+
+
+def dpo_cm_loss(err_w, err_l, ref_err_w, ref_err_l, t, beta, t_range):
+    """DPO-C&M of the SDPO paper (Yang et al. 2025, arXiv 2505.21893; v2 carries the authors' note of a critical
+    error in its main theorem; v3 is renamed SIPO), **only as far as its public description determines it**:
+    Diffusion-DPO with the uninformative timesteps masked out. Here a sample counts iff lo <= t < hi, and the
+    per-sample loss is multiplied by that 0/1 weight before the batch mean (a masked sample weighs 0, like an
+    importance weight clipped to 0). Not determined by what we could read, so not implemented: the estimator of
+    the step-wise importance weight p_theta(x_t-1 | x_t) / q(x_t-1 | x_t, x0), its clip value and masking threshold;
+    the window (lo, hi) stands in for them and is our choice."""
+    z = -0.5 * beta * ((err_w - ref_err_w) - (err_l - ref_err_l))
+    keep = ((t >= t_range[0]) & (t < t_range[1])).float()
+    stats = {"implicit_acc": (z > 0).float().mean(), "cm_kept": keep.mean(), "err_w": err_w.mean(),
+             "err_l": err_l.mean(), "ref_err_w": ref_err_w.mean(), "ref_err_l": ref_err_l.mean()}
+    return (keep * -F.logsigmoid(z)).mean(), {k: v.detach() for k, v in stats.items()}
+
+
+def sdpo_scale(pred_w, pred_l, target_w, target_l, mu):
+    """Diffusion-SDPO's safeguard (Fu et al. 2025, arXiv 2511.03317): one scale lambda in [0, 1] per micro-batch for
+    the loser branch's gradient. With g_w, g_l the output-space gradients of the winner's and loser's mean errors
+    (w.r.t. the UNet's predicted noise), the update -g_w + lambda g_l keeps the winner's error from rising to first
+    order, with margin mu, when lambda <= (1 - mu) |g_w|^2 / <g_l, g_w>; so lambda is that bound clipped to
+    [0, 1] when <g_l, g_w> > 0, else 1. As in the authors' code the gradients are those of the plain errors, not
+    weighted by the loss's per-sample sigmoid factors. Returns a detached scalar tensor."""
+    pw, pl = pred_w.detach().float().requires_grad_(True), pred_l.detach().float().requires_grad_(True)
+    with torch.enable_grad():
+        g_w, = torch.autograd.grad((pw - target_w.float()).pow(2).mean(), pw)
+        g_l, = torch.autograd.grad((pl - target_l.float()).pow(2).mean(), pl)
+    inner = (g_w * g_l).sum()
+    lam = ((1 - mu) * g_w.pow(2).sum() / inner).clamp(0, 1)
+    return torch.where(inner > 0, lam, torch.ones_like(lam)).detach()  # no Python `if` on a GPU value: no sync
