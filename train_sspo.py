@@ -657,10 +657,6 @@ def main(cfg):
                + (f"; after a kill: {', '.join(tidied)}" if tidied else ""))
         if master and not (os.path.isfile(ckpt_path) and os.path.samefile(latest, ckpt_path)):
             durable.link(latest, ckpt_path)  # a kill fell between the new checkpoint and its link
-        if step == cfg["max_steps"]:  # its last eval and save are done: running them again would log them twice
-            print0(f"{latest} is at max_steps={step}: the run is finished (raise --max_steps to train on)")
-            teardown()
-            return
     pool, ref_unet, ref_index, ref_step = None, None, None, None
     if cfg["method"] in REF_METHODS:
         # one resident reference UNet; snapshots are copied into it in place (replay.py). DPO's pool is theta_0 only
@@ -673,6 +669,10 @@ def main(cfg):
             pool.load_state_dict(ckpt["pool"])
     if resume:  # a kill may have come after a new checkpoint but before the old ones went
         together(master, drop_old_checkpoints, cfg, pool)
+        if step == cfg["max_steps"]:  # its last eval and save are done: running them again would log them twice
+            print0(f"{latest} is at max_steps={step}: the run is finished (raise --max_steps to train on)")
+            teardown()
+            return
     for u in (unet, ref_unet, ema) if cfg["channels_last"] else ():  # opt-in fast path (bench.py)
         if u is not None:
             u.to(memory_format=torch.channels_last)
