@@ -331,11 +331,12 @@ def variants(P, cfg, args):
             torch.cuda.reset_peak_memory_stats(dev)
         s, oom = timed_or_oom(policy_fwd_bwd(P, cfg))
         return s, torch.cuda.max_memory_allocated(dev) / 2 ** 30 if dev.type == "cuda" else None, oom
-    (ckpt_s, ckpt_mem, _), (none_s, none_mem, oom) = fwd_bwd_with_checkpointing(True), fwd_bwd_with_checkpointing(False)
+    (ckpt_s, ckpt_mem, ckpt_oom), (none_s, none_mem, none_oom) = (fwd_bwd_with_checkpointing(on) for on in (True, False))
     (unet.enable_gradient_checkpointing if cfg["grad_checkpointing"] else unet.disable_gradient_checkpointing)()
-    mem = f"; peak GPU memory {ckpt_mem:.1f} -> {none_mem:.1f} GiB" if ckpt_mem is not None and not oom else ""
-    out.append(("policy fwd+bwd: gradient checkpointing -> none", ckpt_s, none_s,
-                f"grad_checkpointing = {cfg['grad_checkpointing']}{mem}{oom.replace('before', 'none')}"))
+    fits = ckpt_mem is not None and not ckpt_oom and not none_oom
+    mem = f"; peak GPU memory {ckpt_mem:.1f} -> {none_mem:.1f} GiB" if fits else ""
+    out.append(("policy fwd+bwd: gradient checkpointing -> none", ckpt_s, none_s, f"grad_checkpointing = "
+                f"{cfg['grad_checkpointing']}{mem}{ckpt_oom}{none_oom.replace('before', 'none')}"))
     unet.to(memory_format=torch.channels_last)
     cl = time_it(policy_fwd_bwd(P, cfg, torch.channels_last), dev, w, n)
     unet.to(memory_format=torch.contiguous_format)

@@ -275,6 +275,10 @@ def evaluate(args, weights, metrics, rank, world, device):
     if args.base:
         base_run = os.path.isfile(os.path.join(args.base, "ckpt.pt"))
         models["base"] = load_run(args.base, device, dtype)[0] if base_run else load_model(args.base, device, dtype)
+        try:  # its schedule may differ from the run's (another steps_offset): before any sampling
+            model.check_sampler_steps(models["base"]["scheduler"], protocol["steps"], "--steps")
+        except ValueError as e:
+            raise SystemExit(f"error: {args.base}: {e}")
     shape = [(u.in_channels, u.sample_size, u.sample_size) for u in (mm["unet"].config for mm in models.values())]
     if len(set(shape)) > 1:
         raise SystemExit(f"error: {args.run_dir} samples {shape[0]} latents, {args.base} {shape[1]}: no common noise")

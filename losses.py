@@ -1,9 +1,9 @@
 """
 The objectives: pure functions of per-sample denoising errors (shape (B,), float32 means over C,H,W, model.py's
 denoising_error), each returning (loss, stats). No I/O, no globals, one collective (Diffusion-KTO's reference point):
-what a fork changes for an ablation, and what tests/test_sspo.py and tests/test_objectives.py pin down against
-hand-computed values. train_sspo.py's loop computes the errors (policy and reference, winners first, shared noise and
-timestep) and calls one of these.
+what a fork changes for an ablation, and what tests/test_train.py, test_sspo.py and test_objectives.py pin down
+against hand-computed values. train_sspo.py's loop computes the errors (policy and reference, winners first, shared
+noise and timestep) and calls one of these.
 """
 import math
 

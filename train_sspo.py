@@ -84,7 +84,7 @@ beta = 5000.0                   # inverse temperature in the 1/2 convention (SSP
 dmpo_alpha = 0.01               # DMPO: target probability 1 - alpha of the winner (Diffusion-SDPO's SD1.5 script)
 mapo_snr = 0.5                  # MaPO: s in g(x) = s x / (exp(s x) - 1) (its reference code's snr_value)
 see_gamma = 500.0               # SEE-DPO: weight of the self-entropy bonus, same units as beta (our choice: beta / 10)
-cm_t_range = (100, 900)         # DPO-C&M: samples with t outside [lo, hi) are masked out (our choice; see dpo_cm_loss)
+cm_t_range = (100, 900)         # DPO-C&M: samples with t outside [lo, hi) are masked out (our choice; see losses.dpo_cm_loss)
 sdpo_safeguard = False          # Diffusion-SDPO: scale the loser branch's gradient so the winner's error does not rise
                                 # to first order (dpo, sspo, dmpo)
 sdpo_mu = 0.9                   # its safety margin mu in [0, 1] (Diffusion-SDPO's SD1.5 scripts: 0.9)
@@ -578,7 +578,7 @@ def main(cfg):
     torch.manual_seed(cfg["seed"])
     if cfg["base_config"] and source != out and not os.path.isdir(cfg["init_from"]):
         trains = get_config([cfg["base_config"]])["out_dir"]
-        if os.path.normpath(trains) != os.path.normpath(cfg["init_from"]):  # a typo must not train another folder
+        if os.path.abspath(trains) != os.path.abspath(cfg["init_from"]):  # a typo must not train another folder
             raise SystemExit(f"error: init_from {cfg['init_from']!r} does not exist, and base_config "
                              f"{cfg['base_config']} would train {trains!r}, not it (--base_config= to only load)")
         ok = [True]
@@ -666,7 +666,10 @@ def main(cfg):
                         cfg["ref_policy"] if cfg["method"] == "sspo" else "first", cfg["pool_capacity"],
                         cfg["pool_storage"], os.path.join(out, "pool"), cfg["seed"], ref_dtype, master)
         if resume:
-            pool.load_state_dict(ckpt["pool"])
+            try:
+                pool.load_state_dict(ckpt["pool"])
+            except FileNotFoundError as e:
+                raise SystemExit(f"error: {latest}: {e}")
     if resume:  # a kill may have come after a new checkpoint but before the old ones went
         together(master, drop_old_checkpoints, cfg, pool)
         if step == cfg["max_steps"]:  # its last eval and save are done: running them again would log them twice

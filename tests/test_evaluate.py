@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -41,6 +42,14 @@ def test_evaluate_errors(tmp_path, base):
                           (["--images_per_prompt=0"], "error: --images_per_prompt must be >= 1, got 0")):
         p = evaluate(base, *args, f"--out={tmp_path}/eval")
         assert p.returncode != 0 and message in p.stderr.strip().splitlines()[-1], p.stderr[-2000:]
+    # a base model whose schedule cannot take the run's steps (steps_offset 2: 499 x 2 + 2 = 1000) stops before sampling
+    other = tmp_path / "offset2"
+    shutil.copytree(base, other, ignore=shutil.ignore_patterns("ckpt*", "pool", "samples", "eval"))
+    config = json.load(open(other / "scheduler" / "scheduler_config.json"))
+    json.dump({**config, "steps_offset": 2}, open(other / "scheduler" / "scheduler_config.json", "w"))
+    p = evaluate(base, "--base", str(other), "--steps=500", "--images_per_prompt=1", f"--out={tmp_path}/eval")
+    assert p.returncode != 0 and p.stderr.strip().splitlines()[-1].startswith(f"error: {other}: --steps=500 does not fit")
+    assert "sampling" not in p.stdout + p.stderr
     assert not os.path.exists(tmp_path / "eval")
 
 

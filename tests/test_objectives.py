@@ -82,11 +82,11 @@ def test_kto_reference_point_is_the_global_batch_mean(monkeypatch):
     g = [0.0, -0.4]: the mean of all four g is -0.25 / 4 < 0, so ref = 0 -- not this rank's own 0.075."""
     def all_reduce(total):  # [sum of g, count] of this rank + the other rank's
         total += torch.tensor([-0.4, 2.0])
-    monkeypatch.setattr(train_sspo.dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(train_sspo.dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(losses.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(losses.dist, "all_reduce", all_reduce)
     _, stats = losses.kto_loss(c(0.1, 0.15), c(0.2, 0.2), torch.tensor([True, False]), beta=10.0)
     assert stats["kto_ref"].item() == 0.0
-    monkeypatch.setattr(train_sspo.dist, "all_reduce", lambda total: total.add_(torch.tensor([0.2, 2.0])))
+    monkeypatch.setattr(losses.dist, "all_reduce", lambda total: total.add_(torch.tensor([0.2, 2.0])))
     _, stats = losses.kto_loss(c(0.1, 0.15), c(0.2, 0.2), torch.tensor([True, False]), beta=10.0)
     assert stats["kto_ref"].item() == pytest.approx((0.15 + 0.2) / 4)  # a positive global mean is used as is
 

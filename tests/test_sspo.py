@@ -9,7 +9,7 @@ import torch
 import losses
 import replay
 import train_sspo
-from conftest import FAST
+from conftest import FAST, ROOT
 
 
 def t(*v):
@@ -224,6 +224,12 @@ def test_sspo_resume_is_exact_with_a_disk_pool(tmp_path, run, base):
     # the pool folder holds exactly the snapshots that the kept checkpoints (keep_checkpoints=2) name
     named = {e["path"] for _, p in train_sspo.checkpoints(b) for e in torch.load(p, weights_only=False)["pool"]["entries"]}
     assert sorted(os.listdir(os.path.join(b, "pool"))) == sorted(named) and len(train_sspo.checkpoints(b)) == 2
+    # a snapshot the checkpoint names, deleted: resuming stops in one line naming both
+    gone = os.path.join(b, "pool", cb["pool"]["entries"][1]["path"])
+    os.remove(gone)
+    p = run(args + [f"--out_dir={b}", "--init_from=resume", "--max_steps=9"])
+    assert p.returncode == 1 and p.stderr.strip().splitlines()[-1] == (
+        f"error: {train_sspo.latest_checkpoint(b)}: reference snapshot {gone} (named in the checkpoint) is missing")
 
 
 def test_sspo_ddp_ranks_agree_on_the_reference(tmp_path, run, base):
@@ -247,7 +253,8 @@ def test_a_missing_base_is_trained_first(tmp_path, run):
     base, cfg = tmp_path / "base", tmp_path / "base_cfg.py"
     cfg.write_text(f"out_dir = {str(base)!r}\ninit_from = 'scratch'\nbatch_size = 8\ntiny_size = 512\nmax_steps = 2\n"
                    "warmup_steps = 2\neval_every = 1000\nsample_steps = 2\n")
-    p = run(["configs/tiny.py"] + SMALL + [f"--out_dir={tmp_path}/run", f"--init_from={base}", f"--base_config={cfg}"])
+    rel = os.path.relpath(base, ROOT)  # the base config's absolute out_dir, named relative to the run's folder
+    p = run(["configs/tiny.py"] + SMALL + [f"--out_dir={tmp_path}/run", f"--init_from={rel}", f"--base_config={cfg}"])
     assert p.returncode == 0, p.stderr[-3000:]
     assert "is missing: training it first with" in p.stdout
     assert torch.load(base / "ckpt.pt", weights_only=False)["step"] == 2
