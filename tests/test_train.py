@@ -175,10 +175,13 @@ def test_ddp_two_processes_equal_one(tmp_path, run):
     assert run(args + [f"--out_dir={three}", "--batch_size=8", "--caption_dropout=0.3"]).returncode == 0
     # the eval draws for the global batch, whatever the processes: the same examples, noise and samples (the loss
     # may differ in the last bits, the UNet seeing batches of 4 instead of 8)
+    # and the eval's samples do not depend on the micro-batch either: one process at batch 4 judges step 0 alike
+    four = str(tmp_path / "four")
+    assert run(FAST + [f"--out_dir={four}", "--max_steps=1", "--batch_size=4"]).returncode == 0
     evals = [dict(kv.rsplit(" ", 1) for kv in line.split(": ", 1)[1].split(", "))
-             for d in (one, two) for line in open(os.path.join(d, "log.txt")) if line.startswith("eval step 0:")]
-    assert len(evals) == 2 and evals[0]["judge_seen"] == evals[1]["judge_seen"], evals
-    assert evals[0]["judge_heldout"] == evals[1]["judge_heldout"]
+             for d in (one, two, four) for line in open(os.path.join(d, "log.txt")) if line.startswith("eval step 0:")]
+    assert len(evals) == 3 and evals[0]["judge_seen"] == evals[1]["judge_seen"] == evals[2]["judge_seen"], evals
+    assert evals[0]["judge_heldout"] == evals[1]["judge_heldout"] == evals[2]["judge_heldout"]
     assert abs(float(evals[0]["eval_loss"]) - float(evals[1]["eval_loss"])) <= 1e-4
     w1, w2, w3 = unet_weights(one), unet_weights(two), unet_weights(three)
     d12 = max((w1[k] - w2[k]).abs().max().item() for k in w1)
