@@ -4,6 +4,7 @@ Where a training step's time goes, per method, and how far SSPO is from its floo
     python bench.py                           # the tiny world (configs/tiny.py) on CPU: a minute or two on 2 cores
     python bench.py --sd15                    # the SD1.5-shaped UNet (random weights, configs/sd15.py) on one GPU
     python bench.py --sd15 --compile          # the same with torch.compile'd UNets (compile time printed apart)
+    python bench.py --sd15 --compile regional # each ResNet and transformer block compiled apart (compiles faster)
     python bench.py --sd15 --resolution 64    # on CPU: a smoke run of the SD1.5 code path at 8x8 latents
 
 A step here is one micro-batch of `batch_size`, built from the same pieces as train_sspo.py's loop (model.py's
@@ -34,6 +35,8 @@ from contextlib import nullcontext
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor
+from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop, sdpa_flop
 from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -187,7 +190,7 @@ def train_step(method, P, cfg, lap, step=0):
     """One micro-batch of `method` and an optimizer update; lap(name) closes a phase."""
     m, dev, B, T = P["m"], P["device"], P["B"], P["m"]["scheduler"].config.num_train_timesteps
     batch, _ = next(P["batches"])
-    eps, t, drop, x_T, vae_noise = train_sspo.step_randomness(cfg, step, 0, 0, 1, (B, *P["shape"]), T)
+    eps, t, drop, x_T, vae_noise, eta_noise = train_sspo.step_randomness(cfg, step, 0, 0, 1, (B, *P["shape"]), T)
     eps, t, x_T = eps.to(dev), t.to(dev), x_T.to(dev)
     images_w, images_l = batch["image_w"].to(dev), batch["image_l"].to(dev) if method == "dpo" else None
     lap("data")
@@ -201,7 +204,8 @@ def train_step(method, P, cfg, lap, step=0):
     if method == "sspo":
         with P["autocast"]:
             x0_l = model.ddim_sample(P["ref_unet"], m["scheduler"], cond, P["uncond"], x_T, cfg["self_sample_steps"],
-                                     cfg["self_sample_guidance"], cfg["self_sample_eta"])
+                                     cfg["self_sample_guidance"], cfg["self_sample_eta"],
+                                     None if eta_noise is None else eta_noise.to(x_T.device))
         lap("sample")
     with P["autocast"]:
         if method == "sft":
@@ -378,19 +382,28 @@ def variants(P, cfg, args):
 
 
 def bench_compile(P, cfg, args):
-    """torch.compile both UNets in place (state_dict keys unchanged); -> (rows like variants(), compile seconds)."""
+    """torch.compile both UNets in place (state_dict keys unchanged); -> (rows like variants(), compile seconds).
+    whole: each UNet as one graph per input shape. regional: each ResNet and transformer block on its own, as
+    diffusers' compile_repeated_blocks does for transformers: blocks of one class and shape share their compiled
+    code, so it compiles in a fraction of the time but cannot fuse across blocks."""
     dev, w, n = P["device"], args.warmup, args.iters
     fwd_eager = time_it(guided_forward(P, cfg), dev, w, n)
     fb_eager = time_it(policy_fwd_bwd(P, cfg), dev, w, n)
     t0 = time.perf_counter()
-    P["unet"].compile(dynamic=False)  # one graph per input shape (policy: B and 2B; sampler: 2B), no symbolic dims
-    P["ref_unet"].compile(dynamic=False)
+    if args.compile == "regional":  # the blocks of a class share one code object: a graph for each (block shape, batch)
+        torch._dynamo.config.recompile_limit = 64
+    for u in (P["unet"], P["ref_unet"]):  # dynamic=False: one graph per input shape, no symbolic dims
+        parts = [m for m in u.modules() if isinstance(m, (ResnetBlock2D, Transformer2DModel))] \
+            if args.compile == "regional" else [u]
+        for m in parts:
+            m.compile(dynamic=False)
     guided_forward(P, cfg)()
     policy_fwd_bwd(P, cfg)()
     sync(dev)
     t_compile = time.perf_counter() - t0
-    return [("guided forward: eager -> torch.compile", fwd_eager, time_it(guided_forward(P, cfg), dev, w, n), ""),
-            ("policy fwd+bwd: eager -> torch.compile", fb_eager, time_it(policy_fwd_bwd(P, cfg), dev, w, n), "")], t_compile
+    how = f"torch.compile ({args.compile})"
+    return [(f"guided forward: eager -> {how}", fwd_eager, time_it(guided_forward(P, cfg), dev, w, n), ""),
+            (f"policy fwd+bwd: eager -> {how}", fb_eager, time_it(policy_fwd_bwd(P, cfg), dev, w, n), "")], t_compile
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -403,7 +416,9 @@ def main(argv):
     ap.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
     ap.add_argument("--batch_size", type=int, default=0, help="per-device micro-batch (default: the config's)")
     ap.add_argument("--resolution", type=int, default=0, help="image side (default: the config's)")
-    ap.add_argument("--compile", action="store_true", help="also torch.compile the UNets and time them compiled")
+    ap.add_argument("--compile", nargs="?", const="whole", default="", choices=("whole", "regional"),
+                    help="also torch.compile the UNets and time them compiled: whole (the default) or regional "
+                    "(each ResNet and transformer block apart: compiles faster)")
     ap.add_argument("--methods", default="sft,dpo,sspo", help="comma-separated; the floor needs dpo and sspo")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override, as train_sspo.py takes it (e.g. --set grad_checkpointing=False); repeatable")

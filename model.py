@@ -189,10 +189,14 @@ def check_sampler_steps(scheduler, steps, name="steps"):
 
 
 @torch.no_grad()
-def ddim_sample(unet, scheduler, cond, uncond, noise, steps=20, guidance=7.5, eta=0.0, generator=None):
+def ddim_sample(unet, scheduler, cond, uncond, noise, steps=20, guidance=7.5, eta=0.0, step_noise=None):
     """DDIM (Song et al. 2021, eq. 12), the same update as diffusers' DDIMScheduler.step (tested against it),
     with classifier-free guidance: cond and uncond in one batched forward. cond (B, 77, D), uncond (1 or B, 77, D),
-    noise (B, C, H, W) = x_T. Returns x_0 in the model's space (latents, or pixels), float32."""
+    noise (B, C, H, W) = x_T; step_noise (steps, B, C, H, W), the noise each step adds when eta > 0, drawn by the
+    caller (so that it can deal it over processes). Returns x_0 in the model's space (latents, or pixels), float32."""
+    if eta > 0 and (step_noise is None or step_noise.shape != (steps, *noise.shape)):
+        raise ValueError(f"eta > 0 needs step_noise of shape {(steps, *noise.shape)}, got "
+                         f"{None if step_noise is None else tuple(step_noise.shape)}")
     cfg = scheduler.config
     abar = scheduler.alphas_cumprod.to(noise.device, torch.float32)
     ratio = cfg.num_train_timesteps // steps
@@ -207,7 +211,7 @@ def ddim_sample(unet, scheduler, cond, uncond, noise, steps=20, guidance=7.5, et
     prev = ts - ratio
     a_ts, a_prevs = abar[ts], torch.where(prev >= 0, abar[prev.clamp(min=0)], final_abar)
     x = noise.float()
-    for t, a_t, a_prev in zip(ts, a_ts, a_prevs):
+    for i, (t, a_t, a_prev) in enumerate(zip(ts, a_ts, a_prevs)):
         if guidance != 1.0:
             e_u, e_c = unet(torch.cat([x, x]).to(dtype), t, encoder_hidden_states=context).sample.float().chunk(2)
             eps = e_u + guidance * (e_c - e_u)
@@ -220,7 +224,7 @@ def ddim_sample(unet, scheduler, cond, uncond, noise, steps=20, guidance=7.5, et
         std = eta * var.sqrt()
         x = a_prev.sqrt() * x0 + (1 - a_prev - std ** 2).sqrt() * eps
         if eta > 0:
-            x = x + std * torch.randn(x.shape, generator=generator, device="cpu").to(x.device)
+            x = x + std * step_noise[i].to(x.device)
     return x
 
 

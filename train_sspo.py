@@ -391,8 +391,9 @@ def micro_batches(ds, cfg, rank, world, epoch, start):
 
 
 def step_randomness(cfg, step, micro, rank, world, shape, num_timesteps):
-    """Noise, timesteps, caption-dropout draws, the self-sampler's x_T and the VAE's latent noise (winner, loser) of
-    one micro-step, a pure function of (seed, step, micro).
+    """Noise, timesteps, caption-dropout draws, the self-sampler's x_T, the VAE's latent noise (winner, loser) and
+    the self-sampler's per-step noise (K, B, ...; None unless SSPO samples with self_sample_eta > 0) of one
+    micro-step, a pure function of (seed, step, micro).
     Drawn for the whole global micro-batch and dealt like DistributedSampler deals examples (rank r takes rows
     r, r + world, ...): each example gets the same draws whatever the number of processes, and resume is exact."""
     g = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg["seed"], step, micro]).generate_state(1)[0]))
@@ -402,7 +403,10 @@ def step_randomness(cfg, step, micro, rank, world, shape, num_timesteps):
     drop = (torch.rand(n, generator=g) < cfg["caption_dropout"])[rank::world]
     x_T = torch.randn((n, *shape[1:]), generator=g)[rank::world]
     vae_noise = torch.randn((2, n, *shape[1:]), generator=g)[:, rank::world]
-    return eps, t, drop, x_T, vae_noise
+    eta_noise = None
+    if cfg["method"] == "sspo" and cfg["self_sample_eta"] > 0:  # drawn last: the draws above do not depend on it
+        eta_noise = torch.randn((cfg["self_sample_steps"], n, *shape[1:]), generator=g)[:, rank::world]
+    return eps, t, drop, x_T, vae_noise, eta_noise
 
 
 def to_latents(vae, batch, which, device, noise=None, generator=None):
@@ -460,9 +464,10 @@ def run_eval(m, unet, cfg, ds, device, autocast):
     uncond = model.encode_prompts(m["tokenizer"], m["text_encoder"], [""])
     gs = torch.Generator().manual_seed(cfg["seed"] + 2)
     noise = torch.randn((len(prompts), *shape), generator=gs).to(device)
+    step_noise = torch.randn((cfg["sample_steps"], *noise.shape), generator=gs).to(device) if cfg["eta"] > 0 else None
     with autocast:
         x = model.ddim_sample(unet, m["scheduler"], cond, uncond, noise, cfg["sample_steps"], cfg["guidance"], cfg["eta"],
-                              gs)
+                              step_noise)
     images = model.latents_to_images(m["vae"], x).cpu()
     out = {"eval_loss": loss}
     labels = None
@@ -523,7 +528,8 @@ def drop_old_checkpoints(cfg, pool):
         pool.prune(also={e["path"] for d in older if d for e in d["entries"]})
 
 
-RESUME_FIXED = ("method", "dataset", "pool_storage", "train_text_encoder")  # what a checkpoint's state depends on
+# what a checkpoint's state depends on (the pool's entries: its draw policy, which decides what it keeps, and its size)
+RESUME_FIXED = ("method", "dataset", "pool_storage", "ref_policy", "pool_capacity", "train_text_encoder")
 
 
 def check_resumable(cfg, ckpt, world, path):
@@ -751,7 +757,7 @@ def main(cfg):
             tally_data(tallies["data"], batch, m["tokenizer"], cfg["bad_data"])
             update_prompts += batch["prompt"]
             B = len(batch["prompt"])
-            eps, t, drop, x_T, vae_noise = step_randomness(cfg, step, micro, rank, world, (B, *latent_shape), T)
+            eps, t, drop, x_T, vae_noise, eta_noise = step_randomness(cfg, step, micro, rank, world, (B, *latent_shape), T)
             eps, t = eps.to(device), t.to(device)
             x0_w = to_latents(m["vae"], batch, "w", device, vae_noise[0])  # (B, C, H, W)
             prompts = ["" if d else p for p, d in zip(batch["prompt"], drop.tolist())]
@@ -762,10 +768,9 @@ def main(cfg):
                 t0 = time.time()
                 cond = encode(batch["prompt"])  # no dropout here
                 with autocast:  # the final latent is used directly: no decode/encode round trip
-                    g_eta = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + step * 1009 + micro * 31 + rank)
                     x0_l = model.ddim_sample(ref_unet, m["scheduler"], cond, uncond, x_T.to(device),
                                              cfg["self_sample_steps"], cfg["self_sample_guidance"], cfg["self_sample_eta"],
-                                             g_eta)
+                                             None if eta_noise is None else eta_noise.to(device))
                 stats_sum["t_sample"] += time.time() - t0
             # DDP syncs gradients on the last micro-step only
             sync = nullcontext() if world == 1 or micro == cfg["grad_accum"] - 1 else ddp_unet.no_sync()

@@ -100,6 +100,17 @@ def test_ddim_sample_matches_diffusers(tmp_path, with_vae):
     # guidance 1 is the conditional model alone, in one forward
     one = model.ddim_sample(unet, m["scheduler"], cond, uncond, noise, steps=5, guidance=1.0)
     assert not torch.allclose(one, ours)
+    # eta > 0: each step adds its slice of the caller's step_noise, as diffusers' step(variance_noise=...)
+    step_noise = torch.randn(5, *noise.shape, generator=torch.Generator().manual_seed(1))
+    ours = model.ddim_sample(unet, m["scheduler"], cond, uncond, noise, 5, 3.0, 0.5, step_noise)
+    x = noise
+    with torch.no_grad():
+        for i, t in enumerate(s.timesteps):
+            e_u, e_c = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond.expand(2, -1, -1), cond])).sample.chunk(2)
+            x = s.step(e_u + 3.0 * (e_c - e_u), t, x, eta=0.5, variance_noise=step_noise[i]).prev_sample
+    assert torch.allclose(ours, x, atol=1e-5), (ours - x).abs().max()
+    with pytest.raises(ValueError, match=r"eta > 0 needs step_noise of shape \(5, 2, "):
+        model.ddim_sample(unet, m["scheduler"], cond, uncond, noise, 5, 3.0, 0.5)
 
 
 def test_sd_layout_trains_samples_and_loads_in_stable_diffusion_pipeline(tmp_path, sd_dir, run):

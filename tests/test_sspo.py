@@ -233,9 +233,10 @@ def test_sspo_resume_is_exact_with_a_disk_pool(tmp_path, run, base):
 
 
 def test_sspo_ddp_ranks_agree_on_the_reference(tmp_path, run, base):
-    """2 processes x batch 4 == 1 process x batch 8 for SSPO with a uniform redraw every step: a rank that drew
-    another snapshot would sample other losers and end elsewhere."""
-    args = SMALL + ["--method=sspo", f"--init_from={base}", "--ckpt_every=1", "--ref_redraw=step"]
+    """2 processes x batch 4 == 1 process x batch 8 for SSPO with a uniform redraw every step and a stochastic
+    sampler: a rank that drew another snapshot, or other sampler noise, would sample other losers and end elsewhere."""
+    args = SMALL + ["--method=sspo", f"--init_from={base}", "--ckpt_every=1", "--ref_redraw=step",
+                    "--self_sample_eta=0.5"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     assert run(args + [f"--out_dir={one}", "--batch_size=8"]).returncode == 0
     p = run(args + [f"--out_dir={two}", "--batch_size=4"], torchrun=2)

@@ -100,16 +100,20 @@ def test_lr_schedule():
 
 
 def test_step_randomness_is_dealt_like_the_sampler():
-    """Two ranks' draws, interleaved, are the one-process draws of the same global batch."""
-    cfg = dict(train_sspo.DEFAULTS, caption_dropout=0.5)
+    """Two ranks' draws, interleaved, are the one-process draws of the same global batch (the self-sampler's
+    per-step noise included), and drawing that noise last leaves the others as they were."""
+    cfg = dict(train_sspo.DEFAULTS, caption_dropout=0.5, method="sspo", self_sample_eta=0.5, self_sample_steps=3)
     one = train_sspo.step_randomness(cfg, 3, 0, 0, 1, (8, 3, 4, 4), 1000)
     r0 = train_sspo.step_randomness(cfg, 3, 0, 0, 2, (4, 3, 4, 4), 1000)
     r1 = train_sspo.step_randomness(cfg, 3, 0, 1, 2, (4, 3, 4, 4), 1000)
+    assert one[5].shape == (3, 8, 3, 4, 4)
     for i, (a, b, full) in enumerate(zip(r0, r1, one)):
-        k = 1 if i == 4 else 0  # the examples' axis; vae_noise has a (winner, loser) axis before it
+        k = 1 if i >= 4 else 0  # the examples' axis; vae_noise has (winner, loser) before it, eta_noise the steps
         assert torch.equal(torch.stack([a, b], k + 1).flatten(k, k + 1), full), i
     other = train_sspo.step_randomness(cfg, 4, 0, 0, 1, (8, 3, 4, 4), 1000)
     assert not torch.equal(one[0], other[0])
+    no_eta = train_sspo.step_randomness(dict(cfg, self_sample_eta=0.0), 3, 0, 0, 1, (8, 3, 4, 4), 1000)
+    assert no_eta[5] is None and all(torch.equal(a, b) for a, b in zip(no_eta[:5], one[:5]))
 
 
 def unet_weights(run_dir):
@@ -273,6 +277,17 @@ def test_resume_accepts_the_same_global_micro_batch_on_other_process_counts():
         train_sspo.check_resumable({**cfg, "batch_size": 8}, ckpt, 2, "ckpt.pt")
     with pytest.raises(SystemExit, match=r"Resume with a process count that divides 8"):
         train_sspo.check_resumable({**cfg, "batch_size": 1}, ckpt, 3, "ckpt.pt")
+
+
+@pytest.mark.parametrize("key, was, now", [("ref_policy", "first", "uniform"), ("ref_policy", "last", "uniform"),
+                                           ("pool_capacity", 0, 3), ("pool_storage", "memory", "disk")])
+def test_resume_refuses_another_pool(key, was, now):
+    """The pool's saved entries hold what its draw policy and size kept (under 'first' only theta_0): resumed
+    under another, a uniform draw would crash on an empty range or favour the newest snapshot."""
+    cfg = train_sspo.get_config(FAST + ["--method=sspo", "--tiny_mode=pairs", f"--{key}={now}"])
+    with pytest.raises(SystemExit, match=rf"^error: ckpt.pt is a run with {key}={was!r}; it cannot resume as "
+                                         rf"{key}={now!r}"):
+        train_sspo.check_resumable(cfg, {"config": {**cfg, key: was}, "world": 1}, 1, "ckpt.pt")
 
 
 @pytest.mark.parametrize("args, match", [
