@@ -188,7 +188,7 @@ def thumbs(images, side=128):
 
 # -----------------------------------------------------------------------------------------------------------------
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir")
     p.add_argument("--base", default="", help="a run directory, SD-layout folder or hub id to compare against")
@@ -205,10 +205,12 @@ def main():
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="UNet, VAE, text")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--out", default="", help="folder of the results (default RUN_DIR/eval; another keeps an earlier one)")
-    args = p.parse_args()
-    for k in ("images_per_prompt", "batch_size"):
+    args = p.parse_args(argv)
+    for k in ("images_per_prompt", "batch_size", "steps"):
         if getattr(args, k) is not None and getattr(args, k) < 1:
             raise SystemExit(f"error: --{k} must be >= 1, got {getattr(args, k)}")
+    if args.guidance is not None and args.guidance < 0:
+        raise SystemExit(f"error: --guidance must be >= 0 (1.0: no guidance), got {args.guidance}")
     torch.set_num_threads(min(2, torch.get_num_threads()))
     weights = dict(scorers.WEIGHTS)
     for kv in args.weights:

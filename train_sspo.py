@@ -163,6 +163,10 @@ def get_config(argv):
                              f"got {type(val).__name__} {val!r}")
         cfg[key] = val
 
+    if "-h" in argv or "--help" in argv:  # the running script's usage, then every key with its default
+        print((sys.modules["__main__"].__doc__ or "").strip() + "\n\nkeys and defaults (what each does: the comment "
+              "beside it at the top of train_sspo.py):\n" + "\n".join(f"  --{k}={v!r}" for k, v in DEFAULTS.items()))
+        raise SystemExit(0)
     for arg in argv:
         if arg.startswith("--"):
             key, eq, text = arg[2:].partition("=")
@@ -215,6 +219,13 @@ def get_config(argv):
     lo_hi = cfg["cm_t_range"]
     if len(lo_hi) != 2 or not all(type(v) is int for v in lo_hi) or not 0 <= lo_hi[0] < lo_hi[1]:
         raise SystemExit(f"config error: cm_t_range must be two ints (lo, hi) with 0 <= lo < hi, got {lo_hi}")
+    if cfg["dataset"] == "tiny" and cfg["data_path"]:
+        raise SystemExit(f"config error: data_path={cfg['data_path']!r} is set but dataset='tiny' draws its own images "
+                         "(dataset='pickapic' or 'imagefolder' to read it)")
+    if not cfg["out_dir"]:
+        raise SystemExit("config error: out_dir is empty (the run directory, like 'out/run')")
+    if cfg["base_config"] and not os.path.isfile(cfg["base_config"]):
+        raise SystemExit(f"config error: base_config {cfg['base_config']!r} not found")
     if cfg["dataset"] != "tiny" and not cfg["data_path"]:
         raise SystemExit(f"config error: dataset={cfg['dataset']!r} needs data_path")
     if cfg["dataset"] != "tiny" and not os.path.exists(cfg["data_path"]):
@@ -231,6 +242,11 @@ def get_config(argv):
             ("grad_clip", cfg["grad_clip"] >= 0, ">= 0 (0: no clipping)"),
             ("weight_decay", cfg["weight_decay"] >= 0, ">= 0"),
             ("warmup_steps", cfg["warmup_steps"] >= 0, ">= 0"),
+            ("num_workers", cfg["num_workers"] >= 0, ">= 0 (0: load in the training process)"),
+            ("text_dim", cfg["text_dim"] > 0 and cfg["text_dim"] % 4 == 0, "a positive multiple of 4 (the tiny CLIP's heads)"),
+            ("guidance", cfg["guidance"] >= 0, ">= 0 (1.0: no guidance)"),
+            ("self_sample_guidance", cfg["self_sample_guidance"] >= 0, ">= 0 (1.0: no guidance)"),
+            ("inversion_guidance", cfg["inversion_guidance"] >= 0, ">= 0 (1.0: no guidance)"),
             ("seed", cfg["seed"] >= 0, ">= 0 (numpy's generators take no negative seeds)"),
             ("tiny_p_correct", 0 <= cfg["tiny_p_correct"] <= 1, "in [0, 1]"),
             ("ema_decay", 0 <= cfg["ema_decay"] < 1, "in [0, 1) (0: no EMA)"),

@@ -33,23 +33,29 @@ def test_evaluate_a_run_against_a_base(tmp_path, run):
     assert "win_rate_vs_base" not in json.load(open(os.path.join(b, "eval", "scores.json")))
 
 
-def test_evaluate_errors(tmp_path, base):
-    p = evaluate(str(tmp_path / "nothing"))
-    assert p.returncode != 0 and p.stderr.strip().endswith("ckpt.pt not found: not a run directory of train_sspo.py")
+def test_evaluate_errors(tmp_path, base, capsys):
+    def fails(*args):  # in this process: each error is one SystemExit line, before any sampling
+        with pytest.raises(SystemExit) as e:
+            ev.main(list(args))
+        return str(e.value.code)
+    assert fails(str(tmp_path / "nothing")).endswith("ckpt.pt not found: not a run directory of train_sspo.py")
     # SD1.5's schedule takes at most 999 DDIM steps (steps_offset 1); 2000 would silently sample at t = 1 only
     for args, message in ((["--steps=1000"], "error: --steps=1000 does not fit the scheduler's 1000 timesteps"),
                           (["--steps=2000"], "error: --steps=2000 does not fit"),
+                          (["--steps=0"], "error: --steps must be >= 1, got 0"),
+                          (["--guidance=-7.5"], "error: --guidance must be >= 0 (1.0: no guidance), got -7.5"),
                           (["--images_per_prompt=0"], "error: --images_per_prompt must be >= 1, got 0")):
-        p = evaluate(base, *args, f"--out={tmp_path}/eval")
-        assert p.returncode != 0 and message in p.stderr.strip().splitlines()[-1], p.stderr[-2000:]
+        assert message in fails(base, *args, f"--out={tmp_path}/eval")
     # a base model whose schedule cannot take the run's steps (steps_offset 2: 499 x 2 + 2 = 1000) stops before sampling
     other = tmp_path / "offset2"
     shutil.copytree(base, other, ignore=shutil.ignore_patterns("ckpt*", "pool", "samples", "eval"))
     config = json.load(open(other / "scheduler" / "scheduler_config.json"))
     json.dump({**config, "steps_offset": 2}, open(other / "scheduler" / "scheduler_config.json", "w"))
-    p = evaluate(base, "--base", str(other), "--steps=500", "--images_per_prompt=1", f"--out={tmp_path}/eval")
-    assert p.returncode != 0 and p.stderr.strip().splitlines()[-1].startswith(f"error: {other}: --steps=500 does not fit")
-    assert "sampling" not in p.stdout + p.stderr
+    capsys.readouterr()
+    message = fails(base, "--base", str(other), "--steps=500", "--images_per_prompt=1", f"--out={tmp_path}/eval")
+    assert message.startswith(f"error: {other}: --steps=500 does not fit"), message
+    out = capsys.readouterr()
+    assert "sampling" not in out.out + out.err
     assert not os.path.exists(tmp_path / "eval")
 
 
@@ -89,8 +95,9 @@ def paper_setup(tmp_path_factory):
 
 def test_evaluate_paper_metrics_on_a_latent_run(paper_setup):
     d, args, weights = paper_setup
+    # one thread, as each torchrun rank below: with two, a batch of one image rounds otherwise (4e-4 in pickscore)
     p = subprocess.run([sys.executable, "evaluate.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, HF_HUB_OFFLINE="1"))
+                       env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
     assert p.returncode == 0, p.stderr[-3000:]
     assert "'guidance': 7.5, 'seed': 0" in p.stdout and "'images_per_prompt': 1, 'name': 'paper'" in p.stdout
     assert f"skipped aesthetic: no such file (looked for {weights['aesthetic']})" in p.stdout

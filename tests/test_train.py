@@ -47,14 +47,22 @@ def test_config_files_and_overrides(tmp_path):
     (["--seed=-1"], r"seed must be >= 0"),
     (["--tiny_p_correct=1.5"], r"tiny_p_correct must be in \[0, 1\]"),
     (["--n_eval_images=0"], r"n_eval_images must be >= 1"),
+    (["--num_workers=-1"], r"num_workers must be >= 0"),
+    (["--text_dim=30"], r"text_dim must be a positive multiple of 4"),
+    (["--self_sample_guidance=-3.0"], r"self_sample_guidance must be >= 0"),
+    (["--out_dir="], r"out_dir is empty"),
+    (["--base_config=configs/nope.py"], r"base_config 'configs/nope.py' not found"),
+    (["--data_path=data/pickapic"], r"data_path='data/pickapic' is set but dataset='tiny' draws its own images"),
 ])
 def test_config_errors(argv, match):
     with pytest.raises(SystemExit, match=match):
         train_sspo.get_config(argv)
 
 
-def test_string_keys_take_the_text_as_it_is():
-    cfg = train_sspo.get_config(["--out_dir=2025", "--init_from='resume'", "--data_path=1e-3"])
+def test_string_keys_take_the_text_as_it_is(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    os.mkdir("1e-3")
+    cfg = train_sspo.get_config(["--out_dir=2025", "--init_from='resume'", "--dataset=imagefolder", "--data_path=1e-3"])
     assert (cfg["out_dir"], cfg["init_from"], cfg["data_path"]) == ("2025", "resume", "1e-3")
 
 
@@ -302,3 +310,11 @@ def test_resume_refuses_another_global_batch_or_method(tmp_path, base, args, mat
     with pytest.raises(SystemExit, match=match):
         train_sspo.main(train_sspo.get_config(FAST + [f"--out_dir={out}", "--init_from=resume", *args]))
     assert [s for s, _ in train_sspo.checkpoints(out)] == [s for s, _ in train_sspo.checkpoints(base)]  # nothing new
+
+
+def test_help_lists_every_key(capsys):
+    with pytest.raises(SystemExit) as e:
+        train_sspo.get_config(["configs/tiny.py", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert all(f"--{k}={v!r}" in out for k, v in train_sspo.DEFAULTS.items()), out
