@@ -33,7 +33,7 @@ from tqdm import tqdm
 import data
 import model
 import scorers
-from train_sspo import DEFAULTS, print0, setup, teardown
+from train_sspo import DEFAULTS, print0, read_checkpoint, setup, teardown
 
 PAPER = {"steps": 50, "guidance": 7.5, "images_per_prompt": 1}  # SSPO.md 7 (the paper's pipeline: PNDM; ours: DDIM)
 PAPER_METRICS = "pickscore,hpsv2,aesthetic,clip,imagereward"
@@ -46,7 +46,7 @@ def load_run(run_dir, device="cpu", dtype=torch.float32):
     ckpt_path = os.path.join(run_dir, "ckpt.pt")
     if not os.path.isfile(ckpt_path):
         raise SystemExit(f"error: {ckpt_path} not found: not a run directory of train_sspo.py")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+    ckpt = read_checkpoint(ckpt_path, mmap=True)
     return load_model(run_dir, device, dtype), ckpt["config"], int(ckpt["step"])
 
 

@@ -511,6 +511,19 @@ def latest_checkpoint(out):
     return found[-1][1] if found else legacy if os.path.isfile(legacy) else None
 
 
+def read_checkpoint(path, mmap=False):
+    """torch.load of a checkpoint; one that is damaged (durable.py writes whole files, so something else changed or
+    truncated it) is an error naming it and the older checkpoint to resume from instead."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:  # a truncated zip, a file that is not one
+        named = [p for _, p in checkpoints(os.path.dirname(path))]
+        older = named[:named.index(path)] if path in named else []
+        raise SystemExit(f"error: {path} is not a readable checkpoint ({type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[0][:100]})" + (f"; the one before it is {older[-1]}: move "
+                         f"{os.path.basename(path)} away to resume from that" if older else ""))
+
+
 def save_checkpoint(cfg, unet, ema, text_encoder, opt, step, data_pos, pool, tallies, world):
     """unet/ (text_encoder/): the weights for StableDiffusionPipeline (the EMA if there is one); then
     ckpt_STEP.pt: everything to resume exactly, also named ckpt.pt; then the checkpoints beyond keep_checkpoints go,
@@ -539,7 +552,7 @@ def drop_old_checkpoints(cfg, pool):
     for _, old in kept[:-cfg["keep_checkpoints"]]:
         os.remove(old)
     if pool is not None and pool.storage == "disk":  # the pool holds the newest's; the others' are read, mmapped
-        older = [torch.load(p, map_location="cpu", weights_only=False, mmap=True)["pool"]
+        older = [read_checkpoint(p, mmap=True)["pool"]
                  for _, p in kept[-cfg["keep_checkpoints"]:-1]]
         pool.prune(also={e["path"] for d in older if d for e in d["entries"]})
 
@@ -660,7 +673,7 @@ def main(cfg):
     # counts for the log: updates skipped for a non-finite loss or gradient; per epoch, what the data needed
     tallies = {"skipped_updates": 0, "data": dict.fromkeys(DATA_TALLIES, 0)}
     if resume:
-        ckpt = torch.load(latest, map_location="cpu", weights_only=False)
+        ckpt = read_checkpoint(latest)
         check_resumable(cfg, ckpt, world, latest)
         unet.load_state_dict(ckpt["unet"])
         if cfg["train_text_encoder"]:
