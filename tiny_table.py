@@ -6,6 +6,7 @@ from the same tiny base with the same optimizer steps and the same data, for sev
     python tiny_table.py --objectives          # + the other objectives' rows (DMPO, KTO, MaPO, ...): 27 min more here
     python tiny_table.py --seeds 0 --only SSPO SFT --jobs 1
     python tiny_table.py --out out/quick --set max_steps=20      # --set KEY=VALUE: overrides for every run
+    python tiny_table.py --base out/tiny_base4500 --out out/table4500   # runs from another (already trained) base
 
 Re-runnable: a run whose eval/scores.json exists is not trained again (delete out/table to start over). Writes
 out/table/table.md (printed too), results.json, samples.png (every method's samples on the same prompts and noise)
@@ -157,7 +158,7 @@ def curves_picture(curves, path, key="judge_seen"):
 
 
 def main():
-    global OUT
+    global OUT, BASE
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--only", nargs="+", default=None, help=f"a subset of: {', '.join(ALL)}")
@@ -166,9 +167,11 @@ def main():
     p.add_argument("--jobs", type=int, default=2, help="runs at a time; each gets 2 // jobs threads (at least 1)")
     p.add_argument("--out", default=OUT, help="where the runs and the table go")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides for every run")
+    p.add_argument("--base", default=BASE, help=f"the base every run starts from; only the default ({BASE}) is "
+                   "trained here when missing, another must be a finished run folder")
     args = p.parse_args()
-    OUT = args.out
-    EXTRA[:] = ["--" + kv for kv in args.set]
+    OUT, BASE = args.out, args.base
+    EXTRA[:] = ["--" + kv for kv in args.set] + ([f"--init_from={BASE}"] if args.base != p.get_default("base") else [])
     args.only = args.only or list(RUNS) + list(OBJECTIVES) * args.objectives
     unknown = [n for n in args.only if n not in ALL]
     if unknown:
@@ -177,6 +180,9 @@ def main():
     t_start = time.time()
     env = dict(os.environ)
     if not os.path.exists(os.path.join(BASE, "ckpt.pt")):
+        if BASE != p.get_default("base"):
+            raise SystemExit(f"error: --base {BASE}: no ckpt.pt there; train it first (python train_sspo.py "
+                             f"configs/tiny_base.py --out_dir={BASE} ...)")
         print(f"training the base: python train_sspo.py configs/tiny_base.py (log: {OUT}/base.log)", flush=True)
         sh([sys.executable, "train_sspo.py", "configs/tiny_base.py"], os.path.join(OUT, "base.log"), env)
     if not os.path.exists(os.path.join(BASE, "eval", "scores.json")):
