@@ -5,6 +5,7 @@ Where a training step's time goes, per method, and how far SSPO is from its floo
     python bench.py --sd15                    # the SD1.5-shaped UNet (random weights, configs/sd15.py) on one GPU
     python bench.py --sd15 --compile          # the same with torch.compile'd UNets (compile time printed apart)
     python bench.py --sd15 --compile regional # each ResNet and transformer block compiled apart (compiles faster)
+    python bench.py --sd15 --latents          # steps read precomputed VAE latents, as with latent_cache (latents.py)
     python bench.py --sd15 --resolution 64    # on CPU: a smoke run of the SD1.5 code path at 8x8 latents
 
 A step here is one micro-batch of `batch_size`, built from the same pieces as train_sspo.py's loop (model.py's
@@ -140,9 +141,10 @@ def write_sd15(out, n_rows=32):
     print(f"wrote {out}: SD1.5-shaped model (random weights) and train/shard.parquet ({n_rows} random pairs)")
 
 
-def build(cfg, sd15, device, tmp):
+def build(cfg, sd15, device, tmp, from_cache=False):
     """-> P, everything a step needs: the model parts (model.load_model's dict), policy, reference, optimizer,
-    reference pool, a batch source and the shapes."""
+    reference pool, a batch source and the shapes. from_cache: the batches carry the VAE encoder's moments, as
+    latents.py stores them and a latent_cache run's workers hand them over, instead of images."""
     use_bf16 = device.type == "cuda" and cfg["mixed_precision"] == "bf16"
     frozen = torch.bfloat16 if use_bf16 else torch.float32
     if sd15:
@@ -167,11 +169,16 @@ def build(cfg, sd15, device, tmp):
     B = cfg["batch_size"]
     if sd15:  # random images made once: the data phase is the host-to-device copy (the loop's workers decode ahead)
         prompts = [data.prompt_of(c) for c in data.ALL_COMBOS]
-        images = torch.rand(2, 2, B, 3, cfg["resolution"], cfg["resolution"]) * 2 - 1
+        images = torch.rand(2, 2, B, 3, cfg["resolution"], cfg["resolution"]) * 2 - 1  # (2 batches, w/l, B, 3, R, R)
+        key = "latent" if from_cache else "image"
+        if from_cache:  # (2, 2, B, 2C, R/8, R/8) in the VAE's dtype, on the host like the workers' output
+            with torch.no_grad():
+                images = torch.stack([torch.stack([model.encode_moments(m["vae"], x.to(device)).cpu() for x in wl])
+                                      for wl in images])
         def batches():
             for i in itertools.count():
                 yield {"prompt": [prompts[(i * B + j) % len(prompts)] for j in range(B)],
-                       "image_w": images[i % 2, 0], "image_l": images[i % 2, 1]}, None
+                       f"{key}_w": images[i % 2, 0], f"{key}_l": images[i % 2, 1]}, None
         batch_iter = batches()
     else:  # the real tiny world, pairs so that DPO has losers
         batch_iter = train_sspo.micro_batches(train_sspo.make_dataset(cfg), cfg, 0, 1, 0, 0)
@@ -192,12 +199,13 @@ def train_step(method, P, cfg, lap, step=0):
     batch, _ = next(P["batches"])
     eps, t, drop, x_T, vae_noise, eta_noise = train_sspo.step_randomness(cfg, step, 0, 0, 1, (B, *P["shape"]), T)
     eps, t, x_T = eps.to(dev), t.to(dev), x_T.to(dev)
-    images_w, images_l = batch["image_w"].to(dev), batch["image_l"].to(dev) if method == "dpo" else None
+    # images (or, with --latents, the VAE's moments) of the winners, and of the losers for DPO
+    on_dev = {k: v.to(dev) for k, v in batch.items() if k.endswith("_w") or (method == "dpo" and k.endswith("_l"))}
     lap("data")
-    x0_w = model.images_to_latents(m["vae"], images_w, vae_noise[0])
+    x0_w = train_sspo.to_latents(m["vae"], on_dev, "w", dev, vae_noise[0])
     ctx = P["encode"](["" if d else p for p, d in zip(batch["prompt"], drop.tolist())])
     if method == "dpo":
-        x0_l = model.images_to_latents(m["vae"], images_l, vae_noise[1])
+        x0_l = train_sspo.to_latents(m["vae"], on_dev, "l", dev, vae_noise[1])
     if method == "sspo":
         cond = P["encode"](batch["prompt"])
     lap("encode")
@@ -341,6 +349,13 @@ def variants(P, cfg, args):
     mem = f"; peak GPU memory {ckpt_mem:.1f} -> {none_mem:.1f} GiB" if fits else ""
     out.append(("policy fwd+bwd: gradient checkpointing -> none", ckpt_s, none_s, f"grad_checkpointing = "
                 f"{cfg['grad_checkpointing']}{mem}{ckpt_oom}{none_oom.replace('before', 'none')}"))
+    if dev.type == "cuda":  # cuDNN times its convolution algorithms once per shape and keeps the fastest
+        for what, fn in (("guided forward", guided_forward(P, cfg)), ("policy fwd+bwd", policy_fwd_bwd(P, cfg))):
+            heuristic = time_it(fn, dev, w, n)
+            torch.backends.cudnn.benchmark = True
+            tuned = time_it(fn, dev, w + 1, n)
+            torch.backends.cudnn.benchmark = False
+            out.append((f"{what}: cuDNN's heuristics -> cudnn.benchmark", heuristic, tuned, "not used in training yet"))
     unet.to(memory_format=torch.channels_last)
     cl = time_it(policy_fwd_bwd(P, cfg, torch.channels_last), dev, w, n)
     unet.to(memory_format=torch.contiguous_format)
@@ -356,7 +371,7 @@ def variants(P, cfg, args):
                 f"text_cache = {cfg['text_cache']}" + (" (off: encode includes the text encoder)" * (not cfg["text_cache"]))))
     vae = P["m"]["vae"]
     if vae is not None:  # latents.py: the encoder's output stored once; the loader's workers read it back
-        images = next(P["batches"])[0]["image_w"]  # (B, 3, R, R) on the host, as the workers hand it over
+        images = torch.rand(P["B"], 3, cfg["resolution"], cfg["resolution"]) * 2 - 1  # on the host, as from the workers
         noise = torch.randn((P["B"], *P["shape"]))
         folder = os.path.join(P["tmp"], "latents")
         with torch.no_grad():
@@ -420,6 +435,8 @@ def main(argv):
                     help="also torch.compile the UNets and time them compiled: whole (the default) or regional "
                     "(each ResNet and transformer block apart: compiles faster)")
     ap.add_argument("--methods", default="sft,dpo,sspo", help="comma-separated; the floor needs dpo and sspo")
+    ap.add_argument("--latents", action="store_true", help="steps read the VAE's moments, as a run with latent_cache "
+                    "does (latents.py), instead of encoding images (--sd15: the tiny world has no VAE)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override, as train_sspo.py takes it (e.g. --set grad_checkpointing=False); repeatable")
     ap.add_argument("--no_variants", action="store_true", help="skip the fast-path before/after table")
@@ -434,6 +451,8 @@ def main(argv):
     if not methods or any(x not in ("sft", "dpo", "sspo") for x in methods):
         raise SystemExit(f"bench error: --methods takes sft, dpo, sspo; got {args.methods!r}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.latents and not args.sd15:
+        raise SystemExit("bench error: --latents needs --sd15 (the tiny world's model has no VAE: nothing to cache)")
     if args.sd15 and device.type == "cpu" and not 0 < args.resolution <= 128:
         raise SystemExit("bench error: --sd15 needs a GPU (a step is minutes on CPU); on CPU pass --resolution 64 "
                          "for a smoke run of the code path at 8x8 latents")
@@ -449,9 +468,10 @@ def main(argv):
     print(f"bench: {name} on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
           f"{torch.get_num_threads()} threads; batch {B}, resolution {cfg['resolution']}, K = {K} sampler steps, "
           f"guidance {cfg['self_sample_guidance']}, ref {cfg['ref_dtype']}, grad_checkpointing {cfg['grad_checkpointing']}, "
+          f"{'latents from a latent cache' if args.latents else 'images VAE-encoded each step' if args.sd15 else 'pixel space'}, "
           f"bf16 autocast {device.type == 'cuda' and cfg['mixed_precision'] == 'bf16'}; medians of {args.iters} after {args.warmup} warmup")
     with tempfile.TemporaryDirectory() as tmp:
-        P = build(cfg, args.sd15, device, tmp)
+        P = build(cfg, args.sd15, device, tmp, args.latents)
         print(f"UNet {sum(p.numel() for p in P['unet'].parameters()) / 1e6:.1f}M params, latents {tuple(P['shape'])}, "
               f"attention: {', '.join(sorted({type(p).__name__ for p in P['unet'].attn_processors.values()}))}")
         peak = matmul_peak(device, args.warmup, args.iters)
@@ -492,7 +512,7 @@ def main(argv):
         ratio = f"x{before / after:.2f}" if math.isfinite(before / after) else "  -  "
         print(f"  {what:62} {ms(before)} -> {ms(after)}  {ratio}  {note}")
     for meth in ("sft", "dpo", "sspo"):  # with the prompt cache warm, "encode" is the VAE alone
-        if meth in res and P["m"]["vae"] is not None:
+        if meth in res and P["m"]["vae"] is not None and not args.latents:
             print(f"  {meth}: VAE encoding is {res[meth]['encode'] / res[meth]['step']:.1%} of the step "
                   f"({res[meth]['encode'] * 1e3:.2f} ms), which latent_cache replaces by the row above")
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import bench
+import train_sspo
 from conftest import FAST, ROOT
 
 
@@ -81,3 +82,28 @@ def test_opt_in_channels_last_trains(run, tmp_path):
                     f"--out_dir={tmp_path}/cl"])
     assert r.returncode == 0, r.stderr[-2000:]
     assert "step 4: loss" in r.stdout
+
+
+def test_bench_latents_mode_skips_the_vae_and_keeps_the_step(monkeypatch, tmp_path):
+    """--latents: the step draws its latents from the VAE's stored moments (as a latent_cache run does), so the
+    VAE encoder's FLOPs leave the encode phase and the UNet's FLOPs stay the same."""
+    narrow(monkeypatch)
+    cfg = train_sspo.get_config(["configs/sd15.py", "--data_path=.", "--resolution=64", "--batch_size=2",
+                                 "--self_sample_steps=2"])
+    cpu = torch.device("cpu")
+    counts = {}
+    for from_cache in (False, True):
+        P = bench.build(cfg, True, cpu, str(tmp_path / str(from_cache)), from_cache)
+        batch = next(P["batches"])[0]
+        assert ("latent_w" in batch) == from_cache and ("image_w" in batch) != from_cache
+        counts[from_cache] = {m: bench.count_flops(m, P, cfg) for m in ("sft", "dpo")}
+    # the encode phase also holds the text encoder's first look at each prompt: the same in both
+    vae = {m: counts[False][m]["encode"] - counts[True][m]["encode"] for m in ("sft", "dpo")}
+    assert vae["sft"] > 0 and vae["dpo"] == 2 * vae["sft"], counts  # DPO encodes its losers too
+    for m in ("sft", "dpo"):
+        assert counts[False][m]["policy"] == counts[True][m]["policy"] > 0
+
+
+def test_bench_latents_needs_a_vae():
+    with pytest.raises(SystemExit, match=r"^bench error: --latents needs --sd15"):
+        bench.main(["--latents"])
