@@ -286,14 +286,14 @@ def guided_inputs(P, cfg):
     return x, ctx, context, torch.tensor(500, device=dev), dtype
 
 
-def guided_forward(P, cfg, batched=True):
+def guided_forward(P, cfg, batched=True, autocast=None):
     """One sampler step's UNet work: cond and uncond in one forward of 2B (ddim_sample), or two of B."""
     x, ctx, context, t, dtype = guided_inputs(P, cfg)
     ref = P["ref_unet"]
 
     @torch.no_grad()
     def fn():
-        with P["autocast"]:
+        with autocast or P["autocast"]:
             if batched:
                 return ref(torch.cat([x, x]).to(dtype), t, encoder_hidden_states=context).sample
             ref(x.to(dtype), t, encoder_hidden_states=context[:P["B"]]).sample
@@ -349,13 +349,8 @@ def variants(P, cfg, args):
     mem = f"; peak GPU memory {ckpt_mem:.1f} -> {none_mem:.1f} GiB" if fits else ""
     out.append(("policy fwd+bwd: gradient checkpointing -> none", ckpt_s, none_s, f"grad_checkpointing = "
                 f"{cfg['grad_checkpointing']}{mem}{ckpt_oom}{none_oom.replace('before', 'none')}"))
-    if dev.type == "cuda":  # cuDNN times its convolution algorithms once per shape and keeps the fastest
-        for what, fn in (("guided forward", guided_forward(P, cfg)), ("policy fwd+bwd", policy_fwd_bwd(P, cfg))):
-            heuristic = time_it(fn, dev, w, n)
-            torch.backends.cudnn.benchmark = True
-            tuned = time_it(fn, dev, w + 1, n)
-            torch.backends.cudnn.benchmark = False
-            out.append((f"{what}: cuDNN's heuristics -> cudnn.benchmark", heuristic, tuned, "not used in training yet"))
+    if dev.type == "cuda":
+        out += gpu_variants(P, cfg, w, n)
     unet.to(memory_format=torch.channels_last)
     cl = time_it(policy_fwd_bwd(P, cfg, torch.channels_last), dev, w, n)
     unet.to(memory_format=torch.contiguous_format)
@@ -394,6 +389,24 @@ def variants(P, cfg, args):
         pool.load_into(1, new)
     out.append(("snapshot swap: new module -> in-place copy (replay.load_into)", time_it(rebuild, dev, 0, n), swap, ""))
     return out
+
+
+def gpu_variants(P, cfg, w, n):
+    """Rows that only a GPU can tell (here so that a CPU test runs them too); neither is used in training yet.
+    cuDNN's benchmark mode times its convolution algorithms once per input shape and keeps the fastest. A bf16
+    reference under autocast still runs GroupNorm in float32 (autocast's float32 list), a float32 round trip of
+    every normalized activation; without autocast it stays bf16 throughout."""
+    dev, rows = P["device"], []
+    for what, fn in (("guided forward", guided_forward(P, cfg)), ("policy fwd+bwd", policy_fwd_bwd(P, cfg))):
+        heuristic = time_it(fn, dev, w, n)
+        torch.backends.cudnn.benchmark = True
+        tuned = time_it(fn, dev, w + 1, n)
+        torch.backends.cudnn.benchmark = False
+        rows.append((f"{what}: cuDNN's heuristics -> cudnn.benchmark", heuristic, tuned, "not in training yet"))
+    if cfg["ref_dtype"] == "bfloat16":
+        rows.append(("guided forward, bf16 reference: autocast -> none", time_it(guided_forward(P, cfg), dev, w, n),
+                     time_it(guided_forward(P, cfg, autocast=nullcontext()), dev, w, n), "not in training yet"))
+    return rows
 
 
 def bench_compile(P, cfg, args):

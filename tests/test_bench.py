@@ -107,3 +107,14 @@ def test_bench_latents_mode_skips_the_vae_and_keeps_the_step(monkeypatch, tmp_pa
 def test_bench_latents_needs_a_vae():
     with pytest.raises(SystemExit, match=r"^bench error: --latents needs --sd15"):
         bench.main(["--latents"])
+
+
+def test_gpu_only_rows_run(monkeypatch, tmp_path):
+    # the rows bench prints only on a GPU, run here on CPU so that a GPU session does not find their bugs
+    narrow(monkeypatch)
+    cfg = train_sspo.get_config(["configs/sd15.py", "--data_path=.", "--resolution=64", "--batch_size=1"])
+    P = bench.build(cfg, True, torch.device("cpu"), str(tmp_path))
+    rows = bench.gpu_variants(P, cfg, 0, 1)
+    assert [r[0].split(":")[0] for r in rows] == ["guided forward", "policy fwd+bwd", "guided forward, bf16 reference"]
+    assert all(before > 0 and after > 0 for _, before, after, _ in rows)
+    assert torch.backends.cudnn.benchmark is False  # put back
