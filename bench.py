@@ -391,14 +391,29 @@ def variants(P, cfg, args):
     return out
 
 
+def kernel_seconds(fn, device):
+    """Seconds the GPU spends in kernels during one fn() after a warmup call (torch.profiler's self device time):
+    against fn's wall time, near 1 the kernels are the limit (fusion, compile); well below, the host's launching
+    is (CUDA graphs). 0 on CPU."""
+    fn()
+    acts = [torch.profiler.ProfilerActivity.CPU] + [torch.profiler.ProfilerActivity.CUDA] * (device.type == "cuda")
+    with torch.profiler.profile(activities=acts) as prof:
+        fn()
+        sync(device)
+    return sum(e.self_device_time_total for e in prof.key_averages()) / 1e6
+
+
 def gpu_variants(P, cfg, w, n):
-    """Rows that only a GPU can tell (here so that a CPU test runs them too); neither is used in training yet.
-    cuDNN's benchmark mode times its convolution algorithms once per input shape and keeps the fastest. A bf16
-    reference under autocast still runs GroupNorm in float32 (autocast's float32 list), a float32 round trip of
-    every normalized activation; without autocast it stays bf16 throughout."""
+    """Rows that only a GPU can tell (here so that a CPU test runs them too); none is used in training yet.
+    Wall time against the kernels' own time: what the host's launching costs. cuDNN's benchmark mode times its
+    convolution algorithms once per input shape and keeps the fastest. A bf16 reference under autocast still runs
+    GroupNorm in float32 (autocast's float32 list), a float32 round trip of every normalized activation; without
+    autocast it stays bf16 throughout."""
     dev, rows = P["device"], []
     for what, fn in (("guided forward", guided_forward(P, cfg)), ("policy fwd+bwd", policy_fwd_bwd(P, cfg))):
         heuristic = time_it(fn, dev, w, n)
+        rows.append((f"{what}: wall -> GPU kernels alone", heuristic, kernel_seconds(fn, dev),
+                     "the difference is host time: launches, Python"))
         torch.backends.cudnn.benchmark = True
         tuned = time_it(fn, dev, w + 1, n)
         torch.backends.cudnn.benchmark = False
@@ -522,7 +537,7 @@ def main(argv):
     print("\nfast path (before -> after, ms)")
     for what, before, after, note in rows:
         ms = lambda v: f"{v * 1e3:9.2f}" if math.isfinite(v) else f"{'OOM':>9}"
-        ratio = f"x{before / after:.2f}" if math.isfinite(before / after) else "  -  "
+        ratio = f"x{before / after:.2f}" if after > 0 and math.isfinite(before / after) else "  -  "
         print(f"  {what:62} {ms(before)} -> {ms(after)}  {ratio}  {note}")
     for meth in ("sft", "dpo", "sspo"):  # with the prompt cache warm, "encode" is the VAE alone
         if meth in res and P["m"]["vae"] is not None and not args.latents:

@@ -115,6 +115,8 @@ def test_gpu_only_rows_run(monkeypatch, tmp_path):
     cfg = train_sspo.get_config(["configs/sd15.py", "--data_path=.", "--resolution=64", "--batch_size=1"])
     P = bench.build(cfg, True, torch.device("cpu"), str(tmp_path))
     rows = bench.gpu_variants(P, cfg, 0, 1)
-    assert [r[0].split(":")[0] for r in rows] == ["guided forward", "policy fwd+bwd", "guided forward, bf16 reference"]
-    assert all(before > 0 and after > 0 for _, before, after, _ in rows)
+    assert [r[0].split(":")[0] for r in rows] == ["guided forward"] * 2 + ["policy fwd+bwd"] * 2 + \
+        ["guided forward, bf16 reference"]
+    for what, before, after, _ in rows:
+        assert before > 0 and (after == 0 if "kernels" in what else after > 0), (what, before, after)  # no GPU
     assert torch.backends.cudnn.benchmark is False  # put back
