@@ -90,19 +90,19 @@ def read_prompt_file(path):
         if ext == ".parquet":
             prompts = data.read_prompts(path)
         elif ext == ".tsv":
-            with open(path, newline="", encoding="utf-8") as f:
-                rows = csv.DictReader(f, delimiter="\t")
+            with open(path, newline="", encoding="utf-8-sig") as f:  # plain tabs: a prompt may start with a quote
+                rows = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
                 if "Prompt" not in (rows.fieldnames or []):
                     raise ValueError(f"{path}: no column 'Prompt' (PartiPrompts tsv); has: {rows.fieldnames}")
                 prompts = [r["Prompt"] for r in rows]
         elif ext == ".json":
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8-sig") as f:
                 prompts = json.load(f)
             if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
                 raise ValueError(f"{path}: expected a JSON list of prompt strings (HPSv2 benchmark), got "
                                  f"{type(prompts).__name__}" + (" with other items" if isinstance(prompts, list) else ""))
         elif ext == ".txt":
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is not part of the first prompt
                 prompts = [line.strip() for line in f if line.strip()]
         else:
             raise ValueError(f"{path}: unknown prompt file type {ext!r} (.parquet, .tsv, .json or .txt)")
@@ -137,12 +137,16 @@ def prompt_groups(paths, cfg):
 # -----------------------------------------------------------------------------------------------------------------
 # sampling and scoring
 
-def draw_noise(n, shape, seed):
+def draw_noise(sizes, shape, seed):
     """The paper's protocol: one generator seeded once, reused across all prompts in order, so image i's noise is the
-    i-th draw (what a pipeline call per prompt with a shared generator does). A CPU generator, drawn whole on every
-    rank: the noise does not depend on the device, the batch size or the number of processes."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.cat([torch.randn((1, *shape), generator=g) for _ in range(n)])
+    i-th draw (what a pipeline call per prompt with a shared generator does). One such generator per prompt set of
+    `sizes` images (a file: it scores the same alone or beside others). CPU generators, drawn whole on every rank:
+    the noise does not depend on the device, the batch size or the number of processes."""
+    out = []
+    for n in sizes:
+        g = torch.Generator().manual_seed(seed)
+        out += [torch.randn((1, *shape), generator=g) for _ in range(n)]
+    return torch.cat(out)
 
 
 @torch.no_grad()
@@ -240,12 +244,20 @@ def evaluate(args, weights, metrics, rank, world, device):
                                               "images_per_prompt": 4}
     ipp = defaults["images_per_prompt"] if args.images_per_prompt is None else args.images_per_prompt
     groups = prompt_groups(args.prompts, cfg)
+    # the image size: the run's own under 'run' (it may train at another than its init model's), else the
+    # pipeline's default, the UNet's sample_size
+    f = model.vae_factor(m)
+    resolution = cfg["resolution"] if name == "run" else m["unet"].config.sample_size * f
+    shape = model.latent_shape(m, resolution)
     protocol = {"sampler": "DDIM, eta 0", "steps": defaults["steps"] if args.steps is None else args.steps,
                 "guidance": defaults["guidance"] if args.guidance is None else args.guidance, "seed": args.seed,
-                "generator": "one CPU generator, seeded once, reused across prompts in order",
+                "generator": "one CPU generator per prompt file, seeded once, reused across its prompts in order",
                 "images_per_prompt": ipp, "name": name, "dtype": args.dtype,
                 "prompts": ", ".join(args.prompts) or "the tiny world's 40 seen + 8 held-out prompts",
-                "n_prompts": sum(len(v) for v in groups.values())}
+                "n_prompts": sum(len(v) for v in groups.values()), "resolution": resolution,
+                # train_sspo.setup allows TF32 on CUDA: float32 matmuls and convolutions (the scorers', and the
+                # UNet's with --dtype=float32) run in TF32 there
+                "tf32": device.type == "cuda"}
     try:
         model.check_sampler_steps(m["scheduler"], protocol["steps"], "--steps")
     except ValueError as e:
@@ -281,11 +293,14 @@ def evaluate(args, weights, metrics, rank, world, device):
             model.check_sampler_steps(models["base"]["scheduler"], protocol["steps"], "--steps")
         except ValueError as e:
             raise SystemExit(f"error: {args.base}: {e}")
-    shape = [(u.in_channels, u.sample_size, u.sample_size) for u in (mm["unet"].config for mm in models.values())]
-    if len(set(shape)) > 1:
-        raise SystemExit(f"error: {args.run_dir} samples {shape[0]} latents, {args.base} {shape[1]}: no common noise")
-    shape = shape[0]
-    noise = draw_noise(len(prompts), shape, args.seed)
+    if args.base:  # the same noise for both: the same latent shape (under 'paper', the same default size too)
+        u, b = m["unet"].config, models["base"]["unet"].config
+        if (b.in_channels, model.vae_factor(models["base"])) != (u.in_channels, f) or \
+                (name == "paper" and b.sample_size != u.sample_size):
+            raise SystemExit(f"error: {args.run_dir} samples {shape} latents, {args.base} "
+                             f"{(b.in_channels, b.sample_size, b.sample_size)}: no common noise")
+    # a generator per prompt file; the tiny world's seen and held-out prompts are one set
+    noise = draw_noise([len(qs) * ipp for qs in groups.values()] if args.prompts else [len(prompts)], shape, args.seed)
     lo, hi = rank * len(prompts) // world, (rank + 1) * len(prompts) // world  # this rank's shard of the images
 
     scores, shown = {}, {}

@@ -105,6 +105,7 @@ def test_evaluate_paper_metrics_on_a_latent_run(paper_setup):
     s = json.load(open(d / "run" / "eval" / "scores.json"))
     assert s["step"] == 7 and s["method"] == "sspo" and len(s["unet_sha256"]) == 16 and s["base_unet_sha256"]
     assert s["protocol"]["steps"] == 2 and s["protocol"]["n_prompts"] == 5
+    assert s["protocol"]["resolution"] == 16 and s["protocol"]["tf32"] is False  # the UNet's 8 latents x 2; CPU
     assert s["skipped"] == {"aesthetic": {"reason": "no such file", "path": weights["aesthetic"]}}
     assert s["scorers"]["hpsv2"] == {"hpsv2": weights["hpsv2"], "hpsv2_clip": weights["hpsv2_clip"]}
     assert [r["prompt"] for r in s["per_image"]][:2] == ["a red circle on the left", "a blue square at the top"]
@@ -148,12 +149,19 @@ def test_prompt_files_of_each_format(tmp_path):
     import pyarrow.parquet as pq
     pq.write_table(pa.table({"caption": ["a cat", "a dog", "a cat", "a fish"]}), tmp_path / "v.parquet")
     assert ev.read_prompt_file(str(tmp_path / "v.parquet")) == ["a cat", "a dog", "a fish"]  # validation_unique
-    (tmp_path / "p.tsv").write_text("Prompt\tCategory\tChallenge\na cat\tAnimals\tBasic\n\"a \"\"dog\"\"\"\tAnimals\tBasic\n")
-    assert ev.read_prompt_file(str(tmp_path / "p.tsv")) == ["a cat", 'a "dog"']
+    # PartiPrompts.tsv is plain tab-separated text: one of its prompts starts with a quote, which csv would eat
+    (tmp_path / "p.tsv").write_text('Prompt\tCategory\tChallenge\na cat\tAnimals\tBasic\n"G I G G L E" painted on a '
+                                    'wall\tIllustrations\tComplex\nA sign that says "Hi"\tArtifacts\tBasic\n')
+    assert ev.read_prompt_file(str(tmp_path / "p.tsv")) == ["a cat", '"G I G G L E" painted on a wall',
+                                                             'A sign that says "Hi"']
     (tmp_path / "anime.json").write_text(json.dumps(["a cat", "a dog"]))
     assert ev.read_prompt_file(str(tmp_path / "anime.json")) == ["a cat", "a dog"]
     (tmp_path / "p.txt").write_text("a cat\n\n  a dog  \n")
     assert ev.read_prompt_file(str(tmp_path / "p.txt")) == ["a cat", "a dog"]
+    for name, text in (("bom.txt", "a cat\na dog\n"), ("bom.json", '["a cat", "a dog"]'),
+                       ("bom.tsv", "Prompt\na cat\na dog\n")):  # saved by an editor that writes a byte-order mark
+        (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + text.encode())
+        assert ev.read_prompt_file(str(tmp_path / name)) == ["a cat", "a dog"], name
     (tmp_path / "photo.json").write_text(json.dumps(["a fish"]))
     cfg = {"dataset": "pickapic"}
     assert ev.prompt_groups([str(tmp_path / "anime.json"), str(tmp_path / "photo.json")], cfg) == \
@@ -179,3 +187,27 @@ def test_prompt_files_in_the_wrong_format(tmp_path, name, content, message):
     f.write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(SystemExit, match="^" + re.escape(f"error: {f}: {message}")):
         ev.read_prompt_file(str(f))
+
+
+def test_each_prompt_file_has_its_own_noise():
+    # the i-th image of a file gets its generator's i-th draw, wherever the file stands in --prompts
+    together, alone = ev.draw_noise([2, 3], (4, 8, 8), 0), ev.draw_noise([3], (4, 8, 8), 0)
+    assert together.shape == (5, 4, 8, 8) and torch.equal(together[2:], alone) and torch.equal(together[:2], alone[:2])
+    assert not torch.equal(alone[0], alone[1])  # within a file the draws go on
+
+
+def test_protocol_run_samples_at_the_runs_resolution(paper_setup, tmp_path, monkeypatch):
+    # a run may train at another resolution than its init model's sample_size (SD1.5 at 256 px): under 'run' it is
+    # sampled at its own, under 'paper' at the pipeline's default
+    d, args, weights = paper_setup
+    run = fake_run(str(tmp_path / "run"))  # sample_size 8 latents of a VAE that halves: 16 px
+    ckpt = torch.load(os.path.join(run, "ckpt.pt"), weights_only=False)
+    torch.save({**ckpt, "config": {**ckpt["config"], "resolution": 32}}, os.path.join(run, "ckpt.pt"))
+    seen, generate = [], ev.generate
+    monkeypatch.setattr(ev, "generate", lambda m, prompts, noise, *a: seen.append(noise.shape[1:]) or
+                        generate(m, prompts, noise, *a))
+    for protocol, latent in (("run", 16), ("paper", 8)):
+        ev.main([run, "--prompts", str(d / "prompts.txt"), "--steps=1", f"--protocol={protocol}", "--metrics=clip",
+                 "--weights", f"clip={weights['clip']}", f"--out={tmp_path}/{protocol}"])
+        assert seen.pop() == (4, latent, latent)
+        assert json.load(open(tmp_path / protocol / "scores.json"))["protocol"]["resolution"] == 2 * latent
