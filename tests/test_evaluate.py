@@ -13,11 +13,10 @@ def evaluate(*args):
     return subprocess.run([sys.executable, "evaluate.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
-def test_evaluate_a_run_against_a_base(tmp_path, run):
-    a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    assert run(FAST + [f"--out_dir={a}", "--max_steps=2"]).returncode == 0
+def test_evaluate_a_run_against_a_base(tmp_path, run, base):
+    a, b = base, str(tmp_path / "b")  # the shared 2-step base run (read only: its evaluation goes to --out)
     assert run(FAST + [f"--out_dir={b}", "--max_steps=2", "--seed=1"]).returncode == 0
-    p = evaluate(b, "--base", a, "--images_per_prompt=1", "--steps=2")
+    p = evaluate(b, "--base", a, "--images_per_prompt=1", "--steps=2")  # the command line once, then in-process
     assert p.returncode == 0, p.stderr[-3000:]
     assert "protocol: {'sampler': 'DDIM, eta 0', 'steps': 2" in p.stdout and "| base |" in p.stdout
     s = json.load(open(os.path.join(b, "eval", "scores.json")))
@@ -25,11 +24,11 @@ def test_evaluate_a_run_against_a_base(tmp_path, run):
     assert 0 <= s["judge_seen_run"] <= 1 and 0 <= s["win_rate_vs_base"] <= 1
     assert os.path.isfile(os.path.join(b, "eval", "grid.png")) and os.path.isfile(os.path.join(b, "eval", "side_by_side.png"))
     # against itself, with the same noise, every image ties: exactly one half
-    p = evaluate(a, "--base", a, "--images_per_prompt=1", "--steps=2")
-    assert p.returncode == 0 and json.load(open(os.path.join(a, "eval", "scores.json")))["win_rate_vs_base"] == 0.5
+    ev.main([a, "--base", a, "--images_per_prompt=1", "--steps=2", f"--out={tmp_path}/self"])
+    assert json.load(open(tmp_path / "self" / "scores.json"))["win_rate_vs_base"] == 0.5
     # a second evaluation of b without a base replaces scores.json and leaves no comparison it does not describe
-    p = evaluate(b, "--images_per_prompt=1", "--steps=2")
-    assert p.returncode == 0 and not os.path.exists(os.path.join(b, "eval", "side_by_side.png"))
+    ev.main([b, "--images_per_prompt=1", "--steps=2"])
+    assert not os.path.exists(os.path.join(b, "eval", "side_by_side.png"))
     assert "win_rate_vs_base" not in json.load(open(os.path.join(b, "eval", "scores.json")))
 
 
