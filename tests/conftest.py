@@ -1,6 +1,10 @@
+import multiprocessing
 import os
+import resource
+import runpy
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -11,13 +15,49 @@ sys.path.insert(0, ROOT)
 FAST = ["--batch_size=8", "--tiny_size=512", "--max_steps=4", "--warmup_steps=2", "--eval_every=1000",
         "--save_every=1000", "--log_every=1", "--sample_steps=2"]
 
+# `python train_sspo.py ...` without paying for its imports each time (5 s of a 7 s run): a fork server imports
+# the project once, before any tensor work has started a thread pool, and forks a fresh process for each run
+_forks = multiprocessing.get_context("forkserver")
+_forks.set_forkserver_preload(["train_sspo", "evaluate", "bench", "conftest"])
 
-def run_script(args, torchrun=None, timeout=300):
-    """Run train_sspo.py (or `torchrun --nproc_per_node=N train_sspo.py`) in a subprocess from the repo root."""
-    env = dict(os.environ, OMP_NUM_THREADS="1" if torchrun else os.environ.get("OMP_NUM_THREADS", "2"))
-    cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
-                              if torchrun else []) + ["train_sspo.py", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+def _script_main(script, args, env, stdout, stderr, fsize):
+    """In the forked process: what `python script *args` does, with the environment env, output to the two files,
+    and writes limited to fsize bytes if given. Its exit code is the interpreter's (a SystemExit's text goes to
+    stderr and exits 1, as does a traceback)."""
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(ROOT)
+    for fd, path in ((1, stdout), (2, stderr)):
+        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
+    if "OMP_NUM_THREADS" in env:  # read by OpenMP when torch was imported, in the fork server
+        __import__("torch").set_num_threads(int(env["OMP_NUM_THREADS"]))
+    if fsize:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+    sys.argv = [script, *args]
+    runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+
+
+def run_script(args, torchrun=None, timeout=300, env=None, fsize=0, script="train_sspo.py"):
+    """Run `python script *args` (or `torchrun --nproc_per_node=N script *args`) in another process from the repo
+    root, with os.environ updated by env -> subprocess.CompletedProcess. fsize: a limit on the size of any file it
+    writes. The environment must not change what an import reads (HF_HUB_OFFLINE): the imports are done before."""
+    env = dict(os.environ, OMP_NUM_THREADS="1" if torchrun else os.environ.get("OMP_NUM_THREADS", "2"), **(env or {}))
+    if torchrun:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
+               script, *args]
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    with tempfile.TemporaryDirectory() as tmp:
+        out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
+        p = _forks.Process(target=_script_main, args=(script, args, env, out, err, fsize))
+        p.start()
+        p.join(timeout)
+        if p.exitcode is None:
+            p.kill()
+            p.join()
+            raise subprocess.TimeoutExpired([script, *args], timeout)
+        return subprocess.CompletedProcess([script, *args], p.exitcode, open(out, encoding="utf-8").read(),
+                                           open(err, encoding="utf-8").read())
 
 
 @pytest.fixture

@@ -3,15 +3,13 @@ the opt-in fast path of train_sspo.py trains."""
 import math
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import bench
 import train_sspo
-from conftest import FAST, ROOT
+from conftest import FAST, ROOT, run_script
 
 
 def ratios_of(text):
@@ -21,8 +19,7 @@ def ratios_of(text):
 def test_bench_tiny_prints_finite_ratios():
     # medians of 3 after a warmup (about 12 s alone on 2 cores): a single timing of each phase once gave a floor
     # ratio of 0.41 when the machine stalled during one of them (0.90-1.05 otherwise)
-    r = subprocess.run([sys.executable, "bench.py", "--iters=3", "--warmup=1", "--batch_size=4"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=600)
+    r = run_script(["--iters=3", "--warmup=1", "--batch_size=4"], script="bench.py", timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = re.findall(r"^(sft|dpo|sspo) +([\d.]+) +([\d.]+)", r.stdout, re.M)
     assert [m for m, *_ in rows] == ["sft", "dpo", "sspo"], r.stdout

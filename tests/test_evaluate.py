@@ -6,11 +6,11 @@ import shutil
 import subprocess
 import sys
 
-from conftest import FAST, ROOT
+from conftest import FAST, ROOT, run_script
 
 
 def evaluate(*args):
-    return subprocess.run([sys.executable, "evaluate.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return run_script(list(args), script="evaluate.py")
 
 
 def test_evaluate_a_run_against_a_base(tmp_path, run, base):
@@ -134,8 +134,7 @@ def test_evaluate_paper_metrics_on_a_latent_run(paper_setup):
 def test_evaluate_a_prompt_file_in_the_wrong_format(paper_setup, tmp_path):
     d, args, _ = paper_setup
     (tmp_path / "bad.tsv").write_text("id\ttext\n1\ta cat\n")
-    run = subprocess.run([sys.executable, "evaluate.py", args[0], "--prompts", str(tmp_path / "bad.tsv")], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
+    run = evaluate(args[0], "--prompts", str(tmp_path / "bad.tsv"))
     assert run.returncode != 0 and run.stderr.strip() == (f"error: {tmp_path / 'bad.tsv'}: no column 'Prompt' "
                                                           "(PartiPrompts tsv); has: ['id', 'text']")
 

@@ -2,11 +2,11 @@
 written, a non-finite loss, unreadable data, a dead DDP rank and torchrun's restarts. Kills come from durable.fault
 (SSPO_FAULT names the point), so each lands exactly where it should; soak.py (not in CI) kills at random times.
 
-Single-process runs are train_sspo.main in a child interpreter: a real process that dies where it is told.
+Single-process runs are `python train_sspo.py` in a process forked for them (conftest.run_script): a real process that
+dies where it is told.
 DDP runs are real torchrun / two-process launches."""
 import errno
 import io
-import json
 import os
 import subprocess
 import sys
@@ -29,35 +29,11 @@ SSPO = FAST + ["--method=sspo", "--pool_storage=disk", "--pool_capacity=3", "--c
                "--max_steps=6", "--save_every=2", "--keep_checkpoints=2", "--auto_resume=True"]
 
 
-CHILD = """
-import json, os, resource, sys, traceback
-import train_sspo
-args, fsize = json.loads(sys.argv[1]), int(sys.argv[2])
-if fsize:
-    resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
-code = 2
-try:
-    train_sspo.main(train_sspo.get_config(args))
-    code = 0
-except SystemExit as e:
-    print(e)
-    code = 1
-except BaseException:
-    traceback.print_exc()
-finally:
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-"""
-
-
 def fork_main(args, fault="", fsize=0):
-    """train_sspo.main(args) in a child process with SSPO_FAULT=fault (and a file size limit) -> (exit code, output).
-    Exit code 137: killed at the fault point; 1: stopped with a one-line error; 2: a traceback. A fresh interpreter,
-    not os.fork: a child forked from a process whose OpenMP pool has run can deadlock (it did, with 2 threads)."""
-    p = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args), str(fsize)], cwd=ROOT, text=True,
-                       env=dict(os.environ, SSPO_FAULT=fault), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    return p.returncode, p.stdout
+    """`python train_sspo.py *args` in another process with SSPO_FAULT=fault (and a file size limit) -> (exit code,
+    stdout and stderr). Exit code 137: killed at the fault point; 1: stopped with a one-line error; 2: a traceback."""
+    p = run_script(args, env={"SSPO_FAULT": fault}, fsize=fsize)
+    return (2 if "Traceback (most recent call last)" in p.stderr else p.returncode), p.stdout + p.stderr
 
 
 def error_line(text):
