@@ -16,7 +16,8 @@ FAST = ["--batch_size=8", "--tiny_size=512", "--max_steps=4", "--warmup_steps=2"
         "--save_every=1000", "--log_every=1", "--sample_steps=2"]
 
 # `python train_sspo.py ...` without paying for its imports each time (5 s of a 7 s run): a fork server imports
-# the project once, before any tensor work has started a thread pool, and forks a fresh process for each run
+# the project once, before any tensor work has started a thread pool (its one other thread is numpy's OpenBLAS pool,
+# which re-initializes after a fork), and forks a fresh process for each run
 _forks = multiprocessing.get_context("forkserver")
 _forks.set_forkserver_preload(["train_sspo", "evaluate", "bench", "conftest"])
 
