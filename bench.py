@@ -17,8 +17,8 @@ torch.cuda.synchronize: a few microseconds each, but the phases add up to the st
 
 SSPO's floor = (measured DPO step) + K x (measured guided reference forward): the same step as Diffusion-DPO plus
 K sampler steps, each one forward of the reference on cond and uncond batched (2B). Anything above is overhead.
-FLOPs are counted from the models (torch.utils.flop_counter on one step of each method; model FLOPs, so gradient
-checkpointing's recompute is not counted), and utilization is against a big matmul timed on the same device.
+FLOPs are counted from the models (torch.utils.flop_counter on one step of each method; model FLOPs, so neither
+gradient checkpointing's recompute nor attention's recompute of its scores in the backward is counted), and utilization is against a big matmul timed on the same device.
 Nothing here changes training: the variants (two forwards, classic attention, channels_last, fp32, compile) are
 built here and put back.
 """
@@ -67,11 +67,27 @@ def _as_raw(formula):  # torch's registered formulas already take raw arguments;
     return f
 
 
-# torch's counter knows the CUDA attention kernels; the CPU one has the same cost
-CPU_SDPA = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _as_raw(sdpa_flop),
-            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _as_raw(sdpa_backward_flop)}
+def _sdpa_backward_model_flops(grad_out, query, key, value, *args, **kwargs):
+    """torch counts attention's backward as its kernels run it: 5 matmuls, one of them recomputing the scores
+    q @ k^T. Model FLOPs (as for gradient checkpointing's recompute) count the 4 of the backward proper."""
+    b, h, s_q, d = query.shape
+    return sdpa_backward_flop(grad_out, query, key, value, *args, **kwargs) - 2 * b * h * s_q * d * key.shape[2]
+
+
+# torch's counter knows the CUDA attention kernels; the CPU one has the same cost. Backward: model FLOPs.
+aten = torch.ops.aten
+SDPA_FLOPS = {aten._scaled_dot_product_flash_attention_for_cpu: _as_raw(sdpa_flop),
+              **{op: _as_raw(_sdpa_backward_model_flops) for op in (
+                  aten._scaled_dot_product_flash_attention_for_cpu_backward,
+                  aten._scaled_dot_product_flash_attention_backward,
+                  aten._scaled_dot_product_efficient_attention_backward,
+                  aten._scaled_dot_product_cudnn_attention_backward)}}
 TARGETS_CPU = {"sspo step / floor": 1.15, "snapshot swap / sspo step": 0.02}  # at most
 TARGETS_GPU = {"sft": 0.45, "dpo": 0.40, "self-sampling": 0.40}  # at least, of the bf16 matmul peak
+# config keys that change a training step but that the step timed here does not apply: refused, not ignored
+NOT_TIMED = {"compile_unet": "pass --compile instead", "ema_decay": "the EMA update is not timed",
+             "train_text_encoder": "the text encoder's backward is not timed",
+             "noising": "only the forward process's noising is timed", "sdpo_safeguard": "its lambda is not timed"}
 
 
 def sync(device):
@@ -161,6 +177,8 @@ def build(cfg, sd15, device, tmp, from_cache=False):
         unet.enable_gradient_checkpointing()
     ref_dtype = torch.bfloat16 if cfg["ref_dtype"] == "bfloat16" else torch.float32
     ref_unet = copy.deepcopy(unet).to(ref_dtype).eval().requires_grad_(False)
+    for u in (unet, ref_unet) if cfg["channels_last"] else ():  # as train_sspo.main
+        u.to(memory_format=torch.channels_last)
     pool = replay.ReferencePool(unet.state_dict(), "uniform", 0, cfg["pool_storage"], os.path.join(tmp, "pool"),
                                 cfg["seed"], ref_dtype)
     pool.push(unet.state_dict(), 1)  # two snapshots to swap between
@@ -181,7 +199,10 @@ def build(cfg, sd15, device, tmp, from_cache=False):
                        f"{key}_w": images[i % 2, 0], f"{key}_l": images[i % 2, 1]}, None
         batch_iter = batches()
     else:  # the real tiny world, pairs so that DPO has losers
-        batch_iter = train_sspo.micro_batches(train_sspo.make_dataset(cfg), cfg, 0, 1, 0, 0)
+        ds = train_sspo.make_dataset(cfg)
+        if len(ds) < B:
+            raise SystemExit(f"bench error: the dataset has {len(ds)} examples, fewer than one micro-batch of {B}")
+        batch_iter = train_sspo.micro_batches(ds, cfg, 0, 1, 0, 0)
     with torch.no_grad():
         uncond = model.encode_prompts(m["tokenizer"], m["text_encoder"], [""])
     encode = model.PromptCache(m["tokenizer"], m["text_encoder"], cfg["text_cache"])  # as train_sspo.py's loop
@@ -197,7 +218,8 @@ def train_step(method, P, cfg, lap, step=0):
     """One micro-batch of `method` and an optimizer update; lap(name) closes a phase."""
     m, dev, B, T = P["m"], P["device"], P["B"], P["m"]["scheduler"].config.num_train_timesteps
     batch, _ = next(P["batches"])
-    eps, t, drop, x_T, vae_noise, eta_noise = train_sspo.step_randomness(cfg, step, 0, 0, 1, (B, *P["shape"]), T)
+    eps, t, drop, x_T, vae_noise, eta_noise = train_sspo.step_randomness({**cfg, "method": method}, step, 0, 0, 1,
+                                                                          (B, *P["shape"]), T)
     eps, t, x_T = eps.to(dev), t.to(dev), x_T.to(dev)
     # images (or, with --latents, the VAE's moments) of the winners, and of the losers for DPO
     on_dev = {k: v.to(dev) for k, v in batch.items() if k.endswith("_w") or (method == "dpo" and k.endswith("_l"))}
@@ -233,7 +255,7 @@ def train_step(method, P, cfg, lap, step=0):
     lap("policy")
     torch.nn.utils.clip_grad_norm_(P["unet"].parameters(), cfg["grad_clip"] or float("inf"))
     P["opt"].step()
-    P["opt"].zero_grad(set_to_none=True)
+    P["opt"].zero_grad(set_to_none=False)  # kept, zeroed in place: as DDP's buckets or grad_accum > 1 hold them
     lap("opt")
 
 
@@ -261,7 +283,7 @@ def count_flops(method, P, cfg):
     if cfg["grad_checkpointing"]:
         P["unet"].disable_gradient_checkpointing()
     counts = {}
-    with FlopCounterMode(display=False, custom_mapping=CPU_SDPA) as fc:
+    with FlopCounterMode(display=False, custom_mapping=SDPA_FLOPS) as fc:
         last = [0]
 
         def lap(name):
@@ -287,13 +309,16 @@ def guided_inputs(P, cfg):
 
 
 def guided_forward(P, cfg, batched=True, autocast=None):
-    """One sampler step's UNet work: cond and uncond in one forward of 2B (ddim_sample), or two of B."""
+    """One sampler step's UNet work: cond and uncond in one forward of 2B (ddim_sample), or two of B; at guidance
+    1.0 one forward of B on the prompts alone, as ddim_sample then runs."""
     x, ctx, context, t, dtype = guided_inputs(P, cfg)
     ref = P["ref_unet"]
 
     @torch.no_grad()
     def fn():
         with autocast or P["autocast"]:
+            if cfg["self_sample_guidance"] == 1.0:
+                return ref(x.to(dtype), t, encoder_hidden_states=ctx).sample
             if batched:
                 return ref(torch.cat([x, x]).to(dtype), t, encoder_hidden_states=context).sample
             ref(x.to(dtype), t, encoder_hidden_states=context[:P["B"]]).sample
@@ -351,10 +376,13 @@ def variants(P, cfg, args):
                 f"{cfg['grad_checkpointing']}{mem}{ckpt_oom}{none_oom.replace('before', 'none')}"))
     if dev.type == "cuda":
         out += gpu_variants(P, cfg, w, n)
+    unet.to(memory_format=torch.contiguous_format)
+    contiguous = time_it(policy_fwd_bwd(P, cfg), dev, w, n) if cfg["channels_last"] else base
     unet.to(memory_format=torch.channels_last)
     cl = time_it(policy_fwd_bwd(P, cfg, torch.channels_last), dev, w, n)
-    unet.to(memory_format=torch.contiguous_format)
-    out.append(("policy fwd+bwd: contiguous -> channels_last", base, cl, "opt-in: channels_last = True"))
+    unet.to(memory_format=torch.channels_last if cfg["channels_last"] else torch.contiguous_format)
+    out.append(("policy fwd+bwd: contiguous -> channels_last", contiguous, cl,
+                "in use: channels_last = True" if cfg["channels_last"] else "opt-in: channels_last = True"))
     if dev.type == "cuda":
         fp32, oom = timed_or_oom(policy_fwd_bwd(P, cfg, autocast=nullcontext()))
         out.append(("policy fwd+bwd: fp32 (tf32) -> bf16 autocast", fp32, base, f"mixed_precision = 'bf16'{oom}"))
@@ -400,7 +428,9 @@ def kernel_seconds(fn, device):
     with torch.profiler.profile(activities=acts) as prof:
         fn()
         sync(device)
-    return sum(e.self_device_time_total for e in prof.key_averages()) / 1e6
+    # a kernel's time is also copied onto the CPU op that launched it: only the device's own events count
+    return sum(e.self_device_time_total for e in prof.key_averages()
+               if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6
 
 
 def gpu_variants(P, cfg, w, n):
@@ -414,9 +444,11 @@ def gpu_variants(P, cfg, w, n):
         heuristic = time_it(fn, dev, w, n)
         rows.append((f"{what}: wall -> GPU kernels alone", heuristic, kernel_seconds(fn, dev),
                      "the difference is host time: launches, Python"))
-        torch.backends.cudnn.benchmark = True
-        tuned = time_it(fn, dev, w + 1, n)
-        torch.backends.cudnn.benchmark = False
+        was, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, True
+        try:
+            tuned = time_it(fn, dev, w + 1, n)
+        finally:
+            torch.backends.cudnn.benchmark = was
         rows.append((f"{what}: cuDNN's heuristics -> cudnn.benchmark", heuristic, tuned, "not in training yet"))
     if cfg["ref_dtype"] == "bfloat16":
         rows.append(("guided forward, bf16 reference: autocast -> none", time_it(guided_forward(P, cfg), dev, w, n),
@@ -488,6 +520,9 @@ def main(argv):
     over += [f"--batch_size={args.batch_size}"] * bool(args.batch_size) + [f"--resolution={args.resolution}"] * bool(args.resolution)
     over += [f"--{kv}" for kv in args.set]
     cfg = train_sspo.get_config([args.config or ("configs/sd15.py" if args.sd15 else "configs/tiny.py"), *over])
+    for k, why in NOT_TIMED.items():
+        if cfg[k] != train_sspo.DEFAULTS[k]:
+            raise SystemExit(f"bench error: {k}={cfg[k]!r} (from the config or --set) is not applied here: {why}")
     if device.type == "cuda":  # as train_sspo.setup
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg["seed"])
@@ -512,7 +547,8 @@ def main(argv):
             print(f"torch.compile: {t_compile:.1f} s to compile (once per run and shape)")
         guided = time_it(guided_forward(P, cfg), device, args.warmup, args.iters)
         swap_load = time_it(lambda: P["pool"].load_into(1, P["ref_unet"]), device, args.warmup, args.iters)
-        swap_push = time_it(lambda: P["pool"].push(P["unet"].state_dict(), 2), device, 0, 1)  # grows the pool
+        pushes = itertools.count(2)  # each push adds a snapshot to the pool (SD1.5: 1.7 GB on disk), so only 3
+        swap_push = time_it(lambda: P["pool"].push(P["unet"].state_dict(), next(pushes)), device, 0, 3)
         res, mem = {}, None
         for meth in methods:
             if device.type == "cuda":
@@ -544,7 +580,8 @@ def main(argv):
             print(f"  {meth}: VAE encoding is {res[meth]['encode'] / res[meth]['step']:.1%} of the step "
                   f"({res[meth]['encode'] * 1e3:.2f} ms), which latent_cache replaces by the row above")
 
-    print(f"\nmeasured {peak_name} matmul peak {peak / 1e12:.2f} TFLOP/s; guided reference forward (2B = {2 * B}) "
+    print(f"\nmeasured {peak_name} matmul peak {peak / 1e12:.2f} TFLOP/s; guided reference forward "
+          f"({'B = ' + str(B) if cfg['self_sample_guidance'] == 1.0 else '2B = ' + str(2 * B)}) "
           f"{guided * 1e3:.2f} ms; snapshot push {swap_push * 1e3:.1f} ms, load {swap_load * 1e3:.1f} ms")
     ratios = {}
     if "sspo" in res:
@@ -557,16 +594,18 @@ def main(argv):
         ratios["sspo step / floor"] = res["sspo"]["step"] / floor
         print(f"sspo floor = dpo step {res['dpo']['step'] * 1e3:.1f} ms + {K} x {guided * 1e3:.2f} ms = {floor * 1e3:.1f} ms")
     if mem is not None:
-        print(f"peak memory of an sspo step at batch {B}: {mem / 2 ** 30:.2f} GiB")
-    print("ratios" + ("" if device.type == "cuda" else " (targets are for CPU + the tiny world)"))
+        print(f"peak memory of an sspo step at batch {B}: {mem / 2 ** 30:.2f} GiB (the fp32 gradients held throughout, "
+              "as DDP's buckets or grad_accum > 1 hold them)")
+    cpu_targets = device.type == "cpu" and not args.sd15  # each target is for its setting only
+    print("ratios" + (" (targets are for CPU + the tiny world)" if cpu_targets else ""))
     for k, v in ratios.items():
-        goal = TARGETS_CPU.get(k) if device.type == "cpu" else None
+        goal = TARGETS_CPU.get(k) if cpu_targets else None
         print(f"  {k}: {v:.3f}" + (f"  (target <= {goal}: {'met' if v <= goal else 'MISSED'})" if goal else ""))
     if device.type == "cuda":
         print("utilization of the measured bf16 matmul peak (model FLOPs / time)")
         for meth, v in [*util.items(), ("self-sampling", ratios.get("self-sampling util"))]:
             if v is not None:
-                goal = TARGETS_GPU.get(meth)
+                goal = TARGETS_GPU.get(meth) if args.sd15 else None  # the targets are the SD1.5 UNet's
                 print(f"  {meth}: {v:.3f}" + (f"  (target >= {goal}: {'met' if v >= goal else 'MISSED'})" if goal else ""))
     return ratios
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import bench
+import model
 import train_sspo
 from conftest import FAST, ROOT, run_script
 
@@ -117,3 +118,41 @@ def test_gpu_only_rows_run(monkeypatch, tmp_path):
     for what, before, after, _ in rows:
         assert before > 0 and (after == 0 if "kernels" in what else after > 0), (what, before, after)  # no GPU
     assert torch.backends.cudnn.benchmark is False  # put back
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--set", "ema_decay=0.999"], r"ema_decay=0.999 \(from the config or --set\) is not applied here: the EMA"),
+    (["--set", "compile_unet=True"], r"compile_unet=True .* pass --compile instead"),
+    (["--config=configs/tiny_inversion_dpo.py"], r"noising='ddim_inversion' .* only the forward process"),
+    (["--set", "tiny_size=4", "--batch_size=8"], r"the dataset has 4 examples, fewer than one micro-batch of 8$"),
+])
+def test_bench_refuses_what_it_would_not_time(argv, match):
+    with pytest.raises(SystemExit, match=r"^bench error: " + match):
+        bench.main(["--no_variants", "--iters=1", "--warmup=0", "--methods=sft", *argv])
+
+
+def test_attention_backward_counts_model_flops():
+    """Attention's backward is twice its forward in model FLOPs; torch's counter adds the kernels' recompute of
+    q @ k^T (2.5x), which would overstate utilization."""
+    q, k, v = (torch.randn(2, 3, 64, 8, requires_grad=True) for _ in range(3))
+    with torch.utils.flop_counter.FlopCounterMode(display=False, custom_mapping=bench.SDPA_FLOPS) as fc:
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        fwd = fc.get_total_flops()
+        out.sum().backward()
+    assert fwd == 2 * (2 * 2 * 3 * 64 * 64 * 8) and fc.get_total_flops() - fwd == 2 * fwd
+
+
+def test_guided_forward_at_guidance_one_is_one_batch_as_the_sampler_runs_it(tmp_path):
+    cfg = train_sspo.get_config(["configs/tiny.py", "--tiny_mode=pairs", "--batch_size=2"])
+    P = bench.build(cfg, False, torch.device("cpu"), str(tmp_path))
+    flops = {}
+    for g in (3.0, 1.0):
+        c = {**cfg, "self_sample_guidance": g}
+        with torch.utils.flop_counter.FlopCounterMode(display=False) as fc:
+            bench.guided_forward(P, c)()
+        with torch.utils.flop_counter.FlopCounterMode(display=False) as fs:
+            model.ddim_sample(P["ref_unet"], P["m"]["scheduler"], torch.zeros(2, 77, P["uncond"].shape[-1]),
+                              P["uncond"], torch.randn(2, *P["shape"]), 1, g)
+        flops[g] = fc.get_total_flops()
+        assert flops[g] == fs.get_total_flops()  # one sampler step's UNet work, whatever the guidance
+    assert flops[3.0] == 2 * flops[1.0]
