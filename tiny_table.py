@@ -33,6 +33,7 @@ OUT = "out/table"
 # name -> (config, overrides). All share configs/tiny.py's budget; SFT, SPIN and SSPO read winners only, DPO pairs.
 RUNS = {
     "SFT": ("configs/tiny_sft.py", []),
+    "SFT, base data": ("configs/tiny_sft.py", ["--tiny_mode=base"]),  # control: fine-tuning as such, no preference
     "Diffusion-DPO": ("configs/tiny_dpo.py", []),
     "SPIN-Diffusion": ("configs/tiny_spin.py", []),
     "SSPO": ("configs/tiny.py", []),
