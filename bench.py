@@ -16,9 +16,10 @@ load, amortized over the ckpt_every x grad_accum micro-batches of a stretch). On
 torch.cuda.synchronize: a few microseconds each, but the phases add up to the step. Medians over --iters.
 
 SSPO's floor = (measured DPO step) + K x (measured guided reference forward): the same step as Diffusion-DPO plus
-K sampler steps, each one forward of the reference on cond and uncond batched (2B). Anything above is overhead.
-FLOPs are counted from the models (torch.utils.flop_counter on one step of each method; model FLOPs, so neither
-gradient checkpointing's recompute nor attention's recompute of its scores in the backward is counted), and utilization is against a big matmul timed on the same device.
+K sampler steps, each one forward of the reference on cond and uncond batched (2B; B at guidance 1). Anything above
+is overhead. FLOPs are counted from the models (torch.utils.flop_counter on one step of each method; model FLOPs,
+so neither gradient checkpointing's recompute nor attention's recompute of its scores in the backward is counted),
+and utilization is against a big matmul timed on the same device.
 Nothing here changes training: the variants (two forwards, classic attention, channels_last, fp32, compile) are
 built here and put back.
 """
