@@ -2,7 +2,7 @@
 The paper's table in miniature: base, SFT, Diffusion-DPO, SPIN-Diffusion, SSPO and SSPO's ablations, each trained
 from the same tiny base with the same optimizer steps and the same data, for several seeds, then judged.
 
-    python tiny_table.py                       # the README table: 8 methods x 3 seeds, 2 jobs at a time
+    python tiny_table.py                       # the README table: 8 methods + a control x 3 seeds, 2 at a time
     python tiny_table.py --objectives          # + the other objectives' rows (DMPO, KTO, MaPO, ...): 27 min more here
     python tiny_table.py --seeds 0 --only SSPO SFT --jobs 1
     python tiny_table.py --out out/quick --set max_steps=20      # --set KEY=VALUE: overrides for every run
