@@ -15,6 +15,19 @@ sys.path.insert(0, ROOT)
 FAST = ["--batch_size=8", "--tiny_size=512", "--max_steps=4", "--warmup_steps=2", "--eval_every=1000",
         "--save_every=1000", "--log_every=1", "--sample_steps=2"]
 
+
+def ddp_bound(args):
+    """The most a run on 2 processes may end from the same run on 1 (max |w1 - w2|), for the run's own args: a
+    twentieth of the most Adam can move a weight, the sum of lr_t over its updates (a step is lr_t m/sqrt(v), and
+    |m/sqrt(v)| <~ 1 in the first updates). Gradients summed in another order differ in their last bits, which moves
+    Adam's step only where a gradient is near zero (|g| ~ Adam's eps), by up to a whole lr_t there: 0.2-1.7% of the
+    sum over two x86 CPUs and thread counts. Real differences: ~200% (other examples' draws, the control of
+    test_ddp_two_processes_equal_one), 130% (SSPO with another reference), 12% (SSPO's sampler without its noise)."""
+    import train_sspo
+    cfg = train_sspo.get_config(list(args))
+    return 0.05 * sum(train_sspo.lr_at(s, cfg) for s in range(cfg["max_steps"]))
+
+
 # `python train_sspo.py ...` without paying for its imports each time (5 s of a 7 s run): a fork server imports
 # the project once, before any tensor work has started a thread pool (its one other thread is numpy's OpenBLAS pool,
 # which re-initializes after a fork), and forks a fresh process for each run

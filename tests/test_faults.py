@@ -22,7 +22,7 @@ from PIL import Image
 import data
 import durable
 import train_sspo
-from conftest import FAST, ROOT, run_script
+from conftest import FAST, ROOT, ddp_bound, run_script
 
 # SSPO from scratch with a disk pool that is bounded (reservoir replacements) and gets a snapshot every update
 SSPO = FAST + ["--method=sspo", "--pool_storage=disk", "--pool_capacity=3", "--ckpt_every=1", "--self_sample_steps=2",
@@ -305,7 +305,9 @@ def test_torchrun_restarts_resume_and_ranks_agree_on_skipping(tmp_path):
     assert time.time() - t0 < 180
     w1, w2 = load(os.path.join(one, "ckpt.pt")), load(os.path.join(two, "ckpt.pt"))
     assert w1["tallies"]["skipped_updates"] == w2["tallies"]["skipped_updates"] == 1
-    assert max((w1["unet"][k] - w2["unet"][k]).abs().max().item() for k in w1["unet"]) < 2e-5
+    # float tolerance from the lr of its updates (conftest.ddp_bound; the skipped one's counted too: still a bound)
+    d = max((w1["unet"][k] - w2["unet"][k]).abs().max().item() for k in w1["unet"])
+    assert d < ddp_bound(args), (d, ddp_bound(args))
 
 
 def test_a_dead_rank_stops_the_other_promptly_without_torchrun(tmp_path):
