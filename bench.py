@@ -207,8 +207,9 @@ def build(cfg, sd15, device, tmp, from_cache=False):
     with torch.no_grad():
         uncond = model.encode_prompts(m["tokenizer"], m["text_encoder"], [""])
     encode = model.PromptCache(m["tokenizer"], m["text_encoder"], cfg["text_cache"])  # as train_sspo.py's loop
+    m["scheduler"].alphas_cumprod = m["scheduler"].alphas_cumprod.to(device)
     return dict(m=m, unet=unet, ref_unet=ref_unet, pool=pool, opt=opt, batches=batch_iter, shape=shape, B=B, encode=encode, tmp=tmp,
-                uncond=uncond, abar=m["scheduler"].alphas_cumprod.to(device), device=device,
+                uncond=uncond, sched=m["scheduler"], device=device,
                 autocast=torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext())
 
 
@@ -240,13 +241,13 @@ def train_step(method, P, cfg, lap, step=0):
         lap("sample")
     with P["autocast"]:
         if method == "sft":
-            loss, _ = losses.sft_loss(model.denoising_error(P["unet"], P["abar"], x0_w, eps, t, ctx))
+            loss, _ = losses.sft_loss(model.denoising_error(P["unet"], P["sched"], x0_w, eps, t, ctx))
         else:
             x0, e2, t2, c2 = torch.cat([x0_w, x0_l]), torch.cat([eps, eps]), torch.cat([t, t]), torch.cat([ctx, ctx])
-            err_w, err_l = model.denoising_error(P["unet"], P["abar"], x0, e2, t2, c2).chunk(2)
+            err_w, err_l = model.denoising_error(P["unet"], P["sched"], x0, e2, t2, c2).chunk(2)
             lap("policy")
             with torch.no_grad():
-                ref_w, ref_l = model.denoising_error(P["ref_unet"], P["abar"], x0, e2, t2, c2).chunk(2)
+                ref_w, ref_l = model.denoising_error(P["ref_unet"], P["sched"], x0, e2, t2, c2).chunk(2)
             lap("ref")
             if method == "dpo":
                 loss, _ = losses.dpo_loss(err_w, err_l, ref_w, ref_l, cfg["beta"])
@@ -337,7 +338,7 @@ def policy_fwd_bwd(P, cfg, memory_format=torch.contiguous_format, autocast=None)
 
     def fn():
         with autocast or P["autocast"]:
-            model.denoising_error(P["unet"], P["abar"], x0, eps, t, ctx).mean().backward()
+            model.denoising_error(P["unet"], P["sched"], x0, eps, t, ctx).mean().backward()
         P["unet"].zero_grad(set_to_none=True)
     return fn
 

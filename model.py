@@ -58,13 +58,22 @@ def load_model(path, device="cpu", frozen_dtype=torch.float32):
     }
     if not local or os.path.isdir(os.path.join(path, "vae")):
         m["vae"] = part(AutoencoderKL, "vae")
-    if m["scheduler"].config.prediction_type != "epsilon":
-        raise ValueError(f"{path}: prediction_type={m['scheduler'].config.prediction_type!r}; only 'epsilon' "
-                         "(SD1.x) is implemented")
+    check_scheduler(m["scheduler"], path)
     for k in ("text_encoder", "vae"):
         if m[k] is not None:
             m[k].to(device=device, dtype=frozen_dtype).eval().requires_grad_(False)
     return m
+
+
+def check_scheduler(scheduler, where):
+    """ValueError for a schedule this code cannot train or sample: a prediction type other than eps or v, or eps
+    prediction with a zero terminal SNR (x0 = (x - sqrt(1 - abar) eps) / sqrt(abar) divides by zero at abar = 0)."""
+    kind = scheduler.config.prediction_type
+    if kind not in ("epsilon", "v_prediction"):
+        raise ValueError(f"{where}: prediction_type={kind!r}; 'epsilon' (SD1.x) and 'v_prediction' are implemented")
+    if kind == "epsilon" and scheduler.alphas_cumprod[-1] == 0:
+        raise ValueError(f"{where}: a zero-terminal-SNR schedule (rescale_betas_zero_snr) needs prediction_type="
+                         "'v_prediction'")
 
 
 def save_frozen_parts(m, out_dir):
@@ -165,27 +174,66 @@ def latents_to_images(vae, x):
 # ---------------------------------------------------------------------------------------------------------------
 # noising and sampling
 
+def _per_sample(a, x):
+    """(B,) -> (B, 1, 1, ...) to broadcast over the rest of x's dimensions (C, H, W; C, F, H, W for clips)."""
+    return a.view(-1, *[1] * (x.dim() - 1))
+
+
 def add_noise(alphas_cumprod, x0, eps, t):
     """DDPM forward process: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps."""
-    a = alphas_cumprod.to(x0.device)[t].view(-1, 1, 1, 1)
+    a = _per_sample(alphas_cumprod.to(x0.device)[t], x0)
     return a.sqrt() * x0 + (1 - a).sqrt() * eps
 
 
-def denoising_error(unet, alphas_cumprod, x0, eps, t, context, return_pred=False):
-    """Per-sample mean over C,H,W of (eps - unet(x_t))^2 in float32: shape (B,). Mean, not sum (SSPO.md 1).
-    return_pred: also the prediction itself, (B, C, H, W) float32 (the Diffusion-SDPO safeguard needs it)."""
+def prediction_target(scheduler, x0, eps, t):
+    """What the UNet learns to predict at x_t: the noise eps (SD1.5, prediction_type 'epsilon'), or the velocity
+    v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 ('v_prediction': SD2-v, SDXL-v, zero-terminal-SNR models, where
+    eps is not recoverable at abar = 0; Salimans & Ho 2022)."""
+    if scheduler.config.prediction_type == "epsilon":
+        return eps
+    a = _per_sample(scheduler.alphas_cumprod.to(x0.device, torch.float32)[t], x0)
+    return a.sqrt() * eps - (1 - a).sqrt() * x0
+
+
+def eps_and_x0(scheduler, x, out, a):
+    """The UNet's output `out` at x (noise level abar = a, a tensor that broadcasts) -> (eps, x0) it implies."""
+    if scheduler.config.prediction_type == "epsilon":
+        return out, (x - (1 - a).sqrt() * out) / a.sqrt()
+    return a.sqrt() * out + (1 - a).sqrt() * x, a.sqrt() * x - (1 - a).sqrt() * out
+
+
+def denoising_error(unet, scheduler, x0, eps, t, context, return_pred=False):
+    """Per-sample mean over all but the batch dimension of (target - unet(x_t))^2 in float32: shape (B,). Mean, not
+    sum (SSPO.md 1). The target is the model's own (prediction_target: eps, or v). return_pred: also
+    (prediction, target), float32 of x0's shape (the Diffusion-SDPO safeguard needs them)."""
     dtype = next(unet.parameters()).dtype  # a bf16 reference takes bf16 inputs; autocast handles the policy
-    pred = unet(add_noise(alphas_cumprod, x0, eps, t).to(dtype), t, encoder_hidden_states=context.to(dtype)).sample
-    err = (pred.float() - eps.float()).pow(2).mean(dim=(1, 2, 3))
-    return (err, pred.float()) if return_pred else err
+    x_t = add_noise(scheduler.alphas_cumprod, x0, eps, t)
+    pred = unet(x_t.to(dtype), t, encoder_hidden_states=context.to(dtype)).sample.float()
+    target = prediction_target(scheduler, x0.float(), eps.float(), t)
+    err = (pred - target).pow(2).mean(dim=tuple(range(1, pred.dim())))
+    return (err, pred, target) if return_pred else err
+
+
+def timesteps(scheduler, steps):
+    """The `steps` timesteps a sampler visits, highest first, by the scheduler's timestep_spacing as diffusers'
+    DDIMScheduler.set_timesteps spaces them: 'leading' + steps_offset (SD1.5), 'trailing' (starts at T - 1: what a
+    zero-terminal-SNR model needs, Lin et al. 2023) or 'linspace'."""
+    cfg, T = scheduler.config, scheduler.config.num_train_timesteps
+    if cfg.timestep_spacing == "trailing":
+        ts = torch.arange(T, 0, -T / steps).round().long() - 1
+    elif cfg.timestep_spacing == "linspace":
+        ts = torch.linspace(0, T - 1, steps, dtype=torch.float64).round().long().flip(0)
+    else:
+        ts = (torch.arange(steps) * (T // steps)).flip(0) + cfg.steps_offset
+    return ts
 
 
 def check_sampler_steps(scheduler, steps, name="steps"):
     """ValueError unless ddim_sample can take `steps` steps on this schedule (SD1.5's: 1 to 999, not 1000)."""
-    T, offset = scheduler.config.num_train_timesteps, scheduler.config.steps_offset
-    if not 1 <= steps <= T or (steps - 1) * (T // steps) + offset >= T:
+    T = scheduler.config.num_train_timesteps
+    if not 1 <= steps <= T or int(timesteps(scheduler, steps)[0]) >= T:
         raise ValueError(f"{name}={steps} does not fit the scheduler's {T} timesteps: DDIM's first timestep, "
-                         f"(steps - 1) x ({T} // steps) + steps_offset {offset}, must be below {T}")
+                         f"(steps - 1) x ({T} // steps) + steps_offset {scheduler.config.steps_offset}, must be below {T}")
 
 
 @torch.no_grad()
@@ -199,9 +247,8 @@ def ddim_sample(unet, scheduler, cond, uncond, noise, steps=20, guidance=7.5, et
                          f"{None if step_noise is None else tuple(step_noise.shape)}")
     cfg = scheduler.config
     abar = scheduler.alphas_cumprod.to(noise.device, torch.float32)
-    ratio = cfg.num_train_timesteps // steps
-    # "leading" spacing + steps_offset, as SD1.5's DDIM/PNDM configs use
-    ts = (torch.arange(steps, device=noise.device) * ratio).flip(0) + cfg.steps_offset
+    ratio = cfg.num_train_timesteps // steps  # diffusers' DDIM steps back by T // steps whatever the spacing
+    ts = timesteps(scheduler, steps).to(noise.device)
     final_abar = torch.tensor(1.0, device=noise.device) if cfg.set_alpha_to_one else abar[0]
     B = noise.shape[0]
     dtype = next(unet.parameters()).dtype
@@ -214,10 +261,10 @@ def ddim_sample(unet, scheduler, cond, uncond, noise, steps=20, guidance=7.5, et
     for i, (t, a_t, a_prev) in enumerate(zip(ts, a_ts, a_prevs)):
         if guidance != 1.0:
             e_u, e_c = unet(torch.cat([x, x]).to(dtype), t, encoder_hidden_states=context).sample.float().chunk(2)
-            eps = e_u + guidance * (e_c - e_u)
+            out = e_u + guidance * (e_c - e_u)  # guidance on the raw output, eps or v, as diffusers' pipelines
         else:
-            eps = unet(x.to(dtype), t, encoder_hidden_states=context).sample.float()
-        x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+            out = unet(x.to(dtype), t, encoder_hidden_states=context).sample.float()
+        eps, x0 = eps_and_x0(scheduler, x, out, a_t)
         if cfg.clip_sample:
             x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
         var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
@@ -229,15 +276,16 @@ def ddim_sample(unet, scheduler, cond, uncond, noise, steps=20, guidance=7.5, et
 
 
 @torch.no_grad()
-def ddim_invert(unet, alphas_cumprod, x0, t, context, uncond=None, steps=20, guidance=1.0):
+def ddim_invert(unet, scheduler, x0, t, context, uncond=None, steps=20, guidance=1.0):
     """Deterministic DDIM inversion (Inversion-DPO): the update of `ddim_sample` at eta = 0 run backwards, from the
     clean x0 (abar = 1) up to each sample's own timestep t (B,), in `steps` steps on the grid round(k t / steps),
     k = 1..steps. As usual for inversion, eps is evaluated at the step's target timestep on the current x (exact
-    in the limit of small steps). No x0 clipping: clipping is not invertible. Returns (x_t, eps_t): x_t float32
+    in the limit of small steps); a v-prediction is turned into eps at the current x's level, as diffusers'
+    DDIMInverseScheduler does. No x0 clipping: clipping is not invertible. Returns (x_t, eps_t): x_t float32
     (B, C, H, W) and the noise it implies, eps_t = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t), so that
     add_noise(x0, eps_t, t) == x_t and denoising_error can train on it unchanged.
     Cost: steps UNet forwards per image (2x with guidance != 1), no gradients."""
-    abar = alphas_cumprod.to(x0.device, torch.float32)
+    abar = scheduler.alphas_cumprod.to(x0.device, torch.float32)
     dtype = next(unet.parameters()).dtype
     B = x0.shape[0]
     if guidance != 1.0:
@@ -250,15 +298,15 @@ def ddim_invert(unet, alphas_cumprod, x0, t, context, uncond=None, steps=20, gui
         if guidance != 1.0:
             e_u, e_c = unet(torch.cat([x, x]).to(dtype), torch.cat([s, s]),
                             encoder_hidden_states=context).sample.float().chunk(2)
-            eps = e_u + guidance * (e_c - e_u)
+            out = e_u + guidance * (e_c - e_u)
         else:
-            eps = unet(x.to(dtype), s, encoder_hidden_states=context).sample.float()
+            out = unet(x.to(dtype), s, encoder_hidden_states=context).sample.float()
         a_next = abar[s]
-        ac, an = a_cur.view(-1, 1, 1, 1), a_next.view(-1, 1, 1, 1)
-        x0_hat = (x - (1 - ac).sqrt() * eps) / ac.sqrt()
+        ac, an = _per_sample(a_cur, x), _per_sample(a_next, x)
+        eps, x0_hat = eps_and_x0(scheduler, x, out, ac)
         x = an.sqrt() * x0_hat + (1 - an).sqrt() * eps
         a_cur = a_next
-    a_t = abar[t].view(-1, 1, 1, 1)
+    a_t = _per_sample(abar[t], x)
     return x, (x - a_t.sqrt() * x0.float()) / (1 - a_t).sqrt()
 
 
@@ -277,20 +325,33 @@ def _bytes_to_unicode():
     return [chr(c) for c in cs]
 
 
+def _bpe(toks, ranks):
+    """Byte-pair encoding of one word's symbols with the merges learned so far: merge the pair of lowest rank until
+    none applies (what CLIPTokenizer does)."""
+    while len(toks) > 1:
+        pairs = [(ranks.get((a, b), len(ranks)), i) for i, (a, b) in enumerate(zip(toks, toks[1:]))]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            break
+        toks = toks[:i] + [toks[i] + toks[i + 1]] + toks[i + 2:]
+    return toks
+
+
 def build_tokenizer(words, out_dir):
     """A real CLIPTokenizer whose BPE knows `words` whole (any other text falls back to single bytes).
-    Same special tokens, lower-casing and 77-token padding as SD1.5's; a few hundred ids instead of 49,408."""
+    Same special tokens, lower-casing and 77-token padding as SD1.5's; a few hundred ids instead of 49,408.
+    Each word gets merges after all earlier ones, applied to what the earlier merges already make of it (BPE
+    always takes the lowest-ranked pair: a merge learned for "right", r i, would otherwise split "triangle")."""
     base = _bytes_to_unicode()
-    vocab, merges = base + [c + "</w>" for c in base], []
+    vocab, ranks = base + [c + "</w>" for c in base], {}
     for w in sorted(set(words)):
-        toks = list(w[:-1]) + [w[-1] + "</w>"]
-        while len(toks) > 1:  # merge left to right: r e d</w> -> re d</w> -> red</w>
-            merge, new = f"{toks[0]} {toks[1]}", toks[0] + toks[1]
-            if merge not in merges:
-                merges.append(merge)
-            if new not in vocab:
-                vocab.append(new)
-            toks = [new] + toks[2:]
+        toks = _bpe(list(w[:-1]) + [w[-1] + "</w>"], ranks)
+        while len(toks) > 1:  # merge left to right: re d</w> -> red</w>
+            ranks.setdefault((toks[0], toks[1]), len(ranks))
+            if toks[0] + toks[1] not in vocab:
+                vocab.append(toks[0] + toks[1])
+            toks = [toks[0] + toks[1]] + toks[2:]
+    merges = [f"{a} {b}" for a, b in ranks]  # in rank order: dicts keep insertion order
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     os.makedirs(out_dir, exist_ok=True)
     tmp_vocab, tmp_merges = os.path.join(out_dir, "_vocab.json"), os.path.join(out_dir, "_merges.txt")
@@ -305,9 +366,11 @@ def build_tokenizer(words, out_dir):
 
 
 def build_tiny_model(out_dir, words, resolution=16, channels=(32, 64), text_dim=32, with_vae=False, seed=0,
-                     schedule="scaled_linear"):
+                     schedule="scaled_linear", prediction_type="epsilon", zero_snr=False):
     """Save a random SD-layout model to out_dir. Pixel space (no vae/) unless with_vae: then a tiny AutoencoderKL
-    with 4 latent channels and a downsampling factor of 2. Loaded back only through `load_model`."""
+    with 4 latent channels and a downsampling factor of 2. zero_snr: betas rescaled to a zero terminal SNR, sampled
+    from t = T - 1 ('trailing'), which needs prediction_type='v_prediction' (Lin et al. 2023). Loaded back only
+    through `load_model`."""
     torch.manual_seed(seed)
     tok = build_tokenizer(words, os.path.join(out_dir, "tokenizer"))
     text_encoder = CLIPTextModel(CLIPTextConfig(
@@ -330,7 +393,9 @@ def build_tiny_model(out_dir, words, resolution=16, channels=(32, 64), text_dim=
     # SD1.5's schedule by default; a pixel-space model also clips its predicted x0 to the image range
     betas = {"scaled_linear": (0.00085, 0.012), "linear": (1e-4, 0.02), "squaredcos_cap_v2": (1e-4, 0.02)}[schedule]
     sched = DDIMScheduler(beta_start=betas[0], beta_end=betas[1], beta_schedule=schedule, clip_sample=not with_vae,
-                          set_alpha_to_one=False, steps_offset=1)
+                          set_alpha_to_one=False, steps_offset=0 if zero_snr else 1, prediction_type=prediction_type,
+                          rescale_betas_zero_snr=zero_snr, timestep_spacing="trailing" if zero_snr else "leading")
+    check_scheduler(sched, out_dir)
     m = {"unet": unet, "text_encoder": text_encoder, "tokenizer": tok, "scheduler": sched, "vae": vae}
     unet.save_pretrained(os.path.join(out_dir, "unet"))
     save_frozen_parts(m, out_dir)

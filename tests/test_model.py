@@ -29,6 +29,18 @@ def test_tokenizer_is_clip_shaped(tmp_path):
     assert len(tok("a zebra " * 60, padding="max_length", max_length=77, truncation=True).input_ids) == 77
 
 
+def test_every_word_of_the_grammar_is_one_token(tmp_path):
+    """BPE takes the lowest-ranked merge first: a merge learned for one word (r i, from "right") must not split
+    another ("triangle" was t ri a n g l e): each word a token of its own, through the saved and reloaded tokenizer."""
+    from transformers import CLIPTokenizer
+    model.build_tokenizer(data.WORDS, str(tmp_path / "tok"))
+    tok = CLIPTokenizer.from_pretrained(str(tmp_path / "tok"))
+    for w in data.WORDS:
+        assert tok.convert_ids_to_tokens(tok(w).input_ids) == ["<|startoftext|>", w + "</w>", "<|endoftext|>"], w
+    prompts = [data.prompt_of(c) for c in data.ALL_COMBOS]
+    assert all(len(tok(p).input_ids) == len(p.split()) + 2 for p in prompts)
+
+
 def test_load_and_encode(sd_dir):
     assert sorted(os.listdir(sd_dir)) == ["model_index.json", "scheduler", "text_encoder", "tokenizer", "unet", "vae"]
     m = model.load_model(sd_dir)
@@ -76,11 +88,15 @@ def test_missing_parts_are_named(tmp_path, sd_dir, monkeypatch):
         model.load_model("half/typo")
 
 
-@pytest.mark.parametrize("with_vae", [False, True])
-def test_ddim_sample_matches_diffusers(tmp_path, with_vae):
-    """Our plain-torch loop == diffusers' DDIMScheduler.step, for SD1.5's schedule (latent) and the pixel-space
-    one (x0 clipped), with classifier-free guidance."""
-    m = model.load_model(model.build_tiny_model(str(tmp_path), data.WORDS, with_vae=with_vae))
+@pytest.mark.parametrize("with_vae, zero_snr", [(False, False), (True, False), (False, True)])
+def test_ddim_sample_matches_diffusers(tmp_path, with_vae, zero_snr):
+    """Our plain-torch loop == diffusers' DDIMScheduler.step, for SD1.5's schedule (latent), the pixel-space
+    one (x0 clipped), and a zero-terminal-SNR v-prediction one ('trailing' steps from t = 999), with
+    classifier-free guidance."""
+    kind = "v_prediction" if zero_snr else "epsilon"
+    m = model.load_model(model.build_tiny_model(str(tmp_path), data.WORDS, with_vae=with_vae, zero_snr=zero_snr,
+                                                prediction_type=kind))
+    assert m["scheduler"].config.prediction_type == kind and (m["scheduler"].alphas_cumprod[-1] == 0) == zero_snr
     unet = m["unet"].eval()
     cond = model.encode_prompts(m["tokenizer"], m["text_encoder"], ["a red circle on the left", "a blue square at the top"])
     uncond = model.encode_prompts(m["tokenizer"], m["text_encoder"], [""])
@@ -90,6 +106,7 @@ def test_ddim_sample_matches_diffusers(tmp_path, with_vae):
     assert not ours.requires_grad  # the UNet's weights require grad: sampling must still build no graph
     s = DDIMScheduler.from_config(m["scheduler"].config)
     s.set_timesteps(5)
+    assert torch.equal(model.timesteps(m["scheduler"], 5), s.timesteps) and (s.timesteps[0] == 999) == zero_snr
     x = noise
     with torch.no_grad():
         for t in s.timesteps:
@@ -127,3 +144,38 @@ def test_sd_layout_trains_samples_and_loads_in_stable_diffusion_pipeline(tmp_pat
     img = pipe("a red circle on the left", num_inference_steps=2, height=16, width=16, output_type="np",
                generator=torch.Generator().manual_seed(0)).images
     assert img.shape == (1, 16, 16, 3) and img.min() >= 0 and img.max() <= 1
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
+def test_denoising_error_is_on_the_models_own_target(kind):
+    """The per-sample error compares the UNet's output with what it predicts: eps, or v = sqrt(abar) eps -
+    sqrt(1 - abar) x0 (worked out here by hand); a model that outputs exactly that has error 0, and the sampler
+    turns that model's output back into the x0 it was given (at t = 999 of a zero-SNR schedule too)."""
+    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=kind,
+                          rescale_betas_zero_snr=kind == "v_prediction", clip_sample=False,
+                          timestep_spacing="trailing" if kind == "v_prediction" else "leading", steps_offset=1)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(3, 2, 4, 4, generator=g), torch.randn(3, 2, 4, 4, generator=g)
+    t = torch.tensor([0, 500, 999])
+    a = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
+    want = eps if kind == "epsilon" else a.sqrt() * eps - (1 - a).sqrt() * x0
+
+    class Oracle(torch.nn.Module):  # outputs the target of the x0 it knows, at any noise level
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, x, t, encoder_hidden_states):
+            a = sched.alphas_cumprod[t].view(-1, 1, 1, 1) if t.dim() else sched.alphas_cumprod[t]
+            e = (x - a.sqrt() * x0) / (1 - a).sqrt()
+            out = e if kind == "epsilon" else a.sqrt() * e - (1 - a).sqrt() * x0
+            return type("Out", (), {"sample": out + 0 * self.w})
+
+    ctx = torch.zeros(3, 77, 8)
+    err, pred, target = model.denoising_error(Oracle(), sched, x0, eps, t, ctx, return_pred=True)
+    assert torch.allclose(target, want) and err.shape == (3,) and err.max() < 1e-8
+    zero = Oracle()
+    zero.forward = lambda x, t, encoder_hidden_states: type("Out", (), {"sample": torch.zeros_like(x)})
+    assert torch.allclose(model.denoising_error(zero, sched, x0, eps, t, ctx), want.pow(2).mean((1, 2, 3)))
+    x = model.ddim_sample(Oracle(), sched, ctx, ctx[:1], torch.randn(3, 2, 4, 4, generator=g), steps=4, guidance=1.0)
+    assert torch.allclose(x, x0, atol=1e-4), (x - x0).abs().max()

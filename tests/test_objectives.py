@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from diffusers import DDIMScheduler
 
 import losses
 import model
@@ -189,12 +190,13 @@ class ConstantEps(torch.nn.Module):
 def test_ddim_invert_of_a_constant_model_is_the_forward_process(guidance, eps):
     """With eps constant the DDIM steps telescope: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps at every t, so the
     implied noise is eps itself -- whatever the number of steps, for each sample's own t (0 and 999 included)."""
-    abar = torch.cumprod(1 - torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2, 0)  # SD1.5's schedule
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")  # SD1.5's schedule
+    abar = sched.alphas_cumprod
     x0 = torch.randn(4, 3, 2, 2, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([0, 1, 500, 999])
     cond, uncond = torch.full((4, 77, 8), 0.3), torch.full((1, 77, 8), 0.1)
     for steps in (1, 7):
-        x_t, eps_t = model.ddim_invert(ConstantEps(), abar, x0, t, cond, uncond, steps, guidance)
+        x_t, eps_t = model.ddim_invert(ConstantEps(), sched, x0, t, cond, uncond, steps, guidance)
         a = abar[t].view(-1, 1, 1, 1)
         assert torch.allclose(x_t, a.sqrt() * x0 + (1 - a).sqrt() * eps, atol=1e-5)
         assert torch.allclose(eps_t, torch.full_like(x0, eps), atol=1e-4)
