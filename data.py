@@ -21,10 +21,10 @@ from PIL import Image, ImageDraw, ImageFile, ImageFilter
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 235), "yellow": (235, 215, 40)}
 SHAPES = ("circle", "square", "triangle")
-POSITIONS = {"left": (0.28, 0.5), "right": (0.72, 0.5), "top": (0.5, 0.28), "bottom": (0.5, 0.72)}  # centre, x y
+POSITIONS = {"left": (0.3, 0.5), "right": (0.7, 0.5), "top": (0.5, 0.3), "bottom": (0.5, 0.7)}  # centre, x y
 PREP = {"left": "on the", "right": "on the", "top": "at the", "bottom": "at the"}
 WORDS = [*COLOURS, *SHAPES, *POSITIONS, "a", "on", "at", "the"]
-RADIUS = 0.22  # half-size of a shape, as a fraction of the image side
+RADIUS = 0.28  # half-size of a shape, as a fraction of the image side
 ALL_FLAWS = ("colour", "position", "shape", "blur", "extra", "noise")  # what render() can get wrong
 FLAWS = ("colour", "position", "shape", "blur")  # the base distribution's default (see TinyWorld)
 
@@ -62,7 +62,7 @@ def render(combo, resolution=16, rng=None, flaw=None):
     centre = np.array(POSITIONS[position]) + rng.uniform(-0.04, 0.04, 2)
     img = _draw(shape, centre, RADIUS * rng.uniform(0.95, 1.05), COLOURS[colour], resolution)
     if flaw == "blur":
-        img = img.filter(ImageFilter.GaussianBlur(0.09 * resolution))
+        img = img.filter(ImageFilter.GaussianBlur(0.14 * resolution))
     x = np.asarray(img, dtype=np.float32)
     if flaw == "extra":  # a second shape of another colour somewhere else
         other = (rng.choice([c for c in COLOURS if c != colour]), rng.choice(SHAPES),
@@ -130,11 +130,40 @@ def judge(image, prompt):
     lit = light > 0.12
     foreign = lit & (np.linalg.norm(_chroma(x) - chroma, axis=-1) > 0.35)
     half_lit = lit & (light < 0.75 * light[fg].mean())
-    # sharp anti-aliased edges leave <= 0.3-0.45 of the lit pixels half-lit (shape-dependent), blur >= 0.47
-    s_clean = 1 - max(foreign.mean() - 0.01, 0) / 0.05 - max(half_lit.sum() / lit.sum() - 0.40, 0) / 0.15
+    # sharp anti-aliased edges leave at most 0.38 of the lit pixels half-lit (a triangle's most), the blur flaw >= 0.56
+    s_clean = 1 - max(foreign.mean() - 0.01, 0) / 0.05 - max(half_lit.sum() / lit.sum() - 0.45, 0) / 0.1
     parts = {k: float(np.clip(v, 0, 1)) for k, v in
              {"colour": s_colour, "position": s_position, "shape": s_shape, "clean": s_clean}.items()}
     return float(np.mean(list(parts.values()))), parts
+
+
+KINDS = ("correct", "wrong colour", "wrong place", "unclean", "wrong shape", "empty")
+
+
+def kind_of(parts):
+    """What is wrong with an image, from its judge parts: 'empty' (no foreground), else the first part below 0.5
+    in the order colour, place, clean, shape (a blurred shape also fails the shape part), else 'correct'. One kind
+    per image, so the kinds of a set add up; each flaw of render() is its own kind (tests/test_world.py)."""
+    if not any(parts.values()):
+        return "empty"
+    for part, kind in (("colour", "wrong colour"), ("position", "wrong place"), ("clean", "unclean"),
+                       ("shape", "wrong shape")):
+        if parts[part] < 0.5:
+            return kind
+    return "correct"
+
+
+def foreground_centroid(image):
+    """(x, y) of the lit pixels' centroid as fractions of the side, or None for an empty image: where a shape
+    landed, whatever its shape."""
+    x = np.asarray(image, dtype=np.float32)
+    if x.ndim == 3 and x.shape[0] == 3 and x.shape[-1] != 3:
+        x = (x.transpose(1, 2, 0) + 1) * 127.5
+    light = x.max(-1) / 255
+    fg = light > 0.45
+    if fg.sum() < 2:
+        return None
+    return tuple(_centroid(np.clip(light / light[fg].mean(), 0, 1)) / x.shape[0])
 
 
 _OFFSETS = {}
@@ -178,19 +207,56 @@ def save_grid(images, path, labels=None, cols=8, tile=64):
     grid.save(path)
 
 
+def save_comparison(columns, prompts, labels, path, tile=64, blocks=1):
+    """Save one labelled picture comparing models on the same prompts and noise: a header with each column's name,
+    then one row per prompt (its text on the left, one tile per model, each with its label, e.g. its score below).
+    columns: {name: (N, 3, H, W) in [-1, 1]}; labels: {name: N strings}; the rows are laid out in `blocks` side by
+    side."""
+    names, n = list(columns), len(prompts)
+    tiles = {k: to_uint8(v) for k, v in columns.items()}
+    side = max(tile, tiles[names[0]].shape[1])
+    text_w, row_h, head = 170, side + 14, 14
+    rows = (n + blocks - 1) // blocks
+    block_w = text_w + len(names) * (side + 4)
+    img = Image.new("RGB", (blocks * block_w, head + rows * row_h), (40, 40, 40))
+    draw = ImageDraw.Draw(img)
+    for b in range(blocks):
+        for j, k in enumerate(names):
+            draw.text((b * block_w + text_w + j * (side + 4) + 2, 1), k, fill=(255, 255, 160))
+    for i, prompt in enumerate(prompts):
+        b, r = divmod(i, rows)
+        x0, y0 = b * block_w, head + r * row_h
+        words, line, lines = prompt.split(), "", []
+        for w in words:  # wrap the prompt into lines of about 26 characters
+            if line and len(line) + len(w) > 26:
+                lines.append(line)
+                line = ""
+            line = f"{line} {w}".strip()
+        lines.append(line)
+        for li, text in enumerate(lines[:side // 12]):
+            draw.text((x0 + 4, y0 + 2 + 12 * li), text, fill=(230, 230, 230))
+        for j, k in enumerate(names):
+            xy = (x0 + text_w + j * (side + 4), y0)
+            img.paste(Image.fromarray(tiles[k][i]).resize((side, side), Image.NEAREST), xy)
+            draw.text((xy[0] + 2, xy[1] + side), labels[k][i], fill=(230, 230, 230))
+    img.save(path)
+
+
 class TinyWorld(torch.utils.data.Dataset):
     """`size` examples of the tiny world, item i a pure function of (seed, i).
     mode="base": one draw of the base distribution per prompt (what the base model is pretrained on): correct with
     probability p_correct, else one flaw from FLAWS. mode="pairs": two base draws for one prompt, the one the judge
     prefers first; draws the judge scores within `tie_margin` of each other are ties, dropped and redrawn, as
-    Pick-a-Pic drops its ties."""
+    Pick-a-Pic drops its ties. stream: 0 for pretraining, 1 for fine-tuning, which draws other examples for the
+    same seed (train_sspo.stream_of)."""
 
     def __init__(self, mode="base", size=50_000, resolution=16, p_correct=0.4, seed=0, tie_margin=0.02,
-                 combos=None, flaws=FLAWS):
+                 combos=None, flaws=FLAWS, stream=0):
         if mode not in ("base", "pairs"):
             raise ValueError(f"TinyWorld mode must be 'base' or 'pairs', got {mode!r}")
         self.mode, self.size, self.resolution, self.p_correct = mode, size, resolution, p_correct
         self.seed, self.tie_margin, self.combos, self.flaws = seed, tie_margin, combos or TRAIN_COMBOS, tuple(flaws)
+        self.stream = stream
         self.epoch = 0  # the tiny world has no augmentation: items do not change across epochs
 
     def set_epoch(self, epoch):
@@ -204,7 +270,7 @@ class TinyWorld(torch.utils.data.Dataset):
         return render(combo, self.resolution, rng, flaw)
 
     def __getitem__(self, i):
-        rng = np.random.default_rng([self.seed, i])
+        rng = np.random.default_rng([self.seed, i, self.stream])  # stream 0: [seed, i] (zero-padded alike)
         combo = self.combos[rng.integers(len(self.combos))]
         prompt = prompt_of(combo)
         if self.mode == "base":

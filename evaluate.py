@@ -167,6 +167,36 @@ def tiny_judge(images, prompts):
     return torch.tensor([data.judge(np.asarray(im), q)[0] for im, q in zip(images, prompts)])
 
 
+def tiny_details(images, prompts):
+    """Per image: the judge's four parts, the kind of sample (data.kind_of), and where its shape landed."""
+    out = []
+    for im, q in zip(images, prompts):
+        parts = data.judge(np.asarray(im), q)[1]
+        out.append({"parts": parts, "kind": data.kind_of(parts), "centroid": data.foreground_centroid(im),
+                    "position": data.parse_prompt(q)[2]})
+    return out
+
+
+def tiny_breakdown(details):
+    """What a set of tiny-world images gets wrong: the mean of each judge part, the share of each kind of sample,
+    and the mean centroid (x, y) of the shapes per position word (where they land; None if all empty)."""
+    out = {p: float(np.mean([d["parts"][p] for d in details])) for p in details[0]["parts"]}
+    out.update({k: float(np.mean([d["kind"] == k for d in details])) for k in data.KINDS})
+    for w in data.POSITIONS:
+        c = [d["centroid"] for d in details if d["position"] == w and d["centroid"] is not None]
+        out[f"at_{w}"] = [round(float(v), 3) for v in np.mean(c, 0)] if c else None
+    return out
+
+
+def tiny_data_images(prompts, cfg, seed):
+    """The training data's images for these prompts: one draw of the base distribution each (the config's
+    p_correct and flaws), so the data's row of the breakdown has the same prompts as the models'."""
+    world = data.TinyWorld("base", resolution=cfg["resolution"], p_correct=cfg["tiny_p_correct"],
+                           flaws=cfg["tiny_flaws"])
+    rng = np.random.default_rng([seed, 7])
+    return np.stack([world.draw(data.parse_prompt(q), rng) for q in prompts])
+
+
 def score_all(fn, images, prompts, batch_size):
     """(N,) float64 scores of uint8 images, in batches."""
     pil = [Image.fromarray(x) for x in images]
@@ -303,17 +333,28 @@ def evaluate(args, weights, metrics, rank, world, device):
     noise = draw_noise([len(qs) * ipp for qs in groups.values()] if args.prompts else [len(prompts)], shape, args.seed)
     lo, hi = rank * len(prompts) // world, (rank + 1) * len(prompts) // world  # this rank's shard of the images
 
-    scores, shown = {}, {}
+    scores, shown, details = {}, {}, {}
     for k, mm in models.items():
         images = generate(mm, prompts[lo:hi], noise[lo:hi], protocol, args.batch_size, f"sampling {k}")
         scores[k] = {s: score_all(fn, images, prompts[lo:hi], args.batch_size) for s, fn in scorer.items()}
         shown[k] = {i: images[i - lo] for i in range(lo, hi) if i % ipp == 0 and i // ipp < MAX_TILES}
-    parts = gather((scores, shown))
+        if "judge" in scorer:
+            details[k] = tiny_details(images, prompts[lo:hi])
+    parts = gather((scores, shown, details))
     if rank > 0:
         return
-    scores = {k: {s: np.concatenate([sc[k][s] for sc, _ in parts]) for s in scores[k]} for k in models}
-    shown = {k: dict(kv for _, sh in parts for kv in sh[k].items()) for k in models}
-    write_results(args, cfg, step, protocol, weights, metrics, skipped, groups, prompts, group_of, scores, shown)
+    scores = {k: {s: np.concatenate([sc[k][s] for sc, _, _ in parts]) for s in scores[k]} for k in models}
+    shown = {k: dict(kv for _, sh, _ in parts for kv in sh[k].items()) for k in models}
+    breakdown = {}
+    if "judge" in scorer:  # the run, the base and the training data, side by side
+        breakdown = {k: {"judge": float(scores[k]["judge"].mean()), **tiny_breakdown([d for _, _, de in parts
+                                                                                       for d in de[k]])} for k in models}
+        asked = [q for q in dict.fromkeys(prompts) for _ in range(8)]  # 8 draws a prompt, whatever ipp
+        images = tiny_data_images(asked, cfg, args.seed)
+        breakdown["data"] = {"judge": float(tiny_judge(images, asked).mean()),
+                             **tiny_breakdown(tiny_details(images, asked))}
+    write_results(args, cfg, step, protocol, weights, metrics, skipped, groups, prompts, group_of, scores, shown,
+                  breakdown)
 
 
 def _tiny_prompt(q):
@@ -323,8 +364,9 @@ def _tiny_prompt(q):
         return False
 
 
-def write_results(args, cfg, step, protocol, weights, metrics, skipped, groups, prompts, group_of, scores, shown):
-    """scores.json, grid.png, side_by_side.png, and the markdown table on the console."""
+def write_results(args, cfg, step, protocol, weights, metrics, skipped, groups, prompts, group_of, scores, shown,
+                  breakdown):
+    """scores.json, grid.png, side_by_side.png, and the markdown tables on the console."""
     done = [s for s in metrics if s not in skipped]
     group_of = np.array(group_of)
     result = {"run_dir": os.path.abspath(args.run_dir), "step": step, "method": cfg["method"],
@@ -347,6 +389,8 @@ def write_results(args, cfg, step, protocol, weights, metrics, skipped, groups, 
             d = scores["run"][s] - scores["base"][s]
             result["win_rates"][s] = float(((d > 1e-6) + 0.5 * (np.abs(d) <= 1e-6)).mean())
         result["win_rate_vs_base"] = result["win_rates"][done[0]]
+    if breakdown:
+        result["breakdown"] = breakdown
     out = args.out or os.path.join(args.run_dir, "eval")
     os.makedirs(out, exist_ok=True)
     if not args.base and os.path.exists(os.path.join(out, "side_by_side.png")):
@@ -356,19 +400,39 @@ def write_results(args, cfg, step, protocol, weights, metrics, skipped, groups, 
     idx = sorted(shown["run"])
     labels = [f"{scores['run'][done[0]][i]:.2f}" for i in idx]
     data.save_grid(thumbs(np.stack([shown["run"][i] for i in idx])), os.path.join(out, "grid.png"), labels)
-    if args.base:
-        pairs = torch.stack([thumbs(np.stack([shown[k][i] for i in idx])) for k in ("base", "run")], 1).flatten(0, 1)
-        data.save_grid(pairs, os.path.join(out, "side_by_side.png"), cols=8)
+    if args.base:  # a row per prompt: base | run on the same noise, each with its score
+        data.save_comparison({k: thumbs(np.stack([shown[k][i] for i in idx])) for k in ("base", "run")},
+                             [prompts[i] for i in idx], {k: [f"{done[0]} {scores[k][done[0]][i]:.2f}" for i in idx]
+                                                         for k in ("base", "run")},
+                             os.path.join(out, "side_by_side.png"), blocks=3 if len(idx) > 24 else 1)
 
     cols = [(s, g) for s in done for g in groups]
     head = [s if g == "all" else f"{s}, {'held-out' if g == 'heldout' else g} prompts" for s, g in cols]
     print0("\n| model | run dir | " + " | ".join(head) + " |\n|---|---|" + "---|" * len(cols))
     for k, d in [("run", args.run_dir)] + ([("base", args.base)] if args.base else []):
         print0(f"| {k} | {d} | " + " | ".join(f"{result[f'{s}_{g}_{k}']:.3f}" for s, g in cols) + " |")
+    if breakdown:
+        print0(breakdown_table(breakdown))
     if args.base:
         print0(f"\nwin rate of {args.run_dir} against {args.base} ({len(prompts)} images, same noise): " +
                ", ".join(f"{s} {r:.3f}" for s, r in result["win_rates"].items()))
     print0(f"wrote {out}/scores.json, grid.png" + (", side_by_side.png" if args.base else ""))
+
+
+def breakdown_table(breakdown):
+    """Markdown: the judge, its parts and the kinds of samples per model ('data': the base distribution's images for
+    the same prompts), then where the shapes land per position word."""
+    parts, kinds = ("judge", "colour", "position", "shape", "clean"), data.KINDS
+    lines = ["\n| model | " + " | ".join(parts) + " | " + " | ".join(kinds) + " |", "|---|" + "---|" * (len(parts) + len(kinds))]
+    for k, b in breakdown.items():
+        lines.append(f"| {k} | " + " | ".join(f"{b[p]:.2f}" for p in parts) + " | "
+                     + " | ".join(f"{b[c]:.0%}" for c in kinds) + " |")
+    lines += ["\nmean (x, y) of the shapes, per position word (left (0.28, 0.5), right (0.72, 0.5), top (0.5, 0.28), "
+              "bottom (0.5, 0.72)):", "\n| model | " + " | ".join(data.POSITIONS) + " |", "|---|" + "---|" * len(data.POSITIONS)]
+    for k, b in breakdown.items():
+        lines.append(f"| {k} | " + " | ".join("-" if b[f"at_{w}"] is None else "({:.2f}, {:.2f})".format(*b[f"at_{w}"])
+                                             for w in data.POSITIONS) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 The paper's table in miniature: base, SFT, Diffusion-DPO, SPIN-Diffusion, SSPO and SSPO's ablations, each trained
 from the same tiny base with the same optimizer steps and the same data, for several seeds, then judged.
 
-    python tiny_table.py                       # the README table: 8 methods + a control x 3 seeds, 2 at a time
+    python tiny_table.py                       # the README table: 10 rows x 3 seeds, 2 at a time
     python tiny_table.py --objectives          # + the other objectives' rows (DMPO, KTO, MaPO, ...): 27 min more here
     python tiny_table.py --seeds 0 --only SSPO SFT --jobs 1
     python tiny_table.py --out out/quick --set max_steps=20      # --set KEY=VALUE: overrides for every run
@@ -32,6 +32,7 @@ BASE = "out/tiny_base"
 OUT = "out/table"
 # name -> (config, overrides). All share configs/tiny.py's budget; SFT, SPIN and SSPO read winners only, DPO pairs.
 RUNS = {
+    "SFT, oracle": ("configs/tiny_sft.py", ["--tiny_mode=base", "--tiny_p_correct=1.0"]),  # correct renders only
     "SFT": ("configs/tiny_sft.py", []),
     "SFT, base data": ("configs/tiny_sft.py", ["--tiny_mode=base"]),  # control: fine-tuning as such, no preference
     "Diffusion-DPO": ("configs/tiny_dpo.py", []),
@@ -104,7 +105,7 @@ def mean_std(xs):
 
 
 @torch.no_grad()
-def samples_picture(names, seed, path, n=16):
+def samples_picture(names, seed, path, protocol, n=16):
     """One row per method (its run of `seed`): the first n//2 seen and all held-out prompts, one noise draw shared
     by every row, each tile labelled with its judge score."""
     prompts = [data.prompt_of(c) for c in data.TRAIN_COMBOS[:n - len(data.HELD_OUT)] + data.HELD_OUT]
@@ -117,7 +118,8 @@ def samples_picture(names, seed, path, n=16):
                             generator=torch.Generator().manual_seed(0))
         cond = model.encode_prompts(m["tokenizer"], m["text_encoder"], prompts)
         uncond = model.encode_prompts(m["tokenizer"], m["text_encoder"], [""])
-        x = model.latents_to_images(m["vae"], model.ddim_sample(m["unet"], m["scheduler"], cond, uncond, noise, 20, 3.0))
+        x = model.latents_to_images(m["vae"], model.ddim_sample(m["unet"], m["scheduler"], cond, uncond, noise,
+                                                                protocol["steps"], protocol["guidance"]))
         rows.append(x)
         labels += [f"{data.judge(img, p)[0]:.2f}" for img, p in zip(x, prompts)]
     data.save_grid(torch.cat(rows), path, labels, cols=len(prompts), tile=48)
@@ -197,16 +199,20 @@ def main():
         timings = dict(zip(jobs, pool.map(lambda j: train_and_eval(*j, env), jobs)))
 
     base = json.load(open(os.path.join(BASE, "eval", "scores.json")))
-    results = {"base": {"judge_seen": [base["judge_seen_run"]], "judge_heldout": [base["judge_heldout_run"]]}}
+    data_row = base["breakdown"]["data"]  # the base distribution's images: what the base was trained to draw
+    results = {"base": {"judge_seen": [base["judge_seen_run"]], "judge_heldout": [base["judge_heldout_run"]],
+                        "correct": [base["breakdown"]["run"]["correct"]]},
+               "data": {"judge": [data_row["judge"]], "correct": [data_row["correct"]]}}
     curves = {}
     for name in args.only:
-        r = results[name] = {"judge_seen": [], "judge_heldout": [], "win_rate": [], "train_min": []}
+        r = results[name] = {"judge_seen": [], "judge_heldout": [], "correct": [], "win_rate": [], "train_min": []}
         per_step = {}
         for s in args.seeds:
             d = run_dir(name, s)
             sc = json.load(open(os.path.join(d, "eval", "scores.json")))
             r["judge_seen"].append(sc["judge_seen_run"])
             r["judge_heldout"].append(sc["judge_heldout_run"])
+            r["correct"].append(sc["breakdown"]["run"]["correct"])
             r["win_rate"].append(win_rate(sc, base))
             r["train_min"].append(timings[(name, s)]["train_s"] / 60)
             for line in open(os.path.join(d, "log.jsonl")):
@@ -217,13 +223,15 @@ def main():
     json.dump({"seeds": args.seeds, "results": results, "protocol": base["protocol"]},
               open(os.path.join(OUT, "results.json"), "w"), indent=1)
 
-    lines = [f"| method | judge, seen prompts | judge, held-out prompts | win rate vs base | train min / run |",
-             "|---|---|---|---|---|",
-             f"| base | {base['judge_seen_run']:.3f} | {base['judge_heldout_run']:.3f} | - | - |"]
+    lines = [f"| method | judge, seen prompts | judge, held-out prompts | correct samples | win rate vs base | "
+             "train min / run |", "|---|---|---|---|---|---|",
+             f"| data: the base distribution's images | {data_row['judge']:.3f} (all 48) | | {data_row['correct']:.3f} | | |",
+             f"| base | {base['judge_seen_run']:.3f} | {base['judge_heldout_run']:.3f} | "
+             f"{base['breakdown']['run']['correct']:.3f} | - | - |"]
     for name in args.only:
         r = results[name]
         lines.append(f"| {name} | {mean_std(r['judge_seen'])} | {mean_std(r['judge_heldout'])} | "
-                     f"{mean_std(r['win_rate'])} | {np.mean(r['train_min']):.1f} |")
+                     f"{mean_std(r['correct'])} | {mean_std(r['win_rate'])} | {np.mean(r['train_min']):.1f} |")
     total = (time.time() - t_start) / 60
     lines.append(f"\nmean ± std over seeds {args.seeds}; judge of {base['protocol']['images_per_prompt']} images per "
                  f"prompt ({base['protocol']['steps']} DDIM steps, guidance {base['protocol']['guidance']}, seed "
@@ -232,7 +240,7 @@ def main():
     table = "\n".join(lines)
     print("\n" + table)
     open(os.path.join(OUT, "table.md"), "w").write(table + "\n")
-    samples_picture(args.only, args.seeds[0], os.path.join(OUT, "samples.png"))
+    samples_picture(args.only, args.seeds[0], os.path.join(OUT, "samples.png"), base["protocol"])
     curves_picture(curves, os.path.join(OUT, "curves.png"))
     print(f"wrote {OUT}/table.md, results.json, samples.png, curves.png")
 

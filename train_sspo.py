@@ -73,6 +73,8 @@ text_dim = 32                   # width of the tiny CLIP text encoder
 train_text_encoder = False      # also train the text encoder: for pretraining from scratch, where a random frozen one
                                 # is a weak condition (SD1.5 and all alignment runs keep it frozen)
 noise_schedule = "scaled_linear"  # SD1.5's betas (0.00085-0.012) | 'squaredcos_cap_v2' | 'linear' (DDPM's)
+prediction_type = "epsilon"     # what the UNet predicts: 'epsilon' (SD1.5) | 'v_prediction' (needed by zero_snr)
+zero_snr = False                # betas rescaled to a zero terminal SNR, sampling from t = T - 1 (Lin et al. 2023)
 # method (the objectives are losses.py)
 method = "sft"                  # 'sft': eps-MSE on image_w (also base pretraining) | 'dpo': pairs, frozen base as
                                 # reference | 'sspo': winners only, losers sampled by a replayed snapshot
@@ -144,7 +146,8 @@ CHOICES = {"dataset": ("tiny", "pickapic", "imagefolder"), "tiny_mode": ("base",
            "ref_redraw": ("stretch", "step"), "pool_storage": ("memory", "disk"), "ref_dtype": ("float32", "bfloat16"),
            "lr_schedule": ("constant", "cosine"),
            "bad_data": ("skip", "stop"), "nonfinite": ("skip", "stop"),
-           "noise_schedule": ("scaled_linear", "squaredcos_cap_v2", "linear"), "device": ("auto", "cpu", "cuda"), "mixed_precision": ("bf16", "no")}
+           "noise_schedule": ("scaled_linear", "squaredcos_cap_v2", "linear"),
+           "prediction_type": ("epsilon", "v_prediction"), "device": ("auto", "cpu", "cuda"), "mixed_precision": ("bf16", "no")}
 
 
 def get_config(argv):
@@ -195,6 +198,9 @@ def get_config(argv):
     for key, options in CHOICES.items():
         if cfg[key] not in options:
             raise SystemExit(f"config error: {key}={cfg[key]!r} is not one of {', '.join(map(repr, options))}")
+    if cfg["zero_snr"] and cfg["prediction_type"] != "v_prediction":
+        raise SystemExit("config error: zero_snr=True needs prediction_type='v_prediction' (at a zero terminal SNR "
+                         "the noise cannot be told from x_t = eps)")
     if cfg["train_text_encoder"] and cfg["method"] != "sft":
         raise SystemExit("config error: train_text_encoder is for SFT pretraining; alignment keeps the encoder frozen")
     if cfg["latent_cache"]:
@@ -347,10 +353,11 @@ def log_json(record):
 # -----------------------------------------------------------------------------------------------------------------
 # data, randomness, learning rate
 
-def make_dataset(cfg):
+def make_dataset(cfg, stream=0):
+    """The config's dataset. stream 1 (fine-tuning): the tiny world draws other examples than pretraining's (0)."""
     if cfg["dataset"] == "tiny":
         return data.TinyWorld(cfg["tiny_mode"], cfg["tiny_size"], cfg["resolution"], cfg["tiny_p_correct"], cfg["seed"],
-                              flaws=cfg["tiny_flaws"])
+                              flaws=cfg["tiny_flaws"], stream=stream)
     if cfg["latent_cache"]:
         ds = latents.CachedLatents(cfg["latent_cache"], cfg["seed"], cfg["random_flip"])
         ds.check_config(cfg)
@@ -391,12 +398,20 @@ def report_data(tallies, epoch, device, partial=False):
     tallies["data"] = dict.fromkeys(DATA_TALLIES, 0)
 
 
-def micro_batches(ds, cfg, rank, world, epoch, start):
+def stream_of(cfg, ckpt=None):
+    """Which random stream a run draws from: 0 for pretraining (a run from scratch), 1 for fine-tuning. A fine-tune
+    with the pretraining's seed must not replay its data order, noise and examples (it would re-train on exactly
+    what the base saw first). A resumed run keeps the stream of the run it resumes."""
+    return int((ckpt["config"] if ckpt else cfg)["init_from"] != "scratch")
+
+
+def micro_batches(ds, cfg, rank, world, epoch, start, stream=0):
     """Yield (batch, (epoch, index of the next micro-batch)) forever, from micro-batch `start` of `epoch` on.
     DistributedSampler deals rank r the positions r, r + world, ... of one seeded permutation per epoch, so the
     global micro-batch is the same set of examples for any number of processes at a fixed global batch."""
+    seed = cfg["seed"] if stream == 0 else int(np.random.SeedSequence([cfg["seed"], stream]).generate_state(1)[0])
     while True:
-        sampler = DistributedSampler(ds, world, rank, shuffle=True, seed=cfg["seed"], drop_last=True)
+        sampler = DistributedSampler(ds, world, rank, shuffle=True, seed=seed, drop_last=True)
         sampler.set_epoch(epoch)
         ds.set_epoch(epoch)
         order = list(sampler)[start * cfg["batch_size"]:]  # fast-forward on resume: no batch is loaded twice
@@ -406,13 +421,15 @@ def micro_batches(ds, cfg, rank, world, epoch, start):
         epoch, start = epoch + 1, 0
 
 
-def step_randomness(cfg, step, micro, rank, world, shape, num_timesteps):
+def step_randomness(cfg, step, micro, rank, world, shape, num_timesteps, stream=0):
     """Noise, timesteps, caption-dropout draws, the self-sampler's x_T, the VAE's latent noise (winner, loser) and
     the self-sampler's per-step noise (K, B, ...; None unless SSPO samples with self_sample_eta > 0) of one
-    micro-step, a pure function of (seed, step, micro).
+    micro-step, a pure function of (seed, step, micro, stream).
     Drawn for the whole global micro-batch and dealt like DistributedSampler deals examples (rank r takes rows
     r, r + world, ...): each example gets the same draws whatever the number of processes, and resume is exact."""
-    g = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg["seed"], step, micro]).generate_state(1)[0]))
+    # SeedSequence pads its entropy with zeros to 4 words: stream 0 is [seed, step, micro] as before streams existed
+    key = np.random.SeedSequence([cfg["seed"], step, micro, stream]).generate_state(1)[0]
+    g = torch.Generator().manual_seed(int(key))
     n = world * shape[0]
     eps = torch.randn((n, *shape[1:]), generator=g)[rank::world]
     t = torch.randint(0, num_timesteps, (n,), generator=g)[rank::world]
@@ -472,7 +489,7 @@ def run_eval(m, unet, cfg, ds, device, autocast):
         x0 = to_latents(m["vae"], batch, "w", device, None if vae_noise is None else vae_noise[i:i + B])
         ctx = model.encode_prompts(m["tokenizer"], m["text_encoder"], batch["prompt"])
         with autocast:
-            errs.append(model.denoising_error(unet, m["scheduler"].alphas_cumprod, x0, eps[i:i + B].to(device),
+            errs.append(model.denoising_error(unet, m["scheduler"], x0, eps[i:i + B].to(device),
                                               t[i:i + B].to(device), ctx))
     loss = torch.cat(errs).mean().item()
     prompts = eval_prompts(cfg, ds)
@@ -627,7 +644,8 @@ def main(cfg):
         if not ok[0]:
             raise SystemExit(f"error: training the base with {cfg['base_config']} failed")
     try:  # bad input is a one-line error before any work: data first (seconds), then the model
-        ds = make_dataset(cfg)
+        stream = stream_of(cfg, read_checkpoint(latest, mmap=True) if resume else None)
+        ds = make_dataset(cfg, stream)
         if cfg["method"] in PAIR_METHODS and not {"image_l", "latent_l"} & ds[0].keys():
             raise ValueError(f"method={cfg['method']!r} needs paired data (image_l), but dataset={cfg['dataset']!r} "
                              "has none" + (" (set tiny_mode='pairs')" if cfg["dataset"] == "tiny" else "")
@@ -645,7 +663,8 @@ def main(cfg):
         _log_file = open(os.path.join(out, "log.txt"), "a")
         if not resume and cfg["init_from"] == "scratch":
             model.build_tiny_model(out, data.WORDS, cfg["resolution"], cfg["unet_channels"], cfg["text_dim"],
-                                   seed=cfg["seed"], schedule=cfg["noise_schedule"])
+                                   seed=cfg["seed"], schedule=cfg["noise_schedule"],
+                                   prediction_type=cfg["prediction_type"], zero_snr=cfg["zero_snr"])
     barrier()
     use_bf16 = device.type == "cuda" and cfg["mixed_precision"] == "bf16"
     # the run directory is an SD-layout model folder: scratch and resume load from it, a model path from itself
@@ -721,7 +740,8 @@ def main(cfg):
     ddp_unet = DDP(unet, device_ids=[device.index] if device.type == "cuda" else None,
                    gradient_as_bucket_view=True) if world > 1 else unet
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
-    abar = m["scheduler"].alphas_cumprod.to(device)
+    sched = m["scheduler"]
+    sched.alphas_cumprod = sched.alphas_cumprod.to(device)  # read at every step: moved once
     T = m["scheduler"].config.num_train_timesteps
     latent_shape = model.latent_shape(m, cfg["resolution"])  # (C, H, W) of what the UNet denoises
     with torch.no_grad():
@@ -731,7 +751,8 @@ def main(cfg):
 
     print0("config:", {k: v for k, v in cfg.items()})
     print0(f"{world} process(es) on {device}, bf16 autocast: {use_bf16}; UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.1f}M "
-           f"params; effective batch {cfg['batch_size'] * cfg['grad_accum'] * world}; {len(ds)} examples")
+           f"params; effective batch {cfg['batch_size'] * cfg['grad_accum'] * world}; {len(ds)} examples; random stream "
+           f"{stream} ({'fine-tuning' if stream else 'pretraining'})")
     if master and cfg["dataset"] == "tiny":  # what the judge gives the data itself: the ceiling and the base
         rng = np.random.default_rng(cfg["seed"])
         correct = np.mean([data.judge(data.render(c, cfg["resolution"], rng), data.prompt_of(c))[0] for c in data.ALL_COMBOS])
@@ -740,7 +761,7 @@ def main(cfg):
     if master:
         os.makedirs(os.path.join(out, "samples"), exist_ok=True)
 
-    batches = micro_batches(ds, cfg, rank, world, *data_pos)
+    batches = micro_batches(ds, cfg, rank, world, *data_pos, stream)
     start_step = step
     first_eval = None
     bar = tqdm(total=cfg["max_steps"], initial=step, disable=not master, desc="train", dynamic_ncols=True)
@@ -786,7 +807,8 @@ def main(cfg):
             tally_data(tallies["data"], batch, m["tokenizer"], cfg["bad_data"])
             update_prompts += batch["prompt"]
             B = len(batch["prompt"])
-            eps, t, drop, x_T, vae_noise, eta_noise = step_randomness(cfg, step, micro, rank, world, (B, *latent_shape), T)
+            eps, t, drop, x_T, vae_noise, eta_noise = step_randomness(cfg, step, micro, rank, world, (B, *latent_shape), T,
+                                                                      stream)
             eps, t = eps.to(device), t.to(device)
             x0_w = to_latents(m["vae"], batch, "w", device, vae_noise[0])  # (B, C, H, W)
             prompts = ["" if d else p for p, d in zip(batch["prompt"], drop.tolist())]
@@ -805,24 +827,24 @@ def main(cfg):
             sync = nullcontext() if world == 1 or micro == cfg["grad_accum"] - 1 else ddp_unet.no_sync()
             with sync, autocast:
                 if cfg["method"] == "sft":
-                    loss, stats = losses.sft_loss(model.denoising_error(ddp_unet, abar, x0_w, eps, t, ctx))
+                    loss, stats = losses.sft_loss(model.denoising_error(ddp_unet, sched, x0_w, eps, t, ctx))
                 else:  # winners first; winner and loser share the noise, the timestep and the (dropped) prompt
                     x0, e2, t2, c2 = torch.cat([x0_w, x0_l]), torch.cat([eps, eps]), torch.cat([t, t]), torch.cat([ctx, ctx])
                     if cfg["noising"] == "ddim_inversion":  # Inversion-DPO: x_t (and the eps it implies) from the
                         # deterministic inversion of each image by the reference (the policy for reference-free MaPO)
                         inverter = unet if ref_unet is None else ref_unet
-                        _, e2 = model.ddim_invert(inverter, abar, x0, t2, c2, uncond, cfg["inversion_steps"],
+                        _, e2 = model.ddim_invert(inverter, sched, x0, t2, c2, uncond, cfg["inversion_steps"],
                                                   cfg["inversion_guidance"])
-                    err, pred = model.denoising_error(ddp_unet, abar, x0, e2, t2, c2, return_pred=True)  # (2B,)
+                    err, pred, target = model.denoising_error(ddp_unet, sched, x0, e2, t2, c2, return_pred=True)  # (2B,)
                     err_w, err_l = err.chunk(2)  # (B,) each
                     if cfg["sdpo_safeguard"]:  # the loser's gradient x lambda, its value unchanged (Diffusion-SDPO):
                         # err_l depends on the weights only through the loser's prediction, so this equals scaling
                         # the gradient reaching that prediction by lambda
-                        lam = losses.sdpo_scale(*pred.chunk(2), *e2.chunk(2), cfg["sdpo_mu"])
+                        lam = losses.sdpo_scale(*pred.chunk(2), *target.chunk(2), cfg["sdpo_mu"])
                         err_l = err_l.detach() + lam * (err_l - err_l.detach())
                     if ref_unet is not None:
                         with torch.no_grad():
-                            ref_w, ref_l = model.denoising_error(ref_unet, abar, x0, e2, t2, c2).chunk(2)
+                            ref_w, ref_l = model.denoising_error(ref_unet, sched, x0, e2, t2, c2).chunk(2)
                     meth, beta = cfg["method"], cfg["beta"]
                     if meth == "dpo":
                         loss, stats = losses.dpo_loss(err_w, err_l, ref_w, ref_l, beta)

@@ -6,6 +6,9 @@ import shutil
 import subprocess
 import sys
 
+from PIL import Image
+
+import data
 from conftest import FAST, ROOT, run_script
 
 
@@ -23,6 +26,16 @@ def test_evaluate_a_run_against_a_base(tmp_path, run, base):
     assert len(s["per_image"]) == 48 and s["protocol"]["guidance"] == 3.0 and s["step"] == 2
     assert 0 <= s["judge_seen_run"] <= 1 and 0 <= s["win_rate_vs_base"] <= 1
     assert os.path.isfile(os.path.join(b, "eval", "grid.png")) and os.path.isfile(os.path.join(b, "eval", "side_by_side.png"))
+    # the breakdown: the run, the base and the training data's images, each kind's share adding up to one
+    for k in ("run", "base", "data"):
+        br = s["breakdown"][k]
+        assert set(br) >= {"judge", "colour", "position", "shape", "clean", "at_left", "at_bottom"}
+        assert sum(br[kind] for kind in data.KINDS) == pytest.approx(1)
+    assert s["breakdown"]["run"]["judge"] == pytest.approx((40 * s["judge_seen_run"] + 8 * s["judge_heldout_run"]) / 48)
+    assert s["breakdown"]["data"]["judge"] > 0.7 and s["breakdown"]["data"]["correct"] > 0.25  # the base distribution
+    assert "| data | 0.8" in p.stdout and "| model | left | right | top | bottom |" in p.stdout
+    # side_by_side.png: 48 rows (the prompts) in 3 blocks of 16, each row a base and a run tile with their scores
+    assert Image.open(os.path.join(b, "eval", "side_by_side.png")).size == (3 * (170 + 2 * 68), 14 + 16 * 78)
     # against itself, with the same noise, every image ties: exactly one half
     ev.main([a, "--base", a, "--images_per_prompt=1", "--steps=2", f"--out={tmp_path}/self"])
     assert json.load(open(tmp_path / "self" / "scores.json"))["win_rate_vs_base"] == 0.5

@@ -3,12 +3,13 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
 import losses
 import train_sspo
-from conftest import FAST
+from conftest import FAST, ddp_bound
 
 
 def test_config_files_and_overrides(tmp_path):
@@ -35,6 +36,8 @@ def test_config_files_and_overrides(tmp_path):
     (["--pool_capacity=1"], r"pool_capacity must be 0 \(keep all\) or >= 2"),
     (["--train_text_encoder=True", "--method=sspo"], r"train_text_encoder is for SFT pretraining"),
     (["--tiny_flaws=('colour', 'smudge')"], r"tiny_flaws has \['smudge'\]"),
+    (["--zero_snr=True"], r"zero_snr=True needs prediction_type='v_prediction'"),
+    (["--prediction_type=sample"], r"prediction_type='sample' is not one of 'epsilon', 'v_prediction'"),
     # the right type, a value that would train something else than asked
     (["--beta=-5000"], r"beta must be > 0 \(a negative beta prefers the losers\), got -5000.0"),
     (["--grad_clip=-1"], r"grad_clip must be >= 0 \(0: no clipping\)"),
@@ -122,6 +125,37 @@ def test_step_randomness_is_dealt_like_the_sampler():
     assert not torch.equal(one[0], other[0])
     no_eta = train_sspo.step_randomness(dict(cfg, self_sample_eta=0.0), 3, 0, 0, 1, (8, 3, 4, 4), 1000)
     assert no_eta[5] is None and all(torch.equal(a, b) for a, b in zip(no_eta[:5], one[:5]))
+
+
+def test_fine_tuning_never_replays_the_pretraining_stream():
+    """A fine-tune (init_from a model) draws other data order, examples, noise, timesteps, caption dropout and
+    self-sampling noise than pretraining (init_from='scratch') -- for any pair of seeds; a resumed run keeps its
+    run's stream. Pretraining's draws are what they were before streams existed."""
+    assert train_sspo.stream_of({"init_from": "scratch"}) == 0
+    assert train_sspo.stream_of({"init_from": "out/tiny_base"}) == 1
+    assert train_sspo.stream_of({"init_from": "resume"}, {"config": {"init_from": "scratch"}}) == 0
+    assert train_sspo.stream_of({"init_from": "resume"}, {"config": {"init_from": "out/tiny_base"}}) == 1
+    shape = (16, 3, 4, 4)
+    draws, firsts = {}, {}
+    for seed in range(4):
+        cfg = dict(train_sspo.DEFAULTS, seed=seed, method="sspo", self_sample_eta=0.5, self_sample_steps=2,
+                   tiny_mode="pairs", tiny_size=256, batch_size=16, caption_dropout=0.5)
+        for stream in (0, 1):
+            draws[seed, stream] = train_sspo.step_randomness(cfg, 0, 0, 0, 1, shape, 1000, stream)
+            ds = train_sspo.make_dataset(cfg, stream)
+            batch, _ = next(train_sspo.micro_batches(ds, cfg, 0, 1, 0, 0, stream))
+            firsts[seed, stream] = (batch["prompt"], batch["image_w"])
+            assert not any(torch.equal(ds[i]["image_w"], train_sspo.make_dataset(cfg, 1 - stream)[i]["image_w"])
+                           for i in range(8))
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 0, 0]).generate_state(1)[0]))
+        assert torch.equal(draws[seed, 0][0], torch.randn(shape, generator=g))  # stream 0 as before
+    for a in range(4):
+        for b in range(4):  # no fine-tune seed replays any pretraining seed's first micro-step
+            ft, pt = draws[a, 1], draws[b, 0]
+            for i in (0, 3, 5):  # eps, the self-sampler's x_T, its per-step noise
+                assert not torch.equal(ft[i], pt[i]), (a, b, i)
+            assert not torch.equal(ft[1], pt[1]) and not torch.equal(ft[2], pt[2])  # timesteps, caption dropout
+            assert firsts[a, 1][0] != firsts[b, 0][0] and not torch.equal(firsts[a, 1][1], firsts[b, 0][1])
 
 
 def unet_weights(run_dir):
@@ -212,15 +246,19 @@ def test_ddp_two_processes_equal_one(tmp_path, run):
              for d in (one, two, four) for line in open(os.path.join(d, "log.txt")) if line.startswith("eval step 0:")]
     assert len(evals) == 3 and evals[0]["judge_seen"] == evals[1]["judge_seen"] == evals[2]["judge_seen"], evals
     assert evals[0]["judge_heldout"] == evals[1]["judge_heldout"] == evals[2]["judge_heldout"]
-    assert abs(float(evals[0]["eval_loss"]) - float(evals[1]["eval_loss"])) <= 1e-4
+    # logged to 4 decimals: last bits apart can round to neighbours, one unit apart (compared in units, as the
+    # decimals parsed to binary floats can be a hair more than 1e-4 apart)
+    assert abs(round(float(evals[0]["eval_loss"]) * 1e4) - round(float(evals[1]["eval_loss"]) * 1e4)) <= 1
     w1, w2, w3 = unet_weights(one), unet_weights(two), unet_weights(three)
     d12 = max((w1[k] - w2[k]).abs().max().item() for k in w1)
     d13 = max((w1[k] - w3[k]).abs().max().item() for k in w1)
-    # gradients summed in another order differ in the last bits; Adam turns that into ~1e-6 after a few steps
-    assert d12 < 2e-5 and d13 > 100 * d12, (d12, d13)
+    # gradients summed in another order differ in the last bits, which Adam can turn into part of a step (ddp_bound);
+    # the control, a real difference, must be far outside it: above half of all the lr its updates had
+    bound = ddp_bound(args)
+    assert d12 < bound < d13 / 10, (d12, bound, d13)
     # the text encoder's gradients are averaged by hand (it is not inside DDP): the same check
     t1, t2 = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=False)["text_encoder"] for d in (one, two))
-    assert max((t1[k] - t2[k]).abs().max().item() for k in t1) < 2e-5
+    assert max((t1[k] - t2[k]).abs().max().item() for k in t1) < bound
 
 
 def test_trained_text_encoder_is_saved_in_the_run_folder(tmp_path, run):

@@ -36,6 +36,7 @@ def test_judge_of_noise_and_blank_images_is_low():
 def test_judge_takes_tensors_in_minus_one_one():
     x = data.render(("blue", "square", "top"), 16)
     p = "a blue square at the top"
+    # float32: the [-1, 1] round trip moves a pixel by an ulp, a score in [0, 1] by ~1e-7 (eps32); 1e-6 is 8 of those
     assert data.judge(data.to_tensor(x), p)[0] == pytest.approx(data.judge(x, p)[0], abs=1e-6)
 
 
@@ -89,3 +90,18 @@ def test_save_grid(tmp_path):
     # the first tile is the first image, upscaled 4x
     tile = np.asarray(g)[1:65, 1:65]
     assert np.array_equal(tile[::4, ::4], data.render(data.ALL_COMBOS[0], 16))
+
+
+def test_each_flaw_is_its_own_kind_and_shapes_land_where_asked():
+    """evaluate.py's breakdown: a render with one flaw is classed as that flaw, a correct one as correct, and the
+    foreground's centroid is the named place (a triangle's centroid sits a little below its centre)."""
+    rng = np.random.default_rng(0)
+    want = {None: "correct", "colour": "wrong colour", "position": "wrong place", "blur": "unclean",
+            "shape": "wrong shape"}
+    for combo in data.ALL_COMBOS:
+        for flaw, kind in want.items():
+            assert data.kind_of(data.judge(data.render(combo, 16, rng, flaw), data.prompt_of(combo))[1]) == kind
+        c = np.array(data.foreground_centroid(data.render(combo, 16, rng)))
+        assert np.abs(c - data.POSITIONS[combo[2]]).max() < 0.1, (combo, c)
+    assert data.kind_of(data.judge(np.zeros((16, 16, 3), np.uint8), "a red circle on the left")[1]) == "empty"
+    assert data.foreground_centroid(np.zeros((16, 16, 3), np.uint8)) is None
