@@ -42,12 +42,12 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop, sdpa_flop
 from transformers import CLIPTextConfig, CLIPTextModel
 
+import config
 import data
-import latents
 import losses
 import model
 import replay
-import train_sspo
+import world
 
 # SD1.5's UNet (stable-diffusion-v1-5/unet/config.json), written out so nothing is downloaded; the rest default
 SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
@@ -124,7 +124,7 @@ def sd15_parts(device, tmp):
     """SD1.5's UNet, VAE, text encoder (random weights) and scheduler; our small CLIPTokenizer (written to tmp)."""
     with torch.device(device):
         m = {"unet": UNet2DConditionModel(**SD15_UNET), "vae": AutoencoderKL(**SD15_VAE),
-             "tokenizer": model.build_tokenizer(data.WORDS, os.path.join(tmp, "tokenizer")),
+             "tokenizer": model.build_tokenizer(world.WORDS, os.path.join(tmp, "tokenizer")),
              "text_encoder": CLIPTextModel(CLIPTextConfig(**SD15_TEXT))}
     m["scheduler"] = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                    clip_sample=False, set_alpha_to_one=False, steps_offset=1)  # SD1.5's
@@ -149,7 +149,7 @@ def write_sd15(out, n_rows=32):
         buf = io.BytesIO()
         Image.fromarray(rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)).save(buf, "JPEG")
         return buf.getvalue()
-    prompts = [data.prompt_of(c) for c in data.ALL_COMBOS]
+    prompts = [world.prompt_of(c) for c in world.ALL_COMBOS]
     os.makedirs(os.path.join(out, "train"), exist_ok=True)
     pq.write_table(pa.table({"caption": [prompts[i % len(prompts)] for i in range(n_rows)],
                              "jpg_0": pa.array([jpeg() for _ in range(n_rows)], pa.binary()),
@@ -170,7 +170,7 @@ def build(cfg, sd15, device, tmp, from_cache=False):
         for k in ("text_encoder", "vae"):
             m[k].to(dtype=frozen).eval().requires_grad_(False)
     else:
-        model.build_tiny_model(tmp, data.WORDS, cfg["resolution"], cfg["unet_channels"], cfg["text_dim"],
+        model.build_tiny_model(tmp, world.WORDS, cfg["resolution"], cfg["unet_channels"], cfg["text_dim"],
                                seed=cfg["seed"], schedule=cfg["noise_schedule"])
         m = model.load_model(tmp, device, frozen)
     unet = m["unet"].train()
@@ -187,7 +187,7 @@ def build(cfg, sd15, device, tmp, from_cache=False):
     shape = model.latent_shape(m, cfg["resolution"])
     B = cfg["batch_size"]
     if sd15:  # random images made once: the data phase is the host-to-device copy (the loop's workers decode ahead)
-        prompts = [data.prompt_of(c) for c in data.ALL_COMBOS]
+        prompts = [world.prompt_of(c) for c in world.ALL_COMBOS]
         images = torch.rand(2, 2, B, 3, cfg["resolution"], cfg["resolution"]) * 2 - 1  # (2 batches, w/l, B, 3, R, R)
         key = "latent" if from_cache else "image"
         if from_cache:  # (2, 2, B, 2C, R/8, R/8) in the VAE's dtype, on the host like the workers' output
@@ -200,10 +200,10 @@ def build(cfg, sd15, device, tmp, from_cache=False):
                        f"{key}_w": images[i % 2, 0], f"{key}_l": images[i % 2, 1]}, None
         batch_iter = batches()
     else:  # the real tiny world, pairs so that DPO has losers
-        ds = train_sspo.make_dataset(cfg)
+        ds = data.make_dataset(cfg)
         if len(ds) < B:
             raise SystemExit(f"bench error: the dataset has {len(ds)} examples, fewer than one micro-batch of {B}")
-        batch_iter = train_sspo.micro_batches(ds, cfg, 0, 1, 0, 0)
+        batch_iter = data.micro_batches(ds, cfg, 0, 1, 0, 0)
     with torch.no_grad():
         uncond = model.encode_prompts(m["tokenizer"], m["text_encoder"], [""])
     encode = model.PromptCache(m["tokenizer"], m["text_encoder"], cfg["text_cache"])  # as train_sspo.py's loop
@@ -220,16 +220,16 @@ def train_step(method, P, cfg, lap, step=0):
     """One micro-batch of `method` and an optimizer update; lap(name) closes a phase."""
     m, dev, B, T = P["m"], P["device"], P["B"], P["m"]["scheduler"].config.num_train_timesteps
     batch, _ = next(P["batches"])
-    eps, t, drop, x_T, vae_noise, eta_noise = train_sspo.step_randomness({**cfg, "method": method}, step, 0, 0, 1,
+    eps, t, drop, x_T, vae_noise, eta_noise = data.step_randomness({**cfg, "method": method}, step, 0, 0, 1,
                                                                           (B, *P["shape"]), T)
     eps, t, x_T = eps.to(dev), t.to(dev), x_T.to(dev)
     # images (or, with --latents, the VAE's moments) of the winners, and of the losers for DPO
     on_dev = {k: v.to(dev) for k, v in batch.items() if k.endswith("_w") or (method == "dpo" and k.endswith("_l"))}
     lap("data")
-    x0_w = train_sspo.to_latents(m["vae"], on_dev, "w", dev, vae_noise[0])
+    x0_w = model.to_latents(m["vae"], on_dev, "w", dev, vae_noise[0])
     ctx = P["encode"](["" if d else p for p, d in zip(batch["prompt"], drop.tolist())])
     if method == "dpo":
-        x0_l = train_sspo.to_latents(m["vae"], on_dev, "l", dev, vae_noise[1])
+        x0_l = model.to_latents(m["vae"], on_dev, "l", dev, vae_noise[1])
     if method == "sspo":
         cond = P["encode"](batch["prompt"])
     lap("encode")
@@ -388,7 +388,7 @@ def variants(P, cfg, args):
     if dev.type == "cuda":
         fp32, oom = timed_or_oom(policy_fwd_bwd(P, cfg, autocast=nullcontext()))
         out.append(("policy fwd+bwd: fp32 (tf32) -> bf16 autocast", fp32, base, f"mixed_precision = 'bf16'{oom}"))
-    prompts = [data.prompt_of(c) for c in data.ALL_COMBOS[:P["B"]]]
+    prompts = [world.prompt_of(c) for c in world.ALL_COMBOS[:P["B"]]]
     cache = model.PromptCache(P["m"]["tokenizer"], P["m"]["text_encoder"], len(prompts))
     cache(prompts)
     every = time_it(lambda: model.encode_prompts(P["m"]["tokenizer"], P["m"]["text_encoder"], prompts), dev, w, n)
@@ -401,9 +401,9 @@ def variants(P, cfg, args):
         folder = os.path.join(P["tmp"], "latents")
         with torch.no_grad():
             moments = model.encode_moments(vae, images.to(dev)).cpu()
-        latents.write_meta(folder, {"examples": P["B"], "images": 1, "vae_dtype": str(vae.dtype).removeprefix("torch.")})
-        latents.write_shard(folder, 0, moments[:, None, None], {"prompt": ["a prompt"] * P["B"]})
-        ds = latents.CachedLatents(folder)
+        data.write_meta(folder, {"examples": P["B"], "images": 1, "vae_dtype": str(vae.dtype).removeprefix("torch.")})
+        data.write_shard(folder, 0, moments[:, None, None], {"prompt": ["a prompt"] * P["B"]})
+        ds = data.CachedLatents(folder)
         read = lambda: torch.utils.data.default_collate([ds[i] for i in range(P["B"])])["latent_w"]
         t_read = time_it(read, torch.device("cpu"), w, n)
         cached = read()
@@ -521,11 +521,11 @@ def main(argv):
     over = ["--data_path=."] if args.sd15 else ["--tiny_mode=pairs"]  # no shard read; tiny: DPO needs losers
     over += [f"--batch_size={args.batch_size}"] * bool(args.batch_size) + [f"--resolution={args.resolution}"] * bool(args.resolution)
     over += [f"--{kv}" for kv in args.set]
-    cfg = train_sspo.get_config([args.config or ("configs/sd15.py" if args.sd15 else "configs/tiny.py"), *over])
+    cfg = config.get_config([args.config or ("configs/sd15.py" if args.sd15 else "configs/tiny.py"), *over])
     for k, why in NOT_TIMED.items():
-        if cfg[k] != train_sspo.DEFAULTS[k]:
+        if cfg[k] != config.defaults()[k]:
             raise SystemExit(f"bench error: {k}={cfg[k]!r} (from the config or --set) is not applied here: {why}")
-    if device.type == "cuda":  # as train_sspo.setup
+    if device.type == "cuda":  # as ddp.setup
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg["seed"])
     K, B = cfg["self_sample_steps"], cfg["batch_size"]

@@ -1,192 +1,31 @@
 """
-Training data. Two kinds:
-  - the tiny world: a synthetic text-to-image task generated on the fly (prompts from a small grammar, images drawn
-    with PIL, a deterministic judge), our offline stand-in for Pick-a-Pic + PickScore;
-  - real data: Pick-a-Pic v2 parquet shards, and image folders with metadata.jsonl (the diffusers convention).
-Every dataset yields {"prompt": str, "image_w": (3, R, R) float in [-1, 1]} and, for pairs, "image_l".
+Training data and what a step draws: real data (Pick-a-Pic v2 parquet shards, image folders with metadata.jsonl in
+the diffusers convention, and their VAE latent cache, which latents.py builds), the tiny world's (world.py), the
+order of the examples and the noise of each micro-step (one random stream for pretraining, another for
+fine-tuning), and pictures of samples.
+Every dataset yields {"prompt": str, "image_w": (3, R, R) float in [-1, 1]} and, for pairs, "image_l"; a latent
+cache yields "latent_w" / "latent_l" instead.
 """
 import collections
 import glob
+import hashlib
 import io
-import itertools
 import json
+import math
 import os
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFile, ImageFilter
+from PIL import Image, ImageDraw, ImageFile
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
 
-# ---------------------------------------------------------------------------------------------------------------
-# the tiny world: "a red circle on the left"
-
-COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 235), "yellow": (235, 215, 40)}
-SHAPES = ("circle", "square", "triangle")
-POSITIONS = {"left": (0.3, 0.5), "right": (0.7, 0.5), "top": (0.5, 0.3), "bottom": (0.5, 0.7)}  # centre, x y
-PREP = {"left": "on the", "right": "on the", "top": "at the", "bottom": "at the"}
-WORDS = [*COLOURS, *SHAPES, *POSITIONS, "a", "on", "at", "the"]
-RADIUS = 0.28  # half-size of a shape, as a fraction of the image side
-ALL_FLAWS = ("colour", "position", "shape", "blur", "extra", "noise")  # what render() can get wrong
-FLAWS = ("colour", "position", "shape", "blur")  # the base distribution's default (see TinyWorld)
-
-ALL_COMBOS = list(itertools.product(COLOURS, SHAPES, POSITIONS))  # 48 prompts
-# 8 combinations never seen in training; each colour and position is held out twice, each shape two or three
-# times, and all of them are still seen in other combinations (compositional generalization)
-HELD_OUT = [(c, SHAPES[(2 * i + k) % 3], list(POSITIONS)[(i + 2 * k) % 4]) for i, c in enumerate(COLOURS) for k in (0, 1)]
-TRAIN_COMBOS = [c for c in ALL_COMBOS if c not in HELD_OUT]
-
-
-def prompt_of(combo):
-    colour, shape, position = combo
-    return f"a {colour} {shape} {PREP[position]} {position}"
-
-
-def parse_prompt(prompt):
-    """'a red circle on the left' -> ('red', 'circle', 'left'); ValueError for a prompt outside the grammar."""
-    w = prompt.lower().split()
-    if len(w) != 6 or w[1] not in COLOURS or w[2] not in SHAPES or w[5] not in POSITIONS:
-        raise ValueError(f"not a tiny-world prompt: {prompt!r}")
-    return w[1], w[2], w[5]
-
-
-def render(combo, resolution=16, rng=None, flaw=None):
-    """Draw `combo` as a uint8 (R, R, 3) array: a shape on black, drawn at 4x and box-filtered down (anti-aliased).
-    rng adds a little jitter of place and size; `flaw` makes one thing wrong."""
-    rng = rng if rng is not None else np.random.default_rng(0)
-    colour, shape, position = combo
-    if flaw == "colour":
-        colour = rng.choice([c for c in COLOURS if c != colour])
-    if flaw == "shape":
-        shape = rng.choice([s for s in SHAPES if s != shape])
-    if flaw == "position":
-        position = rng.choice([p for p in POSITIONS if p != position])
-    centre = np.array(POSITIONS[position]) + rng.uniform(-0.04, 0.04, 2)
-    img = _draw(shape, centre, RADIUS * rng.uniform(0.95, 1.05), COLOURS[colour], resolution)
-    if flaw == "blur":
-        img = img.filter(ImageFilter.GaussianBlur(0.14 * resolution))
-    x = np.asarray(img, dtype=np.float32)
-    if flaw == "extra":  # a second shape of another colour somewhere else
-        other = (rng.choice([c for c in COLOURS if c != colour]), rng.choice(SHAPES),
-                 rng.choice([p for p in POSITIONS if p != position]))
-        x = np.maximum(x, render(other, resolution, rng))
-    if flaw == "noise":  # per-pixel noise: not a default flaw, it makes a small model's samples grainy everywhere
-        x = x + rng.normal(0, 60, x.shape)
-    return np.clip(x, 0, 255).round().astype(np.uint8)
-
-
-def _draw(shape, centre, radius, fill, resolution):
-    """PIL image of one shape on black; centre (x, y) and radius as fractions of the side."""
-    S = 4 * resolution
-    (cx, cy), r = np.asarray(centre) * S, radius * S
-    img = Image.new("RGB", (S, S))
-    d = ImageDraw.Draw(img)
-    if shape == "circle":
-        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    elif shape == "square":
-        d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    else:
-        d.polygon([(cx, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)], fill=fill)
-    return img.resize((resolution, resolution), Image.BOX)
-
-
-def _chroma(rgb):
-    """Colour with brightness divided out: an anti-aliased edge (colour x coverage) has its shape's chroma."""
-    return rgb / np.maximum(rgb.max(-1, keepdims=True), 1e-6)
-
-
-def _centroid(w):
-    ys, xs = np.mgrid[:w.shape[0], :w.shape[1]]
-    return np.array([(xs * w).sum(), (ys * w).sum()]) / w.sum()
-
-
-def judge(image, prompt):
-    """How well an image matches its prompt, in [0, 1]: the mean of four scores, each in [0, 1] --
-    colour: chromaticity of the foreground vs the named colour's;
-    position: foreground centroid vs the named place;
-    shape: soft IoU of the foreground with the named shape drawn at that centroid, against the best other shape;
-    clean: no pixels of a foreign colour (noise) and no excess of half-lit pixels (blur, smears).
-    image: uint8 (R, R, 3) array, or float (3, R, R) in [-1, 1]. Returns (score, dict of the four)."""
-    colour, shape, position = parse_prompt(prompt)
-    x = np.asarray(image, dtype=np.float32)
-    if x.ndim == 3 and x.shape[0] == 3 and x.shape[-1] != 3:
-        x = (x.transpose(1, 2, 0) + 1) * 127.5
-    x, R = x / 255.0, x.shape[0]
-    light = x.max(-1)
-    fg = light > 0.45
-    if fg.sum() < 2:
-        return 0.0, {"colour": 0.0, "position": 0.0, "shape": 0.0, "clean": 0.0}
-    chroma = _chroma(x[fg]).mean(0)
-    s_colour = 1 - np.linalg.norm(chroma - _chroma(np.array(COLOURS[colour], dtype=np.float32))) / 0.4
-    w = np.clip(light / max(light[fg].mean(), 1e-6), 0, 1)  # soft coverage of each pixel
-    c = _centroid(w)
-    iou = {}
-    for s, off in _template_offsets(R).items():  # each shape drawn with its centroid on the image's
-        t = np.asarray(_draw(s, c / R - off, RADIUS, (255, 255, 255), R), dtype=np.float32)[..., 0] / 255
-        iou[s] = np.minimum(w, t).sum() / np.maximum(w, t).sum()
-    best = max(iou, key=iou.get)  # the drawn shape's centre is its centroid minus that shape's offset
-    centre = c / R - _template_offsets(R)[best]
-    s_position = 1 - max(0.0, np.linalg.norm(centre - np.array(POSITIONS[position])) - 0.05) / 0.2
-    margin = iou[shape] - max(v for k, v in iou.items() if k != shape)
-    s_shape = min((margin + 0.05) / 0.15, iou[shape] / 0.7)
-    lit = light > 0.12
-    foreign = lit & (np.linalg.norm(_chroma(x) - chroma, axis=-1) > 0.35)
-    half_lit = lit & (light < 0.75 * light[fg].mean())
-    # sharp anti-aliased edges leave at most 0.38 of the lit pixels half-lit (a triangle's most), the blur flaw >= 0.56
-    s_clean = 1 - max(foreign.mean() - 0.01, 0) / 0.05 - max(half_lit.sum() / lit.sum() - 0.45, 0) / 0.1
-    parts = {k: float(np.clip(v, 0, 1)) for k, v in
-             {"colour": s_colour, "position": s_position, "shape": s_shape, "clean": s_clean}.items()}
-    return float(np.mean(list(parts.values()))), parts
-
-
-KINDS = ("correct", "wrong colour", "wrong place", "unclean", "wrong shape", "empty")
-
-
-def kind_of(parts):
-    """What is wrong with an image, from its judge parts: 'empty' (no foreground), else the first part below 0.5
-    in the order colour, place, clean, shape (a blurred shape also fails the shape part), else 'correct'. One kind
-    per image, so the kinds of a set add up; each flaw of render() is its own kind (tests/test_world.py)."""
-    if not any(parts.values()):
-        return "empty"
-    for part, kind in (("colour", "wrong colour"), ("position", "wrong place"), ("clean", "unclean"),
-                       ("shape", "wrong shape")):
-        if parts[part] < 0.5:
-            return kind
-    return "correct"
-
-
-def foreground_centroid(image):
-    """(x, y) of the lit pixels' centroid as fractions of the side, or None for an empty image: where a shape
-    landed, whatever its shape."""
-    x = np.asarray(image, dtype=np.float32)
-    if x.ndim == 3 and x.shape[0] == 3 and x.shape[-1] != 3:
-        x = (x.transpose(1, 2, 0) + 1) * 127.5
-    light = x.max(-1) / 255
-    fg = light > 0.45
-    if fg.sum() < 2:
-        return None
-    return tuple(_centroid(np.clip(light / light[fg].mean(), 0, 1)) / x.shape[0])
-
-
-_OFFSETS = {}
-
-
-def _template_offsets(R):
-    """Centroid of each shape minus its nominal centre (a triangle's centroid sits below its centre)."""
-    if R not in _OFFSETS:
-        _OFFSETS[R] = {s: _centroid(np.asarray(_draw(s, (0.5, 0.5), RADIUS, (255, 255, 255), R),
-                                               dtype=np.float32)[..., 0] / 255) / R - 0.5 for s in SHAPES}
-    return _OFFSETS[R]
-
-
-def to_tensor(x):
-    """uint8 (R, R, 3) -> float (3, R, R) in [-1, 1]."""
-    return torch.from_numpy(x.astype(np.float32) / 127.5 - 1).permute(2, 0, 1)
-
-
-def to_uint8(x):
-    """float (3, R, R) or (B, 3, R, R) in [-1, 1] -> uint8 (..., R, R, 3)."""
-    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.movedim(-3, -1).cpu().numpy()
-
+import checkpoint
+import ddp
+import losses
+import world
+from world import to_uint8
 
 def save_grid(images, path, labels=None, cols=8, tile=64):
     """Save (N, 3, H, W) images in [-1, 1] as one PNG, tiles upscaled to at least `tile` px (nearest, so small
@@ -241,47 +80,6 @@ def save_comparison(columns, prompts, labels, path, tile=64, blocks=1):
             draw.text((xy[0] + 2, xy[1] + side), labels[k][i], fill=(230, 230, 230))
     img.save(path)
 
-
-class TinyWorld(torch.utils.data.Dataset):
-    """`size` examples of the tiny world, item i a pure function of (seed, i).
-    mode="base": one draw of the base distribution per prompt (what the base model is pretrained on): correct with
-    probability p_correct, else one flaw from FLAWS. mode="pairs": two base draws for one prompt, the one the judge
-    prefers first; draws the judge scores within `tie_margin` of each other are ties, dropped and redrawn, as
-    Pick-a-Pic drops its ties. stream: 0 for pretraining, 1 for fine-tuning, which draws other examples for the
-    same seed (train_sspo.stream_of)."""
-
-    def __init__(self, mode="base", size=50_000, resolution=16, p_correct=0.4, seed=0, tie_margin=0.02,
-                 combos=None, flaws=FLAWS, stream=0):
-        if mode not in ("base", "pairs"):
-            raise ValueError(f"TinyWorld mode must be 'base' or 'pairs', got {mode!r}")
-        self.mode, self.size, self.resolution, self.p_correct = mode, size, resolution, p_correct
-        self.seed, self.tie_margin, self.combos, self.flaws = seed, tie_margin, combos or TRAIN_COMBOS, tuple(flaws)
-        self.stream = stream
-        self.epoch = 0  # the tiny world has no augmentation: items do not change across epochs
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def __len__(self):
-        return self.size
-
-    def draw(self, combo, rng):
-        flaw = None if rng.random() < self.p_correct or not self.flaws else self.flaws[rng.integers(len(self.flaws))]
-        return render(combo, self.resolution, rng, flaw)
-
-    def __getitem__(self, i):
-        rng = np.random.default_rng([self.seed, i, self.stream])  # stream 0: [seed, i] (zero-padded alike)
-        combo = self.combos[rng.integers(len(self.combos))]
-        prompt = prompt_of(combo)
-        if self.mode == "base":
-            return {"prompt": prompt, "image_w": to_tensor(self.draw(combo, rng))}
-        while True:
-            a, b = self.draw(combo, rng), self.draw(combo, rng)
-            sa, sb = judge(a, prompt)[0], judge(b, prompt)[0]
-            if abs(sa - sb) >= self.tie_margin:
-                break
-        w, l = (a, b) if sa > sb else (b, a)
-        return {"prompt": prompt, "image_w": to_tensor(w), "image_l": to_tensor(l)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -560,3 +358,247 @@ class SkipBad(torch.utils.data.Dataset):
             return {**item, "skipped": len(errors), "error": errors[0] if errors else "",
                     "converted": NOTED["converted"] - before["converted"], "upscaled": NOTED["upscaled"] - before["upscaled"]}
         raise ValueError(f"no readable example in the dataset; the first: {errors[0]}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The VAE latent cache of a real dataset (built by latents.py): the encoder's moments of every image, stored once.
+# Layout and why: latents.py's docstring.
+
+SHARD = 256  # examples a shard: 64 MB at 512 px in bf16 with pairs and flips
+
+
+def check_latent_config(cfg):
+    """Config errors that make a latent cache impossible, for latents.py and train_sspo.py alike."""
+    if cfg["dataset"] == "tiny":
+        raise SystemExit("config error: latent_cache is for real data (dataset='pickapic' or 'imagefolder'); the "
+                         "tiny world draws its images")
+    if cfg["random_crop"]:
+        raise SystemExit("config error: latent_cache needs random_crop=False: a random crop cannot be precomputed")
+
+
+def data_files(cfg):
+    """{file: size in bytes} of what the dataset reads its index from, named relative to data_path (the data may
+    move): a changed file is a different dataset. Training from the cache still reads these to check them."""
+    path = cfg["data_path"]
+    if cfg["dataset"] == "pickapic":
+        files = _parquet_files(path)
+    else:
+        files = [os.path.join(path, "metadata.jsonl")]
+    base = path if os.path.isdir(path) else os.path.dirname(path)
+    return {os.path.relpath(f, base): os.path.getsize(f) for f in files}
+
+
+def vae_id(vae):
+    """The VAE's weights as loaded (sha256 of every tensor's bytes) and dtype: latents from another VAE are wrong."""
+    h = hashlib.sha256()
+    for k, v in sorted(vae.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return {"vae_sha256": h.hexdigest(), "vae_dtype": str(vae.dtype).removeprefix("torch.")}
+
+
+def describe(cfg, n_examples, images):
+    """Everything but the VAE that meta.json records."""
+    return {"dataset": cfg["dataset"], "data_files": data_files(cfg), "examples": n_examples, "images": images,
+            "resolution": cfg["resolution"], "flips": [False, True] if cfg["random_flip"] else [False], "shard": SHARD}
+
+
+def shard_path(folder, s, ext):
+    return os.path.join(folder, f"shard_{s:06d}.{ext}")
+
+
+class CachedLatents(torch.utils.data.Dataset):
+    """The dataset of a latent cache: items {prompt, latent_w (and latent_l for pairs)} of shape (2C, h, w), the
+    flip drawn per (seed, epoch, index) exactly as the image datasets draw it. Checks at once that the cache is
+    complete; check_config(cfg) that it was built for this config's data, resolution and flips; check_vae(vae)
+    that it was built with this VAE."""
+
+    def __init__(self, folder, seed=0, random_flip=False):
+        self.folder, self.seed, self.random_flip, self.epoch = folder, seed, random_flip, 0
+        meta_path = os.path.join(folder, "meta.json")
+        if not os.path.isfile(meta_path):
+            raise FileNotFoundError(f"{meta_path}: no such file; build the cache first: python latents.py CONFIG "
+                                    f"--latent_cache={folder}")
+        try:
+            with open(meta_path) as f:
+                self.meta = json.load(f)
+            n = math.ceil(self.meta["examples"] / SHARD)
+            self.meta["images"], self.meta["vae_dtype"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{meta_path}: not a latent cache's meta.json ({type(e).__name__}: {e})") from None
+        missing = [s for s in range(n) if not os.path.isfile(shard_path(folder, s, "json"))]
+        if missing:
+            raise ValueError(f"{folder}: {len(missing)} of {n} shards are not built (first: "
+                             f"{shard_path(folder, missing[0], 'npy')}); run python latents.py CONFIG again "
+                             "to finish the cache")
+        self._rows = (None, None)  # (shard, its rows): one JSON read per shard a worker visits in a row
+
+    def check_config(self, cfg):
+        """ValueError unless the cache was built for this config's data files, resolution and flips."""
+        check_latent_config(cfg)
+        want = describe(cfg, self.meta["examples"], self.meta["images"])
+        bad = [f"{k}: cache {self.meta.get(k)!r}, config {v!r}" for k, v in want.items() if self.meta.get(k) != v]
+        if bad:
+            raise ValueError(f"{self.folder} was built for other data or settings ({'; '.join(bad)}); build another "
+                             "cache with python latents.py CONFIG, or point latent_cache at the matching one")
+
+    def check_vae(self, vae):
+        if vae is None:
+            raise ValueError(f"latent_cache {self.folder}: the model has no VAE (a pixel-space model)")
+        have = vae_id(vae)
+        if {k: self.meta.get(k) for k in have} != have:
+            raise ValueError(f"{self.folder} was built with another VAE (sha256 {self.meta.get('vae_sha256', '?')[:12]}"
+                             f", {self.meta.get('vae_dtype')}); this run's is {have['vae_sha256'][:12]}, "
+                             f"{have['vae_dtype']}: build a cache for it with python latents.py CONFIG")
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.meta["examples"]
+
+    def __getitem__(self, i):
+        i = range(len(self))[i]
+        s, r = divmod(i, SHARD)
+        path = shard_path(self.folder, s, "json")
+        try:
+            if self._rows[0] != s:
+                with open(path) as f:
+                    self._rows = (s, json.load(f))
+            row = {k: v[r] for k, v in self._rows[1].items()}  # prompt, and what data.SkipBad reported
+            # data.SkipBad replaced an unreadable example i by the readable i + k: its flip is drawn for i + k
+            aug_rng = np.random.default_rng([self.seed, self.epoch, row.pop("source", i)])
+            flip = draw_aug(aug_rng, False, self.random_flip)[1]
+            path = shard_path(self.folder, s, "npy")
+            x = np.array(np.load(path, mmap_mode="r")[r, :, int(flip)])  # (images, 2C, h, w), read from disk
+        except Exception as e:
+            raise ValueError(f"{path}: unreadable latent cache shard ({type(e).__name__}: {e}); delete it and its "
+                             ".json (or .npy) and run python latents.py CONFIG to rebuild it") from None
+        x = torch.from_numpy(x)
+        if self.meta["vae_dtype"] == "bfloat16":
+            x = x.view(torch.bfloat16)
+        return {**row, "latent_w": x[0], **({"latent_l": x[1]} if len(x) > 1 else {})}
+
+
+def write_meta(folder, meta):
+    os.makedirs(folder, exist_ok=True)
+    checkpoint.write_file(os.path.join(folder, "meta.json"), lambda f: f.write(json.dumps(meta, indent=1).encode()))
+
+
+def write_shard(folder, s, x, rows):
+    """Shard s: the moments (a tensor (n, images, flips, 2C, h, w)), then rows = {"prompt": [n prompts], and
+    optionally per example "source" (the index whose images these are) and data.SkipBad's counts}, which mark it
+    done."""
+    x = x.view(torch.int16) if x.dtype == torch.bfloat16 else x  # numpy has no bfloat16: keep its bits
+    checkpoint.write_file(shard_path(folder, s, "npy"), lambda f: np.save(f, x.numpy()))
+    checkpoint.write_file(shard_path(folder, s, "json"), lambda f: f.write(json.dumps(rows).encode()))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What a run reads and draws: the config's dataset, the order of its examples, and each micro-step's noise. Two
+# random streams: 0 for pretraining (a run from scratch), 1 for fine-tuning, so that a fine-tune with the
+# pretraining's seed does not replay its data order, noise and examples.
+
+def make_dataset(cfg, stream=0):
+    """The config's dataset. stream 1 (fine-tuning): the tiny world draws other examples than pretraining's (0)."""
+    if cfg["dataset"] == "tiny":
+        return world.TinyWorld(cfg["tiny_mode"], cfg["tiny_size"], cfg["resolution"], cfg["tiny_p_correct"], cfg["seed"],
+                              flaws=cfg["tiny_flaws"], stream=stream)
+    if cfg["latent_cache"]:
+        ds = CachedLatents(cfg["latent_cache"], cfg["seed"], cfg["random_flip"])
+        ds.check_config(cfg)
+        return ds
+    cls = PickAPic if cfg["dataset"] == "pickapic" else ImageFolder
+    return SkipBad(cls(cfg["data_path"], cfg["resolution"], cfg["random_crop"], cfg["random_flip"], cfg["seed"],
+                            losers=cfg["method"] in losses.PAIR_METHODS))  # SFT and SSPO never decode the losers
+
+
+def open_dataset(cfg, stream, world_size):
+    """make_dataset, checked before any work: ValueError for data that does not fit the method or the batch."""
+    ds = make_dataset(cfg, stream)
+    if cfg["method"] in losses.PAIR_METHODS and not {"image_l", "latent_l"} & ds[0].keys():
+        raise ValueError(f"method={cfg['method']!r} needs paired data (image_l), but dataset={cfg['dataset']!r} has "
+                         "none" + (" (set tiny_mode='pairs')" if cfg["dataset"] == "tiny" else "")
+                         + (": winners are its desirable, losers its undesirable samples" if cfg["method"] == "kto" else ""))
+    if len(ds) // world_size < cfg["batch_size"]:
+        raise ValueError(f"the dataset has {len(ds)} examples, fewer than one micro-batch of {cfg['batch_size']} "
+                         f"per process x {world_size} process(es)")
+    return ds
+
+
+def stream_of(cfg, ckpt=None):
+    """Which random stream a run draws from: 0 for pretraining (a run from scratch), 1 for fine-tuning. A fine-tune
+    with the pretraining's seed must not replay its data order, noise and examples (it would re-train on exactly
+    what the base saw first). A resumed run keeps the stream of the run it resumes."""
+    return int((ckpt["config"] if ckpt else cfg)["init_from"] != "scratch")
+
+
+def micro_batches(ds, cfg, rank, world, epoch, start, stream=0):
+    """Yield (batch, (epoch, index of the next micro-batch)) forever, from micro-batch `start` of `epoch` on.
+    DistributedSampler deals rank r the positions r, r + world, ... of one seeded permutation per epoch, so the
+    global micro-batch is the same set of examples for any number of processes at a fixed global batch."""
+    seed = cfg["seed"] if stream == 0 else int(np.random.SeedSequence([cfg["seed"], stream]).generate_state(1)[0])
+    while True:
+        sampler = DistributedSampler(ds, world, rank, shuffle=True, seed=seed, drop_last=True)
+        sampler.set_epoch(epoch)
+        ds.set_epoch(epoch)
+        order = list(sampler)[start * cfg["batch_size"]:]  # fast-forward on resume: no batch is loaded twice
+        loader = DataLoader(ds, cfg["batch_size"], sampler=order, num_workers=cfg["num_workers"], drop_last=True)
+        for i, batch in enumerate(loader, start + 1):
+            yield batch, (epoch, i)
+        epoch, start = epoch + 1, 0
+
+
+def step_randomness(cfg, step, micro, rank, world, shape, num_timesteps, stream=0):
+    """Noise, timesteps, caption-dropout draws, the self-sampler's x_T, the VAE's latent noise (winner, loser) and
+    the self-sampler's per-step noise (K, B, ...; None unless SSPO samples with self_sample_eta > 0) of one
+    micro-step, a pure function of (seed, step, micro, stream).
+    Drawn for the whole global micro-batch and dealt like DistributedSampler deals examples (rank r takes rows
+    r, r + world, ...): each example gets the same draws whatever the number of processes, and resume is exact."""
+    # SeedSequence pads its entropy with zeros to 4 words: stream 0 is [seed, step, micro] as before streams existed
+    key = np.random.SeedSequence([cfg["seed"], step, micro, stream]).generate_state(1)[0]
+    g = torch.Generator().manual_seed(int(key))
+    n = world * shape[0]
+    eps = torch.randn((n, *shape[1:]), generator=g)[rank::world]
+    t = torch.randint(0, num_timesteps, (n,), generator=g)[rank::world]
+    drop = (torch.rand(n, generator=g) < cfg["caption_dropout"])[rank::world]
+    x_T = torch.randn((n, *shape[1:]), generator=g)[rank::world]
+    vae_noise = torch.randn((2, n, *shape[1:]), generator=g)[:, rank::world]
+    eta_noise = None
+    if cfg["method"] == "sspo" and cfg["self_sample_eta"] > 0:  # drawn last: the draws above do not depend on it
+        eta_noise = torch.randn((cfg["self_sample_steps"], n, *shape[1:]), generator=g)[:, rank::world]
+    return eps, t, drop, x_T, vae_noise, eta_noise
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What the data needed, counted per epoch for the log
+
+DATA_TALLIES = ("skipped", "converted", "upscaled", "empty_caption", "long_caption")
+
+
+def tally_data(counts, batch, tokenizer, bad_data):
+    """Count, per micro-batch, what the data needed: examples skipped as unreadable and images converted or
+    upscaled (data.SkipBad), empty captions (trained as the unconditional prompt) and captions longer than the
+    tokenizer's 77 tokens (encode_prompts truncates them). bad_data='stop' stops at the first unreadable example."""
+    for err in batch.get("error", ()):
+        if err and bad_data == "stop":
+            raise SystemExit(f"error: {err} (bad_data='stop'; 'skip' replaces such examples)")
+        if err:  # every rank's (log.txt gets rank 0's; the epoch's counts sum all ranks)
+            rank = dist.get_rank() if dist.is_initialized() else 0
+            msg = (f"rank {rank}: " if dist.is_initialized() else "") + f"skipped unreadable data: {err}"
+            if rank == 0:
+                ddp.print0(msg)
+            else:
+                tqdm.write(msg)
+    for k in ("skipped", "converted", "upscaled"):
+        counts[k] += int(batch[k].sum()) if k in batch else 0
+    counts["empty_caption"] += sum(not p.strip() for p in batch["prompt"])
+    counts["long_caption"] += sum(len(ids) > tokenizer.model_max_length for ids in tokenizer(list(batch["prompt"])).input_ids)
+
+
+def report_data(tallies, epoch, device, partial=False):
+    """One line per epoch (summed over ranks), then the counts start again."""
+    n = dist.get_world_size() if dist.is_initialized() else 1
+    c = {k: v * n for k, v in ddp.all_mean(tallies["data"], device).items()}
+    ddp.print0(f"data of epoch {epoch}{' so far' if partial else ''}: " + ", ".join(f"{k} {v:.0f}" for k, v in c.items()))
+    tallies["data"] = dict.fromkeys(DATA_TALLIES, 0)

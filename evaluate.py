@@ -30,10 +30,13 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
+import config
 import data
 import model
 import scorers
-from train_sspo import DEFAULTS, print0, read_checkpoint, setup, teardown
+from checkpoint import read_checkpoint
+from ddp import print0, setup, teardown
+import world
 
 PAPER = {"steps": 50, "guidance": 7.5, "images_per_prompt": 1}  # SSPO.md 7 (the paper's pipeline: PNDM; ours: DDIM)
 PAPER_METRICS = "pickscore,hpsv2,aesthetic,clip,imagereward"
@@ -124,8 +127,8 @@ def prompt_groups(paths, cfg):
         if cfg["dataset"] != "tiny":
             raise SystemExit("error: --prompts is required for a run not on the tiny world "
                              "(a Pick-a-Pic parquet, PartiPrompts tsv, HPSv2 json, or text file)")
-        return {"seen": [data.prompt_of(c) for c in data.TRAIN_COMBOS],
-                "heldout": [data.prompt_of(c) for c in data.HELD_OUT]}
+        return {"seen": [world.prompt_of(c) for c in world.TRAIN_COMBOS],
+                "heldout": [world.prompt_of(c) for c in world.HELD_OUT]}
     if len(paths) == 1:
         return {"all": read_prompt_file(paths[0])}
     names = [os.path.splitext(os.path.basename(p))[0] for p in paths]
@@ -158,22 +161,22 @@ def generate(m, prompts, noise, protocol, batch_size, desc):
         cond = model.encode_prompts(m["tokenizer"], m["text_encoder"], prompts[i:i + batch_size])
         x = model.ddim_sample(m["unet"], m["scheduler"], cond, uncond, noise[i:i + batch_size].to(device),
                               protocol["steps"], protocol["guidance"])
-        out.append(data.to_uint8(model.latents_to_images(m["vae"], x)))
+        out.append(world.to_uint8(model.latents_to_images(m["vae"], x)))
     return np.concatenate(out) if out else np.zeros((0, 1, 1, 3), np.uint8)
 
 
 def tiny_judge(images, prompts):
     """The tiny world's judge as a metric, in [0, 1]."""
-    return torch.tensor([data.judge(np.asarray(im), q)[0] for im, q in zip(images, prompts)])
+    return torch.tensor([world.judge(np.asarray(im), q)[0] for im, q in zip(images, prompts)])
 
 
 def tiny_details(images, prompts):
-    """Per image: the judge's four parts, the kind of sample (data.kind_of), and where its shape landed."""
+    """Per image: the judge's four parts, the kind of sample (world.kind_of), and where its shape landed."""
     out = []
     for im, q in zip(images, prompts):
-        parts = data.judge(np.asarray(im), q)[1]
-        out.append({"parts": parts, "kind": data.kind_of(parts), "centroid": data.foreground_centroid(im),
-                    "position": data.parse_prompt(q)[2]})
+        parts = world.judge(np.asarray(im), q)[1]
+        out.append({"parts": parts, "kind": world.kind_of(parts), "centroid": world.foreground_centroid(im),
+                    "position": world.parse_prompt(q)[2]})
     return out
 
 
@@ -181,8 +184,8 @@ def tiny_breakdown(details):
     """What a set of tiny-world images gets wrong: the mean of each judge part, the share of each kind of sample,
     and the mean centroid (x, y) of the shapes per position word (where they land; None if all empty)."""
     out = {p: float(np.mean([d["parts"][p] for d in details])) for p in details[0]["parts"]}
-    out.update({k: float(np.mean([d["kind"] == k for d in details])) for k in data.KINDS})
-    for w in data.POSITIONS:
+    out.update({k: float(np.mean([d["kind"] == k for d in details])) for k in world.KINDS})
+    for w in world.POSITIONS:
         c = [d["centroid"] for d in details if d["position"] == w and d["centroid"] is not None]
         out[f"at_{w}"] = [round(float(v), 3) for v in np.mean(c, 0)] if c else None
     return out
@@ -191,10 +194,10 @@ def tiny_breakdown(details):
 def tiny_data_images(prompts, cfg, seed):
     """The training data's images for these prompts: one draw of the base distribution each (the config's
     p_correct and flaws), so the data's row of the breakdown has the same prompts as the models'."""
-    world = data.TinyWorld("base", resolution=cfg["resolution"], p_correct=cfg["tiny_p_correct"],
+    base = world.TinyWorld("base", resolution=cfg["resolution"], p_correct=cfg["tiny_p_correct"],
                            flaws=cfg["tiny_flaws"])
     rng = np.random.default_rng([seed, 7])
-    return np.stack([world.draw(data.parse_prompt(q), rng) for q in prompts])
+    return np.stack([base.draw(world.parse_prompt(q), rng) for q in prompts])
 
 
 def score_all(fn, images, prompts, batch_size):
@@ -217,7 +220,7 @@ def thumbs(images, side=128):
     """uint8 (N, H, W, 3) -> (N, 3, h, h) floats in [-1, 1] for data.save_grid, large images shrunk to `side`."""
     if len(images) and images.shape[1] > side:
         images = np.stack([np.asarray(Image.fromarray(x).resize((side, side), Image.BICUBIC)) for x in images])
-    return torch.stack([data.to_tensor(x) for x in images])
+    return torch.stack([world.to_tensor(x) for x in images])
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -257,14 +260,14 @@ def main(argv=None):
         if s != "judge" and s not in scorers.SCORERS:
             raise SystemExit(f"error: unknown metric {s!r} (judge, {', '.join(scorers.SCORERS)})")
 
-    rank, world, device = setup({"device": args.device, "ddp_timeout": DEFAULTS["ddp_timeout"]})
+    rank, world_size, device = setup({"device": args.device, "ddp_timeout": config.defaults()["ddp_timeout"]})
     try:
-        evaluate(args, weights, metrics, rank, world, device)
+        evaluate(args, weights, metrics, rank, world_size, device)
     finally:
         teardown()
 
 
-def evaluate(args, weights, metrics, rank, world, device):
+def evaluate(args, weights, metrics, rank, world_size, device):
     """Protocol and prompts, scorers, noise; then each rank samples and scores its shard, and rank 0 writes."""
     dtype = getattr(torch, args.dtype)
     m, cfg, step = load_run(args.run_dir, device, dtype)
@@ -285,7 +288,7 @@ def evaluate(args, weights, metrics, rank, world, device):
                 "images_per_prompt": ipp, "name": name, "dtype": args.dtype,
                 "prompts": ", ".join(args.prompts) or "the tiny world's 40 seen + 8 held-out prompts",
                 "n_prompts": sum(len(v) for v in groups.values()), "resolution": resolution,
-                # train_sspo.setup allows TF32 on CUDA: float32 matmuls and convolutions (the scorers', and the
+                # ddp.setup allows TF32 on CUDA: float32 matmuls and convolutions (the scorers', and the
                 # UNet's with --dtype=float32) run in TF32 there
                 "tf32": device.type == "cuda"}
     try:
@@ -331,7 +334,7 @@ def evaluate(args, weights, metrics, rank, world, device):
                              f"{(b.in_channels, b.sample_size, b.sample_size)}: no common noise")
     # a generator per prompt file; the tiny world's seen and held-out prompts are one set
     noise = draw_noise([len(qs) * ipp for qs in groups.values()] if args.prompts else [len(prompts)], shape, args.seed)
-    lo, hi = rank * len(prompts) // world, (rank + 1) * len(prompts) // world  # this rank's shard of the images
+    lo, hi = rank * len(prompts) // world_size, (rank + 1) * len(prompts) // world_size  # this rank's shard of the images
 
     scores, shown, details = {}, {}, {}
     for k, mm in models.items():
@@ -359,7 +362,7 @@ def evaluate(args, weights, metrics, rank, world, device):
 
 def _tiny_prompt(q):
     try:
-        return bool(data.parse_prompt(q))
+        return bool(world.parse_prompt(q))
     except ValueError:
         return False
 
@@ -422,16 +425,16 @@ def write_results(args, cfg, step, protocol, weights, metrics, skipped, groups, 
 def breakdown_table(breakdown):
     """Markdown: the judge, its parts and the kinds of samples per model ('data': the base distribution's images for
     the same prompts), then where the shapes land per position word."""
-    parts, kinds = ("judge", "colour", "position", "shape", "clean"), data.KINDS
+    parts, kinds = ("judge", "colour", "position", "shape", "clean"), world.KINDS
     lines = ["\n| model | " + " | ".join(parts) + " | " + " | ".join(kinds) + " |", "|---|" + "---|" * (len(parts) + len(kinds))]
     for k, b in breakdown.items():
         lines.append(f"| {k} | " + " | ".join(f"{b[p]:.2f}" for p in parts) + " | "
                      + " | ".join(f"{b[c]:.0%}" for c in kinds) + " |")
     lines += ["\nmean (x, y) of the shapes, per position word (left (0.28, 0.5), right (0.72, 0.5), top (0.5, 0.28), "
-              "bottom (0.5, 0.72)):", "\n| model | " + " | ".join(data.POSITIONS) + " |", "|---|" + "---|" * len(data.POSITIONS)]
+              "bottom (0.5, 0.72)):", "\n| model | " + " | ".join(world.POSITIONS) + " |", "|---|" + "---|" * len(world.POSITIONS)]
     for k, b in breakdown.items():
         lines.append(f"| {k} | " + " | ".join("-" if b[f"at_{w}"] is None else "({:.2f}, {:.2f})".format(*b[f"at_{w}"])
-                                             for w in data.POSITIONS) + " |")
+                                             for w in world.POSITIONS) + " |")
     return "\n".join(lines)
 
 

@@ -3,7 +3,7 @@ The objectives: pure functions of per-sample denoising errors (shape (B,), float
 denoising_error), each returning (loss, stats). No I/O, no globals, one collective (Diffusion-KTO's reference point):
 what a fork changes for an ablation, and what tests/test_train.py, test_sspo.py and test_objectives.py pin down
 against hand-computed values. train_sspo.py's loop computes the errors (policy and reference, winners first, shared
-noise and timestep) and calls one of these.
+noise and timestep) and calls the method's entry of OBJECTIVES at the end of this file.
 """
 import math
 
@@ -129,3 +129,22 @@ def sdpo_scale(pred_w, pred_l, target_w, target_l, mu):
     inner = (g_w * g_l).sum()
     lam = ((1 - mu) * g_w.pow(2).sum() / inner).clamp(0, 1)
     return torch.where(inner > 0, lam, torch.ones_like(lam)).detach()  # no Python `if` on a GPU value: no sync
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# method -> its loss, all called alike: e holds the policy's per-sample errors on the winners ("w") and on the
+# losers or self-samples ("l"), the reference's ("ref_w", "ref_l"), the timesteps ("t") and the schedule's length
+# ("T"); c is the config. Adding an objective is one pure function above and one line here.
+OBJECTIVES = {
+    "sft": lambda e, c: sft_loss(e["w"]),
+    "dpo": lambda e, c: dpo_loss(e["w"], e["l"], e["ref_w"], e["ref_l"], c["beta"]),
+    "sspo": lambda e, c: sspo_loss(e["w"], e["l"], e["ref_w"], e["ref_l"], c["beta"], c["ssr"]),
+    "dmpo": lambda e, c: dmpo_loss(e["w"], e["l"], e["ref_w"], e["ref_l"], c["beta"], c["dmpo_alpha"]),
+    "kto": lambda e, c: kto_loss(torch.cat([e["w"], e["l"]]), torch.cat([e["ref_w"], e["ref_l"]]),  # unpaired:
+                                 torch.arange(2 * len(e["w"]), device=e["w"].device) < len(e["w"]), c["beta"]),
+    "mapo": lambda e, c: mapo_loss(e["w"], e["l"], c["beta"], c["mapo_snr"], e["T"]),
+    "see_dpo": lambda e, c: see_dpo_loss(e["w"], e["l"], e["ref_w"], e["ref_l"], c["beta"], c["see_gamma"]),
+    "dpo_cm": lambda e, c: dpo_cm_loss(e["w"], e["l"], e["ref_w"], e["ref_l"], e["t"], c["beta"], c["cm_t_range"]),
+}
+PAIR_METHODS = ("dpo", "dmpo", "kto", "mapo", "see_dpo", "dpo_cm")  # read image_l from the data
+REF_METHODS = ("dpo", "sspo", "dmpo", "kto", "see_dpo", "dpo_cm")    # compare with a frozen reference UNet

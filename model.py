@@ -150,6 +150,14 @@ def sample_latents(vae, moments, noise=None, generator=None):
     return (z * vae.config.scaling_factor).float()
 
 
+def to_latents(vae, batch, which, device, noise=None, generator=None):
+    """A batch's winners (which='w') or losers ('l') in diffusion space: its images VAE-encoded, or the moments
+    that latents.py stored for them, drawn with the same noise."""
+    if f"latent_{which}" in batch:
+        return sample_latents(vae, batch[f"latent_{which}"].to(device), noise, generator)
+    return images_to_latents(vae, batch[f"image_{which}"].to(device), noise, generator)
+
+
 def vae_factor(m):
     """How many pixels a side of one latent covers: 8 for SD1.5, 1 for a pixel-space model."""
     return 2 ** (len(m["vae"].config.block_out_channels) - 1) if m["vae"] is not None else 1
@@ -308,6 +316,31 @@ def ddim_invert(unet, scheduler, x0, t, context, uncond=None, steps=20, guidance
         a_cur = a_next
     a_t = _per_sample(abar[t], x)
     return x, (x - a_t.sqrt() * x0.float()) / (1 - a_t).sqrt()
+
+
+def speed_up(unets, channels_last=False, compile_unet=False):
+    """The opt-in fast paths, in place (bench.py measures them): channels_last memory format, and torch.compile
+    (state_dict keys and checkpoints unchanged; each new input shape recompiles). None entries are skipped."""
+    for u in unets:
+        if u is not None and channels_last:
+            u.to(memory_format=torch.channels_last)
+    for u in unets[:2] if compile_unet else ():  # the policy and the reference, not the EMA copy
+        if u is not None:
+            u.compile(dynamic=False)
+
+
+def check_model_fits(cfg, m):
+    """ValueError if the config asks what the loaded model cannot do: more sampler steps than its schedule takes, or a
+    resolution its VAE and UNet do not divide."""
+    T = m["scheduler"].config.num_train_timesteps
+    for k in ("sample_steps", "self_sample_steps"):
+        check_sampler_steps(m["scheduler"], cfg[k], k)
+    if cfg["inversion_steps"] > T:
+        raise ValueError(f"inversion_steps={cfg['inversion_steps']} is more than the scheduler's {T} timesteps")
+    f = vae_factor(m) * 2 ** (len(m["unet"].config.block_out_channels) - 1)  # the UNet halves the side too
+    if cfg["resolution"] % f:
+        raise ValueError(f"resolution={cfg['resolution']} is not a multiple of {f} (the VAE's and the UNet's "
+                         "downsampling)")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -15,13 +15,15 @@ uniformly, so every snapshot of the whole history is drawn with probability 1/(n
 Every random choice is a pure function of (seed, step) or (seed, push number): all DDP ranks draw the same snapshot
 without talking to each other, and a resumed run draws what the uninterrupted run would have drawn.
 """
+import copy
 import os
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-import durable
+import checkpoint
+import ddp
 
 DRAWS = ("uniform", "first", "last")
 
@@ -48,13 +50,13 @@ class ReferencePool:
         entry = {"step": step, "state": None, "path": None}  # path: a file name inside `folder`
         if self.storage == "memory":
             entry["state"] = {k: v.detach().to("cpu", self.dtype, copy=True) for k, v in state.items()}
-        else:  # written whole or not at all (durable.py): a kill never leaves a partial snapshot in use
+        else:  # written whole or not at all (checkpoint.write_file): a kill never leaves a partial snapshot in use
             entry["path"] = f"snapshot_{step:08d}.safetensors"  # relative: the run directory may move
             if self.writer:
                 os.makedirs(self.folder, exist_ok=True)
                 tensors = {k: v.detach().to("cpu", self.dtype).contiguous() for k, v in state.items()}
                 # save_file writes the open temporary file by its name: no second copy of SD1.5's UNet in memory
-                durable.write_file(os.path.join(self.folder, entry["path"]), lambda f: save_file(tensors, f.name),
+                checkpoint.write_file(os.path.join(self.folder, entry["path"]), lambda f: save_file(tensors, f.name),
                                    point="pool")
         if slot is None:
             self.entries.append(entry)
@@ -117,3 +119,20 @@ class ReferencePool:
                 raise FileNotFoundError(f"reference snapshot {os.path.join(self.folder, e['path'])} (named in the "
                                         "checkpoint) is missing")
         self.entries, self.pushes = d["entries"], d["pushes"]
+
+
+def make_reference(cfg, unet, out, master, ckpt=None, path=None):
+    """-> (pool, reference UNet) of a run: one resident reference UNet, into which snapshots are copied in place. The
+    pool starts with theta_0, the policy as it is now (or comes from checkpoint `ckpt` at `path` on resume); a
+    method other than SSPO only ever draws theta_0 (Diffusion-DPO's frozen base)."""
+    ref_dtype = torch.bfloat16 if cfg["ref_dtype"] == "bfloat16" else torch.float32
+    ref_unet = copy.deepcopy(unet).to(ref_dtype).eval().requires_grad_(False)
+    pool = ddp.together(True, ReferencePool, None if ckpt else unet.state_dict(),  # a disk pool writes theta_0
+                        cfg["ref_policy"] if cfg["method"] == "sspo" else "first", cfg["pool_capacity"],
+                        cfg["pool_storage"], os.path.join(out, "pool"), cfg["seed"], ref_dtype, master)
+    if ckpt:
+        try:
+            pool.load_state_dict(ckpt["pool"])
+        except FileNotFoundError as e:
+            raise SystemExit(f"error: {path}: {e}")
+    return pool, ref_unet

@@ -17,7 +17,8 @@ import time
 
 import torch
 
-import train_sspo
+import checkpoint
+
 
 ARGS = ["--method=sspo", "--tiny_size=512", "--batch_size=8", "--warmup_steps=2", "--max_steps=12", "--save_every=2",
         "--eval_every=1000", "--log_every=1", "--sample_steps=2", "--self_sample_steps=2", "--ckpt_every=1",
@@ -69,8 +70,8 @@ def main():
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
                 kills += 1
-                resumes += train_sspo.latest_checkpoint(out) is not None  # else the next start begins again
-                for step, path in train_sspo.checkpoints(out):  # whatever a kill left is complete and loadable
+                resumes += checkpoint.latest_checkpoint(out) is not None  # else the next start begins again
+                for step, path in checkpoint.checkpoints(out):  # whatever a kill left is complete and loadable
                     assert torch.load(path, map_location="cpu", weights_only=False, mmap=True)["step"] == step
                 continue
             if code != 0:

@@ -27,6 +27,7 @@ from PIL import Image, ImageDraw
 
 import data
 import model
+import world
 
 BASE = "out/tiny_base"
 OUT = "out/table"
@@ -108,7 +109,7 @@ def mean_std(xs):
 def samples_picture(names, seed, path, protocol, n=16):
     """One row per method (its run of `seed`): the first n//2 seen and all held-out prompts, one noise draw shared
     by every row, each tile labelled with its judge score."""
-    prompts = [data.prompt_of(c) for c in data.TRAIN_COMBOS[:n - len(data.HELD_OUT)] + data.HELD_OUT]
+    prompts = [world.prompt_of(c) for c in world.TRAIN_COMBOS[:n - len(world.HELD_OUT)] + world.HELD_OUT]
     rows, labels = [], []
     for d in [BASE] + [run_dir(name, seed) for name in names]:
         m = model.load_model(d)
@@ -121,7 +122,7 @@ def samples_picture(names, seed, path, protocol, n=16):
         x = model.latents_to_images(m["vae"], model.ddim_sample(m["unet"], m["scheduler"], cond, uncond, noise,
                                                                 protocol["steps"], protocol["guidance"]))
         rows.append(x)
-        labels += [f"{data.judge(img, p)[0]:.2f}" for img, p in zip(x, prompts)]
+        labels += [f"{world.judge(img, p)[0]:.2f}" for img, p in zip(x, prompts)]
     data.save_grid(torch.cat(rows), path, labels, cols=len(prompts), tile=48)
     grid = Image.open(path)  # method names down the left side
     img = Image.new("RGB", (grid.width + 130, grid.height), (40, 40, 40))

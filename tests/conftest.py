@@ -11,6 +11,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import config  # noqa: E402 (the repository root is on the path from here on)
+import ddp  # noqa: E402
+
 # a few seconds a run: tiny batches, few steps, eval only at step 0 and the last step, 2 sampler steps
 FAST = ["--batch_size=8", "--tiny_size=512", "--max_steps=4", "--warmup_steps=2", "--eval_every=1000",
         "--save_every=1000", "--log_every=1", "--sample_steps=2"]
@@ -24,7 +27,7 @@ def ddp_bound(args):
     sum over two x86 CPUs and thread counts. Real differences: ~200% (other examples' draws, the control of
     test_ddp_two_processes_equal_one), 130% (SSPO with another reference), 12% (SSPO's sampler without its noise)."""
     import train_sspo
-    cfg = train_sspo.get_config(list(args))
+    cfg = config.get_config(list(args))
     return 0.05 * sum(train_sspo.lr_at(s, cfg) for s in range(cfg["max_steps"]))
 
 
@@ -81,13 +84,10 @@ def run():
 
 @pytest.fixture(autouse=True)
 def close_run_log():
-    """A train_sspo.main called in this process (a test expecting its SystemExit) leaves its log.txt
-    open as train_sspo._log_file: closed after each test, so no later print0 writes into another test's run."""
+    """A train_sspo.main called in this process (a test expecting its SystemExit) leaves its log.txt open (ddp.py):
+    closed after each test, so no later print0 writes into another test's run."""
     yield
-    train_sspo = sys.modules.get("train_sspo")
-    if train_sspo is not None and train_sspo._log_file is not None:
-        train_sspo._log_file.close()
-        train_sspo._log_file = None
+    ddp.close_log()
 
 
 @pytest.fixture(scope="session")

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import bench
+import config
 import model
-import train_sspo
 from conftest import FAST, ROOT, run_script
 
 
@@ -86,7 +86,7 @@ def test_bench_latents_mode_skips_the_vae_and_keeps_the_step(monkeypatch, tmp_pa
     """--latents: the step draws its latents from the VAE's stored moments (as a latent_cache run does), so the
     VAE encoder's FLOPs leave the encode phase and the UNet's FLOPs stay the same."""
     narrow(monkeypatch)
-    cfg = train_sspo.get_config(["configs/sd15.py", "--data_path=.", "--resolution=64", "--batch_size=2",
+    cfg = config.get_config(["configs/sd15.py", "--data_path=.", "--resolution=64", "--batch_size=2",
                                  "--self_sample_steps=2"])
     cpu = torch.device("cpu")
     counts = {}
@@ -110,7 +110,7 @@ def test_bench_latents_needs_a_vae():
 def test_gpu_only_rows_run(monkeypatch, tmp_path):
     # the rows bench prints only on a GPU, run here on CPU so that a GPU session does not find their bugs
     narrow(monkeypatch)
-    cfg = train_sspo.get_config(["configs/sd15.py", "--data_path=.", "--resolution=64", "--batch_size=1"])
+    cfg = config.get_config(["configs/sd15.py", "--data_path=.", "--resolution=64", "--batch_size=1"])
     P = bench.build(cfg, True, torch.device("cpu"), str(tmp_path))
     rows = bench.gpu_variants(P, cfg, 0, 1)
     assert [r[0].split(":")[0] for r in rows] == ["guided forward"] * 2 + ["policy fwd+bwd"] * 2 + \
@@ -143,7 +143,7 @@ def test_attention_backward_counts_model_flops():
 
 
 def test_guided_forward_at_guidance_one_is_one_batch_as_the_sampler_runs_it(tmp_path):
-    cfg = train_sspo.get_config(["configs/tiny.py", "--tiny_mode=pairs", "--batch_size=2"])
+    cfg = config.get_config(["configs/tiny.py", "--tiny_mode=pairs", "--batch_size=2"])
     P = bench.build(cfg, False, torch.device("cpu"), str(tmp_path))
     flops = {}
     for g in (3.0, 1.0):

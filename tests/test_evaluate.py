@@ -8,7 +8,7 @@ import sys
 
 from PIL import Image
 
-import data
+import world
 from conftest import FAST, ROOT, run_script
 
 
@@ -30,7 +30,7 @@ def test_evaluate_a_run_against_a_base(tmp_path, run, base):
     for k in ("run", "base", "data"):
         br = s["breakdown"][k]
         assert set(br) >= {"judge", "colour", "position", "shape", "clean", "at_left", "at_bottom"}
-        assert sum(br[kind] for kind in data.KINDS) == pytest.approx(1)
+        assert sum(br[kind] for kind in world.KINDS) == pytest.approx(1)
     assert s["breakdown"]["run"]["judge"] == pytest.approx((40 * s["judge_seen_run"] + 8 * s["judge_heldout_run"]) / 48)
     assert s["breakdown"]["data"]["judge"] > 0.7 and s["breakdown"]["data"]["correct"] > 0.25  # the base distribution
     assert "| data | 0.8" in p.stdout and "| model | left | right | top | bottom |" in p.stdout
@@ -77,17 +77,16 @@ def test_evaluate_errors(tmp_path, base, capsys):
 import pytest
 import torch
 
-import data
+import config
 import evaluate as ev
 import model
-import train_sspo
 from test_scorers import save_tiny_scorers
 
 
 def fake_run(path, dataset="imagefolder", seed=0, step=7):
     """A tiny SD-layout model (with a VAE) plus the ckpt.pt fields evaluate.py reads: a run directory, no training."""
-    model.build_tiny_model(path, data.WORDS, with_vae=True, seed=seed)
-    cfg = dict(train_sspo.DEFAULTS, dataset=dataset, data_path="unused", method="sspo")
+    model.build_tiny_model(path, world.WORDS, with_vae=True, seed=seed)
+    cfg = dict(config.defaults(), dataset=dataset, data_path="unused", method="sspo")
     torch.save({"config": cfg, "step": step}, os.path.join(path, "ckpt.pt"))
     return path
 
@@ -99,7 +98,7 @@ def paper_setup(tmp_path_factory):
     weights["aesthetic"] = str(d / "scorers" / "missing_head.pth")  # not there: skipped, never a crash
     with open(d / "prompts.txt", "w") as f:
         f.write("a red circle on the left\n\na blue square at the top\na photo of a cat\nsunset\na green thing\n")
-    run, base = fake_run(str(d / "run")), model.build_tiny_model(str(d / "base"), data.WORDS, with_vae=True, seed=1)
+    run, base = fake_run(str(d / "run")), model.build_tiny_model(str(d / "base"), world.WORDS, with_vae=True, seed=1)
     args = [run, "--base", base, "--prompts", str(d / "prompts.txt"), "--steps=2", "--batch_size=2",
             "--weights", *[f"{k}={v}" for k, v in weights.items()]]
     return d, args, weights

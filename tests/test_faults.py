@@ -1,5 +1,5 @@
 """Faults lose nothing: a kill at each critical point of a checkpoint and of the disk pool, a file that cannot be
-written, a non-finite loss, unreadable data, a dead DDP rank and torchrun's restarts. Kills come from durable.fault
+written, a non-finite loss, unreadable data, a dead DDP rank and torchrun's restarts. Kills come from checkpoint.fault
 (SSPO_FAULT names the point), so each lands exactly where it should; soak.py (not in CI) kills at random times.
 
 Single-process runs are `python train_sspo.py` in a process forked for them (conftest.run_script): a real process that
@@ -19,9 +19,9 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoint
 import data
-import durable
-import train_sspo
+import ddp
 from conftest import FAST, ROOT, ddp_bound, run_script
 
 # SSPO from scratch with a disk pool that is bounded (reservoir replacements) and gets a snapshot every update
@@ -78,9 +78,9 @@ def test_killed_at_every_critical_point_resumes_to_the_same_weights(tmp_path):
             assert os.path.isdir(os.path.join(out, "unet.tmp")) and os.path.isdir(os.path.join(out, "unet"))
         if point == "unet:swapping":
             assert not os.path.exists(os.path.join(out, "unet")) and os.path.isdir(os.path.join(out, "unet.old"))
-        for step, path in train_sspo.checkpoints(out):  # whatever carries a checkpoint's name is complete
+        for step, path in checkpoint.checkpoints(out):  # whatever carries a checkpoint's name is complete
             assert load(path)["step"] == step
-        assert train_sspo.latest_checkpoint(out).endswith(f"ckpt_{resume_step:08d}.pt"), point
+        assert checkpoint.latest_checkpoint(out).endswith(f"ckpt_{resume_step:08d}.pt"), point
         resumed_from = resume_step
     code, text = fork_main(SSPO + [f"--out_dir={out}"])
     assert code == 0, text[-3000:]
@@ -91,8 +91,8 @@ def test_killed_at_every_critical_point_resumes_to_the_same_weights(tmp_path):
     assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
     assert a["pool"]["entries"] == b["pool"]["entries"]
     for d in (ref, out):  # bounded disk: keep_checkpoints=2, and only the snapshots those two name
-        assert [s for s, _ in train_sspo.checkpoints(d)] == [4, 6]
-        named = {e["path"] for s, p in train_sspo.checkpoints(d) for e in load(p)["pool"]["entries"]}
+        assert [s for s, _ in checkpoint.checkpoints(d)] == [4, 6]
+        named = {e["path"] for s, p in checkpoint.checkpoints(d) for e in load(p)["pool"]["entries"]}
         assert set(os.listdir(os.path.join(d, "pool"))) == named
         assert os.path.samefile(os.path.join(d, "ckpt.pt"), os.path.join(d, "ckpt_00000006.pt"))
     assert leftovers(out) == []
@@ -102,7 +102,7 @@ def test_first_save_killed_then_auto_resume_starts_over(tmp_path):
     """Killed inside the very first checkpoint: there is nothing to resume, so the next start begins again."""
     out = str(tmp_path / "run")
     code, _ = fork_main(FAST + [f"--out_dir={out}", "--max_steps=2", "--auto_resume=True"], fault="ckpt:written")
-    assert code == 137 and train_sspo.latest_checkpoint(out) is None
+    assert code == 137 and checkpoint.latest_checkpoint(out) is None
     code, text = fork_main(FAST + [f"--out_dir={out}", "--max_steps=2", "--auto_resume=True"])
     assert code == 0 and "resuming" not in text and load(os.path.join(out, "ckpt.pt"))["step"] == 2
     assert leftovers(out) == []
@@ -126,7 +126,7 @@ def test_a_file_that_cannot_be_written_stops_the_run_and_loses_nothing(tmp_path,
         assert open(os.path.join(out, "unet/diffusion_pytorch_model.safetensors"), "rb").read() == \
             before["unet/diffusion_pytorch_model.safetensors"]
     assert open(os.path.join(out, "ckpt.pt"), "rb").read() == before["ckpt.pt"]
-    assert [s for s, _ in train_sspo.checkpoints(out)] == [2] and leftovers(out) == []
+    assert [s for s, _ in checkpoint.checkpoints(out)] == [2] and leftovers(out) == []
 
 
 def test_theta_0_of_a_disk_pool_that_cannot_be_written_stops_the_run_in_one_line(tmp_path):
@@ -153,15 +153,15 @@ def test_disk_full_and_permission_errors_name_the_file(tmp_path, err):
         f.write(b"half of it")
         raise err
     with pytest.raises(OSError, match=rf"cannot write {path}: {err.strerror}; \d+ MB free there"):
-        durable.write_file(path, write)
+        checkpoint.write_file(path, write)
     assert open(path, "rb").read() == b"the previous, complete file" and os.listdir(tmp_path) == ["ckpt_00000004.pt"]
     folder = str(tmp_path / "unet")
     os.makedirs(folder)
     with pytest.raises(OSError, match=rf"cannot write {folder}: {err.strerror}"):
-        durable.write_folder(folder, lambda tmp: (os.makedirs(tmp), write(open(os.path.join(tmp, "w"), "wb"))))
+        checkpoint.write_folder(folder, lambda tmp: (os.makedirs(tmp), write(open(os.path.join(tmp, "w"), "wb"))))
     assert sorted(os.listdir(tmp_path)) == ["ckpt_00000004.pt", "unet"]
     with pytest.raises(SystemExit, match=rf"^error: cannot write {path}: {err.strerror}.*\(stopped; what was saved"):
-        train_sspo.together(True, durable.write_file, path, write)
+        ddp.together(True, checkpoint.write_file, path, write)
 
 
 # ---- numerics ---------------------------------------------------------------------------------------------------

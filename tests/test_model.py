@@ -5,19 +5,19 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
-import data
 import model
+import world
 from conftest import FAST
 
 
 @pytest.fixture(scope="module")
 def sd_dir(tmp_path_factory):
     """A tiny random model with a VAE, saved in the SD1.5 layout."""
-    return model.build_tiny_model(str(tmp_path_factory.mktemp("sd")), data.WORDS, resolution=16, with_vae=True)
+    return model.build_tiny_model(str(tmp_path_factory.mktemp("sd")), world.WORDS, resolution=16, with_vae=True)
 
 
 def test_tokenizer_is_clip_shaped(tmp_path):
-    tok = model.build_tokenizer(data.WORDS, str(tmp_path / "tok"))
+    tok = model.build_tokenizer(world.WORDS, str(tmp_path / "tok"))
     from transformers import CLIPTokenizer
     tok = CLIPTokenizer.from_pretrained(str(tmp_path / "tok"))
     ids = tok("A red circle on the left", padding="max_length", max_length=77).input_ids
@@ -33,11 +33,11 @@ def test_every_word_of_the_grammar_is_one_token(tmp_path):
     """BPE takes the lowest-ranked merge first: a merge learned for one word (r i, from "right") must not split
     another ("triangle" was t ri a n g l e): each word a token of its own, through the saved and reloaded tokenizer."""
     from transformers import CLIPTokenizer
-    model.build_tokenizer(data.WORDS, str(tmp_path / "tok"))
+    model.build_tokenizer(world.WORDS, str(tmp_path / "tok"))
     tok = CLIPTokenizer.from_pretrained(str(tmp_path / "tok"))
-    for w in data.WORDS:
+    for w in world.WORDS:
         assert tok.convert_ids_to_tokens(tok(w).input_ids) == ["<|startoftext|>", w + "</w>", "<|endoftext|>"], w
-    prompts = [data.prompt_of(c) for c in data.ALL_COMBOS]
+    prompts = [world.prompt_of(c) for c in world.ALL_COMBOS]
     assert all(len(tok(p).input_ids) == len(p.split()) + 2 for p in prompts)
 
 
@@ -48,7 +48,7 @@ def test_load_and_encode(sd_dir):
     ctx = model.encode_prompts(m["tokenizer"], m["text_encoder"], ["a red circle on the left", ""])
     assert ctx.shape == (2, 77, 32)
     assert not torch.allclose(ctx[0], ctx[1])
-    images = torch.stack([data.to_tensor(data.render(c, 16)) for c in data.ALL_COMBOS[:2]])
+    images = torch.stack([world.to_tensor(world.render(c, 16)) for c in world.ALL_COMBOS[:2]])
     z = model.images_to_latents(m["vae"], images, generator=torch.Generator().manual_seed(0))
     assert z.shape == (2, 4, 8, 8) and z.dtype == torch.float32
     back = model.latents_to_images(m["vae"], z)
@@ -60,7 +60,7 @@ def test_prompt_cache_matches_encoding_and_is_bounded(sd_dir):
     tok, enc = m["tokenizer"], m["text_encoder"]
     rows = []  # how many prompts each forward of the encoder sees
     enc.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[0]))
-    prompts = [data.prompt_of(c) for c in data.ALL_COMBOS[:6]]
+    prompts = [world.prompt_of(c) for c in world.ALL_COMBOS[:6]]
     cache = model.PromptCache(tok, enc, capacity=4)
     first = cache(prompts[:3] + [prompts[0], ""])  # duplicates in a batch are encoded once
     assert rows == [4] and list(cache.store) == prompts[:3] + [""]
@@ -94,7 +94,7 @@ def test_ddim_sample_matches_diffusers(tmp_path, with_vae, zero_snr):
     one (x0 clipped), and a zero-terminal-SNR v-prediction one ('trailing' steps from t = 999), with
     classifier-free guidance."""
     kind = "v_prediction" if zero_snr else "epsilon"
-    m = model.load_model(model.build_tiny_model(str(tmp_path), data.WORDS, with_vae=with_vae, zero_snr=zero_snr,
+    m = model.load_model(model.build_tiny_model(str(tmp_path), world.WORDS, with_vae=with_vae, zero_snr=zero_snr,
                                                 prediction_type=kind))
     assert m["scheduler"].config.prediction_type == kind and (m["scheduler"].alphas_cumprod[-1] == 0) == zero_snr
     unet = m["unet"].eval()

@@ -8,6 +8,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
+import config
 import losses
 import model
 import train_sspo
@@ -218,12 +219,12 @@ def test_ddim_invert_of_a_constant_model_is_the_forward_process(guidance, eps):
 ])
 def test_new_config_errors(argv, match):
     with pytest.raises(SystemExit, match=match):
-        train_sspo.get_config(argv)
+        config.get_config(argv)
 
 
 def test_kto_says_what_it_needs(tmp_path):
     """The one-line error comes before any work (in-process: main() stops right after building the dataset)."""
-    cfg = train_sspo.get_config(FAST + [f"--out_dir={tmp_path}/r", "--method=kto", "--tiny_mode=base"])
+    cfg = config.get_config(FAST + [f"--out_dir={tmp_path}/r", "--method=kto", "--tiny_mode=base"])
     with pytest.raises(SystemExit, match=r"method='kto' needs paired data \(image_l\).*tiny_mode='pairs'.*winners are "
                                          r"its desirable, losers its undesirable samples"):
         train_sspo.main(cfg)

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
+import config
 import losses
 import replay
 import train_sspo
@@ -223,14 +225,14 @@ def test_sspo_resume_is_exact_with_a_disk_pool(tmp_path, run, base):
     assert all(torch.equal(ca["unet"][k], cb["unet"][k]) for k in ca["unet"])
     assert [e["step"] for e in ca["pool"]["entries"]] == [e["step"] for e in cb["pool"]["entries"]]
     # the pool folder holds exactly the snapshots that the kept checkpoints (keep_checkpoints=2) name
-    named = {e["path"] for _, p in train_sspo.checkpoints(b) for e in torch.load(p, weights_only=False)["pool"]["entries"]}
-    assert sorted(os.listdir(os.path.join(b, "pool"))) == sorted(named) and len(train_sspo.checkpoints(b)) == 2
+    named = {e["path"] for _, p in checkpoint.checkpoints(b) for e in torch.load(p, weights_only=False)["pool"]["entries"]}
+    assert sorted(os.listdir(os.path.join(b, "pool"))) == sorted(named) and len(checkpoint.checkpoints(b)) == 2
     # a snapshot the checkpoint names, deleted: resuming stops in one line naming both
     gone = os.path.join(b, "pool", cb["pool"]["entries"][1]["path"])
     os.remove(gone)
     p = run(args + [f"--out_dir={b}", "--init_from=resume", "--max_steps=9"])
     assert p.returncode == 1 and p.stderr.strip().splitlines()[-1] == (
-        f"error: {train_sspo.latest_checkpoint(b)}: reference snapshot {gone} (named in the checkpoint) is missing")
+        f"error: {checkpoint.latest_checkpoint(b)}: reference snapshot {gone} (named in the checkpoint) is missing")
 
 
 def test_sspo_ddp_ranks_agree_on_the_reference(tmp_path, run, base):
@@ -249,7 +251,7 @@ def test_sspo_ddp_ranks_agree_on_the_reference(tmp_path, run, base):
 
 def test_dpo_needs_pairs(tmp_path):
     with pytest.raises(SystemExit, match=r"method='dpo' needs paired data.*tiny_mode='pairs'"):
-        train_sspo.main(train_sspo.get_config(FAST + [f"--out_dir={tmp_path}/r", "--method=dpo", "--tiny_mode=base"]))
+        train_sspo.main(config.get_config(FAST + [f"--out_dir={tmp_path}/r", "--method=dpo", "--tiny_mode=base"]))
 
 
 def test_a_missing_base_is_trained_first(tmp_path, run):

@@ -7,6 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
+import config
+import data
 import losses
 import train_sspo
 from conftest import FAST, ddp_bound
@@ -15,10 +18,10 @@ from conftest import FAST, ddp_bound
 def test_config_files_and_overrides(tmp_path):
     f = tmp_path / "c.py"
     f.write_text("max_steps = 7\nlr = 1  # an int for a float key is fine\nunet_channels = (16, 32)\n")
-    cfg = train_sspo.get_config([str(f), "--max_steps=9", "--out_dir=out/x", "--guidance=1.5"])
+    cfg = config.get_config([str(f), "--max_steps=9", "--out_dir=out/x", "--guidance=1.5"])
     assert cfg["max_steps"] == 9 and cfg["lr"] == 1.0 and type(cfg["lr"]) is float
     assert cfg["out_dir"] == "out/x" and cfg["unet_channels"] == (16, 32) and cfg["guidance"] == 1.5
-    assert set(cfg) == set(train_sspo.DEFAULTS)
+    assert set(cfg) == set(config.defaults())
 
 
 @pytest.mark.parametrize("argv, match", [
@@ -59,13 +62,13 @@ def test_config_files_and_overrides(tmp_path):
 ])
 def test_config_errors(argv, match):
     with pytest.raises(SystemExit, match=match):
-        train_sspo.get_config(argv)
+        config.get_config(argv)
 
 
 def test_string_keys_take_the_text_as_it_is(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     os.mkdir("1e-3")
-    cfg = train_sspo.get_config(["--out_dir=2025", "--init_from='resume'", "--dataset=imagefolder", "--data_path=1e-3"])
+    cfg = config.get_config(["--out_dir=2025", "--init_from='resume'", "--dataset=imagefolder", "--data_path=1e-3"])
     assert (cfg["out_dir"], cfg["init_from"], cfg["data_path"]) == ("2025", "resume", "1e-3")
 
 
@@ -73,15 +76,15 @@ def test_config_file_errors(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("lr = 1e-4\nbatchsize = 4\n")
     with pytest.raises(SystemExit, match=r"unknown key 'batchsize' in .*bad.py \(did you mean 'batch_size'\?\)"):
-        train_sspo.get_config([str(bad)])
+        config.get_config([str(bad)])
     none = tmp_path / "none.py"  # a value of a type no default has is an error too, not silently ignored
     none.write_text("ema_decay = None\n")
     with pytest.raises(SystemExit, match=r"ema_decay in .*none.py must be float"):
-        train_sspo.get_config([str(none)])
+        config.get_config([str(none)])
     broken = tmp_path / "broken.py"
     broken.write_text("lr = (\n")
     with pytest.raises(SystemExit, match=r"broken.py does not run: SyntaxError"):
-        train_sspo.get_config([str(broken)])
+        config.get_config([str(broken)])
 
 
 def test_every_config_in_configs_dir_is_valid():
@@ -90,7 +93,7 @@ def test_every_config_in_configs_dir_is_valid():
             argv = [os.path.join("configs", name)]
             if name == "sd15.py":  # its data path is the user's; check the rest of it
                 argv.append(f"--data_path={os.getcwd()}")
-            train_sspo.get_config(argv)
+            config.get_config(argv)
 
 
 def test_sft_loss_by_hand():
@@ -102,7 +105,7 @@ def test_sft_loss_by_hand():
 
 
 def test_lr_schedule():
-    cfg = dict(train_sspo.DEFAULTS, lr=1.0, warmup_steps=10, max_steps=110, lr_schedule="cosine")
+    cfg = dict(config.defaults(), lr=1.0, warmup_steps=10, max_steps=110, lr_schedule="cosine")
     assert train_sspo.lr_at(0, cfg) == pytest.approx(0.1)
     assert train_sspo.lr_at(9, cfg) == pytest.approx(1.0)
     assert train_sspo.lr_at(60, cfg) == pytest.approx(0.55)
@@ -113,17 +116,17 @@ def test_lr_schedule():
 def test_step_randomness_is_dealt_like_the_sampler():
     """Two ranks' draws, interleaved, are the one-process draws of the same global batch (the self-sampler's
     per-step noise included), and drawing that noise last leaves the others as they were."""
-    cfg = dict(train_sspo.DEFAULTS, caption_dropout=0.5, method="sspo", self_sample_eta=0.5, self_sample_steps=3)
-    one = train_sspo.step_randomness(cfg, 3, 0, 0, 1, (8, 3, 4, 4), 1000)
-    r0 = train_sspo.step_randomness(cfg, 3, 0, 0, 2, (4, 3, 4, 4), 1000)
-    r1 = train_sspo.step_randomness(cfg, 3, 0, 1, 2, (4, 3, 4, 4), 1000)
+    cfg = dict(config.defaults(), caption_dropout=0.5, method="sspo", self_sample_eta=0.5, self_sample_steps=3)
+    one = data.step_randomness(cfg, 3, 0, 0, 1, (8, 3, 4, 4), 1000)
+    r0 = data.step_randomness(cfg, 3, 0, 0, 2, (4, 3, 4, 4), 1000)
+    r1 = data.step_randomness(cfg, 3, 0, 1, 2, (4, 3, 4, 4), 1000)
     assert one[5].shape == (3, 8, 3, 4, 4)
     for i, (a, b, full) in enumerate(zip(r0, r1, one)):
         k = 1 if i >= 4 else 0  # the examples' axis; vae_noise has (winner, loser) before it, eta_noise the steps
         assert torch.equal(torch.stack([a, b], k + 1).flatten(k, k + 1), full), i
-    other = train_sspo.step_randomness(cfg, 4, 0, 0, 1, (8, 3, 4, 4), 1000)
+    other = data.step_randomness(cfg, 4, 0, 0, 1, (8, 3, 4, 4), 1000)
     assert not torch.equal(one[0], other[0])
-    no_eta = train_sspo.step_randomness(dict(cfg, self_sample_eta=0.0), 3, 0, 0, 1, (8, 3, 4, 4), 1000)
+    no_eta = data.step_randomness(dict(cfg, self_sample_eta=0.0), 3, 0, 0, 1, (8, 3, 4, 4), 1000)
     assert no_eta[5] is None and all(torch.equal(a, b) for a, b in zip(no_eta[:5], one[:5]))
 
 
@@ -131,21 +134,21 @@ def test_fine_tuning_never_replays_the_pretraining_stream():
     """A fine-tune (init_from a model) draws other data order, examples, noise, timesteps, caption dropout and
     self-sampling noise than pretraining (init_from='scratch') -- for any pair of seeds; a resumed run keeps its
     run's stream. Pretraining's draws are what they were before streams existed."""
-    assert train_sspo.stream_of({"init_from": "scratch"}) == 0
-    assert train_sspo.stream_of({"init_from": "out/tiny_base"}) == 1
-    assert train_sspo.stream_of({"init_from": "resume"}, {"config": {"init_from": "scratch"}}) == 0
-    assert train_sspo.stream_of({"init_from": "resume"}, {"config": {"init_from": "out/tiny_base"}}) == 1
+    assert data.stream_of({"init_from": "scratch"}) == 0
+    assert data.stream_of({"init_from": "out/tiny_base"}) == 1
+    assert data.stream_of({"init_from": "resume"}, {"config": {"init_from": "scratch"}}) == 0
+    assert data.stream_of({"init_from": "resume"}, {"config": {"init_from": "out/tiny_base"}}) == 1
     shape = (16, 3, 4, 4)
     draws, firsts = {}, {}
     for seed in range(4):
-        cfg = dict(train_sspo.DEFAULTS, seed=seed, method="sspo", self_sample_eta=0.5, self_sample_steps=2,
+        cfg = dict(config.defaults(), seed=seed, method="sspo", self_sample_eta=0.5, self_sample_steps=2,
                    tiny_mode="pairs", tiny_size=256, batch_size=16, caption_dropout=0.5)
         for stream in (0, 1):
-            draws[seed, stream] = train_sspo.step_randomness(cfg, 0, 0, 0, 1, shape, 1000, stream)
-            ds = train_sspo.make_dataset(cfg, stream)
-            batch, _ = next(train_sspo.micro_batches(ds, cfg, 0, 1, 0, 0, stream))
+            draws[seed, stream] = data.step_randomness(cfg, 0, 0, 0, 1, shape, 1000, stream)
+            ds = data.make_dataset(cfg, stream)
+            batch, _ = next(data.micro_batches(ds, cfg, 0, 1, 0, 0, stream))
             firsts[seed, stream] = (batch["prompt"], batch["image_w"])
-            assert not any(torch.equal(ds[i]["image_w"], train_sspo.make_dataset(cfg, 1 - stream)[i]["image_w"])
+            assert not any(torch.equal(ds[i]["image_w"], data.make_dataset(cfg, 1 - stream)[i]["image_w"])
                            for i in range(8))
         g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 0, 0]).generate_state(1)[0]))
         assert torch.equal(draws[seed, 0][0], torch.randn(shape, generator=g))  # stream 0 as before
@@ -202,7 +205,7 @@ def test_resume_is_exact(tmp_path, run):
 
 
 def test_resume_without_or_from_a_damaged_checkpoint_is_one_line(tmp_path, capsys):
-    train = lambda *args: train_sspo.main(train_sspo.get_config(FAST + list(args)))
+    train = lambda *args: train_sspo.main(config.get_config(FAST + list(args)))
     with pytest.raises(SystemExit, match=r"ckpt.pt does not exist$"):
         train(f"--out_dir={tmp_path}/none", "--init_from=resume")
     out = tmp_path / "run"
@@ -265,7 +268,7 @@ def test_trained_text_encoder_is_saved_in_the_run_folder(tmp_path, run):
     out = str(tmp_path / "run")
     assert run(FAST + [f"--out_dir={out}", "--train_text_encoder=True"]).returncode == 0
     import model
-    fresh = model.build_tiny_model(str(tmp_path / "fresh"), __import__("data").WORDS)  # the same seed-0 init
+    fresh = model.build_tiny_model(str(tmp_path / "fresh"), __import__("world").WORDS)  # the same seed-0 init
     before = model.load_model(fresh)["text_encoder"].state_dict()
     after = model.load_model(out)["text_encoder"].state_dict()
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)["text_encoder"]
@@ -320,26 +323,26 @@ def test_what_the_model_cannot_do_or_a_broken_model_is_one_line(tmp_path, base):
                         # SD1.5's steps_offset 1: 1000 steps would start at timestep 1000 (an IndexError before)
                         (["--self_sample_steps=1000", "--method=sspo"], r"self_sample_steps=1000 does not fit")):
         with pytest.raises(SystemExit, match=match):
-            train_sspo.main(train_sspo.get_config(FAST + [f"--out_dir={tmp_path}/{args[0][2:6]}", *args]))
+            train_sspo.main(config.get_config(FAST + [f"--out_dir={tmp_path}/{args[0][2:6]}", *args]))
     broken = fresh(tmp_path, base, "broken")
     for f in os.listdir(os.path.join(broken, "unet")):
         if f.endswith(".safetensors"):
             os.remove(os.path.join(broken, "unet", f))
     with pytest.raises(SystemExit, match=r"^error: \S*/broken/unet: UNet2DConditionModel: .*no file named") as e:
-        train_sspo.main(train_sspo.get_config(FAST + [f"--out_dir={tmp_path}/from_broken", f"--init_from={broken}"]))
+        train_sspo.main(config.get_config(FAST + [f"--out_dir={tmp_path}/from_broken", f"--init_from={broken}"]))
     assert "\n" not in str(e.value)
 
 
 def test_resume_accepts_the_same_global_micro_batch_on_other_process_counts():
-    cfg = train_sspo.get_config(FAST + ["--batch_size=4"])
+    cfg = config.get_config(FAST + ["--batch_size=4"])
     ckpt = {"config": {**cfg, "batch_size": 8}, "world": 1}
-    train_sspo.check_resumable(cfg, ckpt, 2, "ckpt.pt")  # 1 x 8 -> 2 x 4
-    train_sspo.check_resumable({**cfg, "batch_size": 2}, {**ckpt, "world": 4}, 16, "ckpt.pt")  # 4 x 8 -> 16 x 2
-    train_sspo.check_resumable(cfg, {"config": ckpt["config"]}, 2, "ckpt.pt")  # an older checkpoint: not known
+    checkpoint.check_resumable(cfg, ckpt, 2, "ckpt.pt")  # 1 x 8 -> 2 x 4
+    checkpoint.check_resumable({**cfg, "batch_size": 2}, {**ckpt, "world": 4}, 16, "ckpt.pt")  # 4 x 8 -> 16 x 2
+    checkpoint.check_resumable(cfg, {"config": ckpt["config"]}, 2, "ckpt.pt")  # an older checkpoint: not known
     with pytest.raises(SystemExit, match=r"global micro-batch of 8 .* Resume with batch_size=4 \("):
-        train_sspo.check_resumable({**cfg, "batch_size": 8}, ckpt, 2, "ckpt.pt")
+        checkpoint.check_resumable({**cfg, "batch_size": 8}, ckpt, 2, "ckpt.pt")
     with pytest.raises(SystemExit, match=r"Resume with a process count that divides 8"):
-        train_sspo.check_resumable({**cfg, "batch_size": 1}, ckpt, 3, "ckpt.pt")
+        checkpoint.check_resumable({**cfg, "batch_size": 1}, ckpt, 3, "ckpt.pt")
 
 
 @pytest.mark.parametrize("key, was, now", [("ref_policy", "first", "uniform"), ("ref_policy", "last", "uniform"),
@@ -347,10 +350,10 @@ def test_resume_accepts_the_same_global_micro_batch_on_other_process_counts():
 def test_resume_refuses_another_pool(key, was, now):
     """The pool's saved entries hold what its draw policy and size kept (under 'first' only theta_0): resumed
     under another, a uniform draw would crash on an empty range or favour the newest snapshot."""
-    cfg = train_sspo.get_config(FAST + ["--method=sspo", "--tiny_mode=pairs", f"--{key}={now}"])
+    cfg = config.get_config(FAST + ["--method=sspo", "--tiny_mode=pairs", f"--{key}={now}"])
     with pytest.raises(SystemExit, match=rf"^error: ckpt.pt is a run with {key}={was!r}; it cannot resume as "
                                          rf"{key}={now!r}"):
-        train_sspo.check_resumable(cfg, {"config": {**cfg, key: was}, "world": 1}, 1, "ckpt.pt")
+        checkpoint.check_resumable(cfg, {"config": {**cfg, key: was}, "world": 1}, 1, "ckpt.pt")
 
 
 @pytest.mark.parametrize("args, match", [
@@ -363,13 +366,13 @@ def test_resume_refuses_another_global_batch_or_method(tmp_path, base, args, mat
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
     assert ckpt["world"] == 1 and ckpt["config"]["batch_size"] == 8
     with pytest.raises(SystemExit, match=match):
-        train_sspo.main(train_sspo.get_config(FAST + [f"--out_dir={out}", "--init_from=resume", *args]))
-    assert [s for s, _ in train_sspo.checkpoints(out)] == [s for s, _ in train_sspo.checkpoints(base)]  # nothing new
+        train_sspo.main(config.get_config(FAST + [f"--out_dir={out}", "--init_from=resume", *args]))
+    assert [s for s, _ in checkpoint.checkpoints(out)] == [s for s, _ in checkpoint.checkpoints(base)]  # nothing new
 
 
 def test_help_lists_every_key(capsys):
     with pytest.raises(SystemExit) as e:
-        train_sspo.get_config(["configs/tiny.py", "--help"])
+        config.get_config(["configs/tiny.py", "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    assert all(f"--{k}={v!r}" in out for k, v in train_sspo.DEFAULTS.items()), out
+    assert all(f"--{k}={v!r}" in out for k, v in config.defaults().items()), out

@@ -1,0 +1,109 @@
+"""
+The process helpers every script shares: one script runs with or without torchrun (setup / teardown), rank 0
+prints and logs (print0, log_json into the run directory's log.txt and log.jsonl), numbers are averaged over
+ranks before they are printed (all_mean), and a file written by rank 0 is followed by a collective before anyone
+reads it (together).
+"""
+import datetime
+import json
+import os
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+_log_file = None  # rank 0's out_dir/log.txt, once open_log has opened it
+
+
+def setup(cfg):
+    """-> (rank, world, device). DDP when torchrun set the environment, else one process."""
+    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    want_cuda = cfg["device"] == "cuda" or (cfg["device"] == "auto" and torch.cuda.is_available())
+    if cfg["device"] == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("config error: device='cuda' but no CUDA device is visible")
+    if ddp:
+        dist.init_process_group("nccl" if want_cuda else "gloo", timeout=datetime.timedelta(seconds=cfg["ddp_timeout"]))
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local = int(os.environ["LOCAL_RANK"])
+    else:
+        rank, world, local = 0, 1, 0
+    if want_cuda:
+        torch.cuda.set_device(local)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return rank, world, torch.device(f"cuda:{local}" if want_cuda else "cpu")
+
+
+def teardown():
+    if dist.is_initialized():
+        dist.barrier()  # the rank hosting the store (rank 0 when torchrun does not share its own) leaves last
+        dist.destroy_process_group()
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_mean(values, device):
+    """Average a dict of floats over ranks, so the printed numbers are the global batch's."""
+    if not dist.is_initialized():
+        return values
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(values, (t / dist.get_world_size()).tolist()))
+
+
+def together(run_here, fn, *args):
+    """fn(*args) where run_here (rank 0's file writes), then one collective: an OSError on any rank (disk full, no
+    permission: one line naming the file) stops every rank with that line, rather than leaving the others waiting
+    for a rank that is gone. Also a barrier: nobody reads a file before it is complete. Returns fn's result."""
+    err = out = None
+    try:
+        if run_here:
+            out = fn(*args)
+    except OSError as e:
+        err = f"error: {e} (stopped; what was saved before is intact)"
+    errs = [err]
+    if dist.is_initialized():
+        errs = [None] * dist.get_world_size()
+        dist.all_gather_object(errs, err)
+    if any(errs):
+        raise SystemExit(next(e for e in errs if e))
+    return out
+
+
+def open_log(out_dir):
+    """Rank 0 appends what print0 prints to out_dir/log.txt from now on."""
+    global _log_file
+    _log_file = open(os.path.join(out_dir, "log.txt"), "a")
+
+
+def close_log():
+    global _log_file
+    if _log_file is not None:
+        _log_file.close()
+        _log_file = None
+
+
+def log_line(msg):
+    """Append a line to log.txt alone (a one-line error is also the last line of the log, where a run is read)."""
+    if _log_file is not None and not _log_file.closed:
+        _log_file.write(msg + "\n")
+        _log_file.flush()
+
+
+def print0(*args):
+    """Print on rank 0 only (above the progress bar) and append to out_dir/log.txt."""
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    msg = " ".join(str(a) for a in args)
+    tqdm.write(msg)
+    log_line(msg)
+
+
+def log_json(record):
+    """Rank 0 appends one JSON line to out_dir/log.jsonl: the numbers of log.txt, for plots and scripts."""
+    if _log_file is not None:
+        with open(os.path.join(os.path.dirname(_log_file.name), "log.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
