@@ -5,6 +5,7 @@ Where a training step's time goes, per method, and how far SSPO is from its floo
     python bench.py --sd15                    # the SD1.5-shaped UNet (random weights, configs/sd15.py) on one GPU
     python bench.py --sd15 --compile          # the same with torch.compile'd UNets (compile time printed apart)
     python bench.py --sd15 --compile regional # each ResNet and transformer block compiled apart (compiles faster)
+    python bench.py --sd15 --profile          # where the time goes: wall against kernels, the top kernels
     python bench.py --sd15 --latents          # steps read precomputed VAE latents, as with latent_cache (latents.py)
     python bench.py --sd15 --resolution 64    # on CPU: a smoke run of the SD1.5 code path at 8x8 latents
 
@@ -37,8 +38,6 @@ from contextlib import nullcontext
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor
-from diffusers.models.resnet import ResnetBlock2D
-from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop, sdpa_flop
 from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -301,8 +300,8 @@ def count_flops(method, P, cfg):
 # -----------------------------------------------------------------------------------------------------------------
 # the fast-path variants, each measured before and after on the same pieces
 
-def guided_inputs(P, cfg):
-    B, dev = P["B"], P["device"]
+def guided_inputs(P, cfg, B=None):
+    B, dev = B or P["B"], P["device"]
     dtype = next(P["ref_unet"].parameters()).dtype
     x = torch.randn(B, *P["shape"], device=dev)
     ctx = torch.randn(B, 77, P["uncond"].shape[-1], device=dev, dtype=dtype)
@@ -310,11 +309,11 @@ def guided_inputs(P, cfg):
     return x, ctx, context, torch.tensor(500, device=dev), dtype
 
 
-def guided_forward(P, cfg, batched=True, autocast=None):
+def guided_forward(P, cfg, batched=True, autocast=None, B=None):
     """One sampler step's UNet work: cond and uncond in one forward of 2B (ddim_sample), or two of B; at guidance
     1.0 one forward of B on the prompts alone, as ddim_sample then runs."""
-    x, ctx, context, t, dtype = guided_inputs(P, cfg)
-    ref = P["ref_unet"]
+    x, ctx, context, t, dtype = guided_inputs(P, cfg, B)
+    B, ref = x.shape[0], P["ref_unet"]
 
     @torch.no_grad()
     def fn():
@@ -323,14 +322,14 @@ def guided_forward(P, cfg, batched=True, autocast=None):
                 return ref(x.to(dtype), t, encoder_hidden_states=ctx).sample
             if batched:
                 return ref(torch.cat([x, x]).to(dtype), t, encoder_hidden_states=context).sample
-            ref(x.to(dtype), t, encoder_hidden_states=context[:P["B"]]).sample
+            ref(x.to(dtype), t, encoder_hidden_states=context[:B]).sample
             return ref(x.to(dtype), t, encoder_hidden_states=ctx).sample
     return fn
 
 
-def policy_fwd_bwd(P, cfg, memory_format=torch.contiguous_format, autocast=None):
+def policy_fwd_bwd(P, cfg, memory_format=torch.contiguous_format, autocast=None, B=None):
     """The policy's forward + backward on a DPO-shaped batch (2B)."""
-    B2, dev = 2 * P["B"], P["device"]
+    B2, dev = 2 * (B or P["B"]), P["device"]
     x0 = torch.randn(B2, *P["shape"], device=dev).contiguous(memory_format=memory_format)
     eps = torch.randn_like(x0)
     t = torch.randint(0, 1000, (B2,), device=dev)
@@ -421,18 +420,44 @@ def variants(P, cfg, args):
     return out
 
 
-def kernel_seconds(fn, device):
-    """Seconds the GPU spends in kernels during one fn() after a warmup call (torch.profiler's self device time):
-    against fn's wall time, near 1 the kernels are the limit (fusion, compile); well below, the host's launching
-    is (CUDA graphs). 0 on CPU."""
+def profile(fn, device, top=8):
+    """One fn() after a warmup call, under torch.profiler -> (seconds in kernels, kernel launches, the `top` kernels
+    as (name, seconds, calls)). On a GPU: the device's own events (a kernel's time is also copied onto the CPU op that
+    launched it); on CPU: the aten ops' self time. Against fn's wall time, near 1 the kernels are the limit (fusion,
+    compile); well below, the host's launching is (CUDA graphs)."""
     fn()
     acts = [torch.profiler.ProfilerActivity.CPU] + [torch.profiler.ProfilerActivity.CUDA] * (device.type == "cuda")
     with torch.profiler.profile(activities=acts) as prof:
         fn()
         sync(device)
-    # a kernel's time is also copied onto the CPU op that launched it: only the device's own events count
-    return sum(e.self_device_time_total for e in prof.key_averages()
-               if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6
+    if device.type == "cuda":
+        events = [(e.key, e.self_device_time_total / 1e6, e.count) for e in prof.key_averages()
+                  if e.device_type == torch.autograd.DeviceType.CUDA]
+    else:
+        events = [(e.key, e.self_cpu_time_total / 1e6, e.count) for e in prof.key_averages() if e.key.startswith("aten::")]
+    events.sort(key=lambda e: -e[1])
+    return sum(e[1] for e in events), sum(e[2] for e in events), events[:top]
+
+
+def kernel_seconds(fn, device):
+    """Seconds the GPU spends in kernels during one fn() after a warmup call (profile()); 0 on CPU."""
+    return profile(fn, device)[0] if device.type == "cuda" else 0.0
+
+
+def print_profiles(P, cfg, args):
+    """--profile: wall time against the kernels' own time and the top kernels, for the sampler's guided forward and
+    the policy's forward + backward, at the config's batch and at batch 1: what does not grow with the batch is the
+    host's (launches, Python) or a kernel's fixed cost."""
+    dev = P["device"]
+    print("\nprofile (torch.profiler, one call after a warmup; wall: median of --iters)")
+    for b in sorted({P["B"], 1}, reverse=True):
+        for what, fn in (("guided forward", guided_forward(P, cfg, B=b)), ("policy fwd+bwd", policy_fwd_bwd(P, cfg, B=b))):
+            wall = time_it(fn, dev, args.warmup, args.iters)
+            busy, launches, top = profile(fn, dev)
+            print(f"  {what}, batch {b}: wall {wall * 1e3:.1f} ms, {'kernels' if dev.type == 'cuda' else 'ops'} "
+                  f"{busy * 1e3:.1f} ms ({busy / wall:.0%} of the wall) in {launches} launches")
+            for name, sec, calls in top:
+                print(f"      {sec * 1e3:8.2f} ms {calls:6d}x  {name[:90]}")
 
 
 def gpu_variants(P, cfg, w, n):
@@ -458,29 +483,54 @@ def gpu_variants(P, cfg, w, n):
     return rows
 
 
-def bench_compile(P, cfg, args):
-    """torch.compile both UNets in place (state_dict keys unchanged); -> (rows like variants(), compile seconds).
-    whole: each UNet as one graph per input shape. regional: each ResNet and transformer block on its own, as
-    diffusers' compile_repeated_blocks does for transformers: blocks of one class and shape share their compiled
-    code, so it compiles in a fraction of the time but cannot fuse across blocks."""
+def short_run(P, cfg, steps, autocast):
+    """`steps` AdamW updates of the policy from its current weights on seeded SFT-shaped batches (B) -> the weights
+    it ends with (a copy; the policy is put back). The comparison behind making a fast path the default."""
+    unet, dev, B = P["unet"], P["device"], P["B"]
+    start = {k: v.clone() for k, v in unet.state_dict().items()}
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    g = torch.Generator(dev).manual_seed(cfg["seed"])
+    for _ in range(steps):
+        x0 = torch.randn(B, *P["shape"], device=dev, generator=g)
+        eps = torch.randn(x0.shape, device=dev, generator=g)
+        t = torch.randint(0, 1000, (B,), device=dev, generator=g)
+        ctx = torch.randn(B, 77, P["uncond"].shape[-1], device=dev, generator=g)
+        with autocast:
+            model.denoising_error(unet, P["sched"], x0, eps, t, ctx).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    end = [p.detach().clone() for p in unet.parameters()]
+    unet.load_state_dict(start)
+    return [start[k] for k, _ in unet.named_parameters()], end
+
+
+def distance(a, b):
+    return math.sqrt(sum((x.double() - y.double()).pow(2).sum().item() for x, y in zip(a, b)))
+
+
+def bench_compile(P, cfg, args, steps=5):
+    """torch.compile both UNets in place as compile_unet does (model.speed_up) -> (rows like variants(), compile
+    seconds, check): the eager and compiled times, and a short run's weights compiled against eager, set beside
+    the difference bf16 autocast itself makes (eager fp32 against eager bf16): compile is within bf16's tolerance
+    when its difference is not larger."""
     dev, w, n = P["device"], args.warmup, args.iters
     fwd_eager = time_it(guided_forward(P, cfg), dev, w, n)
     fb_eager = time_it(policy_fwd_bwd(P, cfg), dev, w, n)
+    start, eager = short_run(P, cfg, steps, P["autocast"])
+    _, fp32 = short_run(P, cfg, steps, nullcontext())
     t0 = time.perf_counter()
-    if args.compile == "regional":  # the blocks of a class share one code object: a graph for each (block shape, batch)
-        torch._dynamo.config.recompile_limit = 64
-    for u in (P["unet"], P["ref_unet"]):  # dynamic=False: one graph per input shape, no symbolic dims
-        parts = [m for m in u.modules() if isinstance(m, (ResnetBlock2D, Transformer2DModel))] \
-            if args.compile == "regional" else [u]
-        for m in parts:
-            m.compile(dynamic=False)
+    model.speed_up([P["unet"], P["ref_unet"]], compile_unet=args.compile)
     guided_forward(P, cfg)()
     policy_fwd_bwd(P, cfg)()
     sync(dev)
     t_compile = time.perf_counter() - t0
+    _, compiled = short_run(P, cfg, steps, P["autocast"])
+    moved = distance(eager, start)
+    check = {"short run: compiled vs eager": distance(compiled, eager) / moved,
+             "short run: fp32 vs bf16 autocast": distance(fp32, eager) / moved}
     how = f"torch.compile ({args.compile})"
     return [(f"guided forward: eager -> {how}", fwd_eager, time_it(guided_forward(P, cfg), dev, w, n), ""),
-            (f"policy fwd+bwd: eager -> {how}", fb_eager, time_it(policy_fwd_bwd(P, cfg), dev, w, n), "")], t_compile
+            (f"policy fwd+bwd: eager -> {how}", fb_eager, time_it(policy_fwd_bwd(P, cfg), dev, w, n), "")], t_compile, check
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -502,6 +552,8 @@ def main(argv):
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override, as train_sspo.py takes it (e.g. --set grad_checkpointing=False); repeatable")
     ap.add_argument("--no_variants", action="store_true", help="skip the fast-path before/after table")
+    ap.add_argument("--profile", action="store_true", help="wall against kernel time and the top kernels of the "
+                    "guided forward and the policy fwd+bwd, at the config's batch and at batch 1 (torch.profiler)")
     ap.add_argument("--write_sd15", default="", metavar="DIR", help="write the random SD1.5-shaped model and a "
                     "Pick-a-Pic shard of random images to DIR (for train_sspo.py configs/sd15.py), then exit")
     args = ap.parse_args(argv)
@@ -543,21 +595,28 @@ def main(argv):
         peak_name = "bf16" if device.type == "cuda" else "fp32"
         flops = {meth: count_flops(meth, P, cfg) for meth in methods}
         rows = [] if args.no_variants else variants(P, cfg, args)
+        if args.profile:
+            print_profiles(P, cfg, args)
         if args.compile:
-            more, t_compile = bench_compile(P, cfg, args)
+            more, t_compile, check = bench_compile(P, cfg, args)
             rows += more
-            print(f"torch.compile: {t_compile:.1f} s to compile (once per run and shape)")
+            print(f"torch.compile ({args.compile}): {t_compile:.1f} s to compile the guided forward and the policy "
+                  f"fwd+bwd (once per run and input shape)")
+            c, f = check.values()
+            print(f"short run of 5 AdamW updates from the same weights, distance between the ends relative to the "
+                  f"distance trained: compiled vs eager {c:.4f}; eager fp32 vs eager bf16 autocast {f:.4f} -> compile "
+                  f"{'is' if c <= f else 'is NOT'} within bf16's tolerance")
         guided = time_it(guided_forward(P, cfg), device, args.warmup, args.iters)
         swap_load = time_it(lambda: P["pool"].load_into(1, P["ref_unet"]), device, args.warmup, args.iters)
         pushes = itertools.count(2)  # each push adds a snapshot to the pool (SD1.5: 1.7 GB on disk), so only 3
         swap_push = time_it(lambda: P["pool"].push(P["unet"].state_dict(), next(pushes)), device, 0, 3)
-        res, mem = {}, None
+        res, mem = {}, {}
         for meth in methods:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             res[meth] = time_step(meth, P, cfg, args.warmup, args.iters)
-            if device.type == "cuda" and meth == "sspo":
-                mem = torch.cuda.max_memory_allocated(device)
+            if device.type == "cuda":
+                mem[meth] = torch.cuda.max_memory_allocated(device)
             res[meth]["opt"] /= cfg["grad_accum"]  # one update per grad_accum micro-batches
             stretch = cfg["ckpt_every"] * cfg["grad_accum"]  # micro-batches between pushes
             redraw = stretch if cfg["ref_redraw"] == "stretch" else cfg["grad_accum"]
@@ -585,7 +644,7 @@ def main(argv):
     print(f"\nmeasured {peak_name} matmul peak {peak / 1e12:.2f} TFLOP/s; guided reference forward "
           f"({'B = ' + str(B) if cfg['self_sample_guidance'] == 1.0 else '2B = ' + str(2 * B)}) "
           f"{guided * 1e3:.2f} ms; snapshot push {swap_push * 1e3:.1f} ms, load {swap_load * 1e3:.1f} ms")
-    ratios = {}
+    ratios = dict(check) if args.compile else {}
     if "sspo" in res:
         ratios["self-sampling util"] = flops["sspo"]["sample"] / res["sspo"]["sample"] / peak
         ratios["sample / (K x guided forward)"] = res["sspo"]["sample"] / (K * guided)
@@ -595,8 +654,9 @@ def main(argv):
         floor = res["dpo"]["step"] + K * guided
         ratios["sspo step / floor"] = res["sspo"]["step"] / floor
         print(f"sspo floor = dpo step {res['dpo']['step'] * 1e3:.1f} ms + {K} x {guided * 1e3:.2f} ms = {floor * 1e3:.1f} ms")
-    if mem is not None:
-        print(f"peak memory of an sspo step at batch {B}: {mem / 2 ** 30:.2f} GiB (the fp32 gradients held throughout, "
+    if mem:
+        print(f"peak memory of a step at batch {B}: " + ", ".join(f"{k} {v / 2 ** 30:.2f} GiB" for k, v in mem.items())
+              + " (the fp32 gradients held throughout, "
               "as DDP's buckets or grad_accum > 1 hold them)")
     cpu_targets = device.type == "cpu" and not args.sd15  # each target is for its setting only
     print("ratios" + (" (targets are for CPU + the tiny world)" if cpu_targets else ""))

@@ -120,7 +120,7 @@ nonfinite = "skip"              # a NaN/inf loss or gradient: 'skip' the update 
                                 # 'stop' naming the step and the batch's prompts
 text_cache = 4096               # distinct prompts whose frozen text-encoder output is kept (0: encode every micro-step)
 channels_last = False           # UNets in channels_last memory format (python bench.py measures it; off: as published)
-compile_unet = False            # torch.compile the policy and reference UNets in place (compiles first; each new
+compile_unet = "off"            # torch.compile the policy and reference UNets in place: off, whole or regional (each new
                                 # input shape recompiles). Off: the published results were trained without it
 ema_decay = 0.0                 # >0: evaluate and save an exponential moving average of the weights (pretraining);
                                 # 0 for alignment, as Diffusion-DPO and SSPO train without one

@@ -122,7 +122,7 @@ def test_gpu_only_rows_run(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("argv, match", [
     (["--set", "ema_decay=0.999"], r"ema_decay=0.999 \(from the config or --set\) is not applied here: the EMA"),
-    (["--set", "compile_unet=True"], r"compile_unet=True .* pass --compile instead"),
+    (["--set", "compile_unet=regional"], r"compile_unet=.regional. .* pass --compile instead"),
     (["--config=configs/tiny_inversion_dpo.py"], r"noising='ddim_inversion' .* only the forward process"),
     (["--set", "tiny_size=4", "--batch_size=8"], r"the dataset has 4 examples, fewer than one micro-batch of 8$"),
 ])
@@ -156,3 +156,34 @@ def test_guided_forward_at_guidance_one_is_one_batch_as_the_sampler_runs_it(tmp_
         flops[g] = fc.get_total_flops()
         assert flops[g] == fs.get_total_flops()  # one sampler step's UNet work, whatever the guidance
     assert flops[3.0] == 2 * flops[1.0]
+
+
+def test_profile_and_regional_compile_rows(monkeypatch, capsys, tmp_path):
+    # --profile and --compile regional on CPU at reduced width; dynamo's eager backend stands in for inductor
+    # (whose first compile takes minutes here), so the compiled short run must match the eager one
+    cfg = tmp_path / "sd15_short.py"
+    cfg.write_text(open(f"{ROOT}/configs/sd15.py").read() + "\nself_sample_steps = 2\nbatch_size = 1\n")
+    narrow(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    compiled = []
+    compile = torch.nn.Module.compile
+    def eager_compile(self, **kw):
+        compiled.append(type(self).__name__)
+        compile(self, backend="eager", **kw)
+    monkeypatch.setattr(torch.nn.Module, "compile", eager_compile)
+    argv = ["--sd15", f"--config={cfg}", "--resolution=64", "--iters=1", "--warmup=0", "--methods=sft", "--no_variants",
+            "--profile", "--compile", "regional"]
+    same = bench.main(argv)["short run: compiled vs eager"]
+    out = capsys.readouterr().out
+    assert set(compiled) == {"ResnetBlock2D", "Transformer2DModel"}, set(compiled)
+    assert "guided forward, batch 1: wall" in out and "policy fwd+bwd, batch 1: wall" in out and "aten::" in out
+    assert "policy fwd+bwd: eager -> torch.compile (regional)" in out and "within bf16's tolerance" in out
+    # on CPU both short runs are fp32: they differ only by the kernels' run-to-run rounding, which Adam's
+    # normalisation turns into steps of up to lr on near-zero gradients (measured 0.3-1.2% of the distance trained)
+    # a "compiled" model that computes something else fails the check
+    def wrong_compile(self, **kw):
+        self.register_forward_hook(lambda mod, args, out: out * 1.01 if torch.is_tensor(out) else out)  # the ResNets
+    monkeypatch.setattr(torch.nn.Module, "compile", wrong_compile)
+    wrong = bench.main([a for a in argv if a != "--profile"])["short run: compiled vs eager"]
+    assert "compile is NOT within bf16's tolerance" in capsys.readouterr().out
+    assert wrong > 10 * same, (wrong, same)
