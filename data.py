@@ -276,6 +276,47 @@ class PickAPic(torch.utils.data.Dataset):
                 **({"image_l": img[1]} if self.losers else {})}
 
 
+def read_metadata(root, what, why_not=lambda p: None if os.path.isfile(p) else "is not a file"):
+    """root/metadata.jsonl (the diffusers imagefolder convention) -> (rows, paired): each row [text, file, loser
+    file?] with the paths joined to root; `loser_file_name` on every line (pairs) or on none. Every line is checked
+    before any training: valid JSON, the keys, their types, and that each file exists and why_not(path) has
+    nothing against it (it returns None, or what is wrong)."""
+    meta, rows, paired_all = os.path.join(root, "metadata.jsonl"), [], None
+    if not os.path.isfile(meta):
+        raise FileNotFoundError(f"{meta}: no such file ({what} needs metadata.jsonl with file_name, text)")
+    with open(meta, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            where = f"{meta} line {n}"
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(d, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(d).__name__}")
+            paired = "loser_file_name" in d
+            if paired_all is not None and paired != paired_all:
+                raise ValueError(f"{where}: {'has' if paired else 'lacks'} loser_file_name but earlier lines "
+                                 f"{'do not' if paired else 'do'} (all lines must be pairs, or none)")
+            paired_all = paired
+            keys = ["text", "file_name"] + ["loser_file_name"] * paired
+            for key in keys:
+                if key not in d:
+                    raise ValueError(f"{where}: missing key '{key}'")
+                if not isinstance(d[key], str):
+                    raise ValueError(f"{where}: '{key}' must be a string, got {type(d[key]).__name__}")
+                p = os.path.join(root, d[key])
+                if key != "text" and not os.path.exists(p):
+                    raise FileNotFoundError(f"{where}: {key} {p} does not exist")
+                if key != "text" and why_not(p):
+                    raise ValueError(f"{where}: {key} {p} {why_not(p)}")
+            rows.append([d["text"]] + [os.path.join(root, d[key]) for key in keys[1:]])
+    if not rows:
+        raise ValueError(f"{meta}: no rows")
+    return rows, paired_all
+
+
 class ImageFolder(torch.utils.data.Dataset):
     """The diffusers imagefolder convention: root/metadata.jsonl, one JSON object a line with `file_name` (relative
     to root) and `text`; with `loser_file_name` too (on every line or none) the items are pairs, unless
@@ -284,36 +325,7 @@ class ImageFolder(torch.utils.data.Dataset):
     def __init__(self, root, resolution, random_crop=False, random_flip=True, seed=0, losers=True):
         self.resolution, self.random_crop, self.random_flip, self.seed, self.epoch, self.losers = \
             resolution, random_crop, random_flip, seed, 0, losers
-        meta, self.rows, self.paired = os.path.join(root, "metadata.jsonl"), [], None
-        if not os.path.isfile(meta):
-            raise FileNotFoundError(f"{meta}: no such file (an imagefolder needs metadata.jsonl with file_name, text)")
-        with open(meta, encoding="utf-8") as fh:
-            for n, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                where = f"{meta} line {n}"
-                try:
-                    d = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-                if not isinstance(d, dict):
-                    raise ValueError(f"{where}: expected a JSON object, got {type(d).__name__}")
-                paired = "loser_file_name" in d
-                if self.paired is not None and paired != self.paired:
-                    raise ValueError(f"{where}: {'has' if paired else 'lacks'} loser_file_name but earlier lines "
-                                     f"{'do not' if paired else 'do'} (all lines must be pairs, or none)")
-                self.paired = paired
-                keys = ["text", "file_name"] + ["loser_file_name"] * paired
-                for key in keys:
-                    if key not in d:
-                        raise ValueError(f"{where}: missing key '{key}'")
-                    if not isinstance(d[key], str):
-                        raise ValueError(f"{where}: '{key}' must be a string, got {type(d[key]).__name__}")
-                    if key != "text" and not os.path.isfile(os.path.join(root, d[key])):
-                        raise FileNotFoundError(f"{where}: {key} {os.path.join(root, d[key])} does not exist")
-                self.rows.append([d["text"]] + [os.path.join(root, d[key]) for key in keys[1:]])
-        if not self.rows:
-            raise ValueError(f"{meta}: no rows")
+        self.rows, self.paired = read_metadata(root, "an imagefolder")
 
     def set_epoch(self, epoch):
         self.epoch = epoch
