@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 import config
 import model
 import world
-from conftest import FAST, run_script
+from conftest import FAST, ddp_bound, run_script
 from test_faults import fork_main, load
 
 LORA = FAST + ["--lora_rank=4", "--self_sample_steps=2"]
@@ -146,3 +146,28 @@ def test_evaluate_scores_a_lora_run_like_a_full_one(tmp_path, run, base):
     assert p.returncode == 0, p.stderr[-3000:]
     s = json.load(open(os.path.join(out, "eval", "scores.json")))
     assert len(s["per_image"]) == 48 and s["unet_sha256"] != s["base_unet_sha256"]
+
+
+def test_lora_sspo_under_ddp_equals_one_process(tmp_path, run, base):
+    """2 processes x batch 4 == 1 process x batch 8 for LoRA SSPO: DDP reduces the adapter's gradients only, and every
+    rank switches its reference adapter as the others do."""
+    args = LORA + ["--method=sspo", f"--init_from={base}", "--ckpt_every=1", "--ref_redraw=step"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    assert run(args + [f"--out_dir={one}", "--batch_size=8"]).returncode == 0
+    p = run(args + [f"--out_dir={two}", "--batch_size=4"], torchrun=2)
+    assert p.returncode == 0, p.stderr[-3000:] + p.stdout[-3000:]
+    w1, w2 = (load(os.path.join(d, "ckpt.pt"))["unet"] for d in (one, two))
+    d = max((w1[k] - w2[k]).abs().max().item() for k in w1)
+    assert d < ddp_bound(args), d  # float tolerance from the lr of its updates (conftest.ddp_bound)
+
+
+def test_lora_with_gradient_checkpointing_trains_the_same_adapter(tmp_path, run, base):
+    """The frozen base's blocks, recomputed in the backward, still pass the gradient to the adapters inside them (a
+    reentrant checkpoint of a block whose inputs need no gradient would give them none)."""
+    outs = [str(tmp_path / f"gc{on}") for on in (0, 1)]
+    for out, on in zip(outs, (False, True)):
+        p = run(LORA + [f"--out_dir={out}", f"--init_from={base}", "--max_steps=2", f"--grad_checkpointing={on}"])
+        assert p.returncode == 0, p.stderr[-3000:]
+    w0, w1 = (load(os.path.join(d, "ckpt.pt"))["unet"] for d in outs)
+    assert any(w0[k].abs().max() > 0 for k in w0 if "lora_B" in k)
+    assert all(torch.allclose(w0[k], w1[k], atol=1e-6) for k in w0)
