@@ -18,6 +18,7 @@ import shutil
 import torch
 
 import ddp
+import model
 
 _reached = {}  # fault point -> times reached in this process
 
@@ -180,9 +181,12 @@ def save_checkpoint(cfg, unet, ema, text_encoder, opt, step, data_pos, pool, tal
     loadable. unet/ first: wherever a checkpoint exists, a unet/ to load it into exists too."""
     out = cfg["out_dir"]
     trained = {"unet": ema or unet, **({"text_encoder": text_encoder} if cfg["train_text_encoder"] else {})}
+    if cfg["lora_rank"]:  # unet/ is the frozen base, written at the start: only the adapter changes
+        trained = {}
+        write_folder(os.path.join(out, model.LORA_DIR), lambda d: model.save_lora(unet, d), point="lora")
     for name, module in trained.items():
         write_folder(os.path.join(out, name), module.save_pretrained, point=name)
-    ckpt = {"unet": unet.state_dict(), "ema": ema.state_dict() if ema else None,
+    ckpt = {"unet": model.trained_state(unet, cfg), "ema": ema.state_dict() if ema else None,
             "text_encoder": text_encoder.state_dict() if cfg["train_text_encoder"] else None, "optimizer": opt.state_dict(),
             "step": step, "data_pos": data_pos, "tallies": tallies, "world": world,
             "rng": torch.get_rng_state(), "config": cfg, "pool": pool.state_dict() if pool else None}
@@ -206,7 +210,8 @@ def drop_old_checkpoints(cfg, pool):
 
 
 # what a checkpoint's state depends on (the pool's entries: its draw policy, which decides what it keeps, and its size)
-RESUME_FIXED = ("method", "dataset", "pool_storage", "ref_policy", "pool_capacity", "train_text_encoder")
+RESUME_FIXED = ("method", "dataset", "pool_storage", "ref_policy", "pool_capacity", "train_text_encoder", "lora_rank",
+                "lora_alpha", "lora_targets")
 
 
 def check_resumable(cfg, ckpt, world, path):
@@ -249,7 +254,7 @@ def load_state(path, cfg, world, unet, text_encoder, ema, opt, tallies, tidied, 
     (ckpt, step, data position, tallies)."""
     ckpt = read_checkpoint(path)
     check_resumable(cfg, ckpt, world, path)
-    unet.load_state_dict(ckpt["unet"])
+    model.load_trained_state(unet, ckpt["unet"], cfg)
     if cfg["train_text_encoder"]:
         text_encoder.load_state_dict(ckpt["text_encoder"])
     if ema is not None:

@@ -96,6 +96,18 @@ def get_config(argv):
                          "the noise cannot be told from x_t = eps)")
     if cfg["train_text_encoder"] and cfg["method"] != "sft":
         raise SystemExit("config error: train_text_encoder is for SFT pretraining; alignment keeps the encoder frozen")
+    if cfg["lora_rank"] < 0 or cfg["lora_alpha"] < 0:
+        raise SystemExit(f"config error: lora_rank and lora_alpha must be >= 0 (lora_rank 0: full fine-tuning; "
+                         f"lora_alpha 0: = lora_rank), got {cfg['lora_rank']} and {cfg['lora_alpha']}")
+    if cfg["lora_rank"]:  # what LoRA here does not do, refused rather than silently trained otherwise
+        for key, bad, why in (("ema_decay", cfg["ema_decay"] > 0, "an EMA of the adapter is not implemented"),
+                              ("train_text_encoder", cfg["train_text_encoder"], "the adapters are on the UNet only"),
+                              ("compile_unet", cfg["compile_unet"] != "off", "switching adapters would recompile")):
+            if bad:
+                raise SystemExit(f"config error: lora_rank={cfg['lora_rank']} with {key}={cfg[key]!r}: {why}")
+        if not cfg["lora_targets"] or not all(type(n) is str and n for n in cfg["lora_targets"]):
+            raise SystemExit(f"config error: lora_targets must be module names like ('to_q', 'to_k'), got "
+                             f"{cfg['lora_targets']!r}")
     if cfg["latent_cache"]:
         data.check_latent_config(cfg)
     if cfg["text_cache"] < 0:

@@ -65,13 +65,15 @@ def load_model(path, device="cpu", dtype=torch.float32):
 
 def unet_sha256(path):
     """First 16 hex digits of the sha256 of the UNet weights a local model loads (all shards in order; not variants
-    such as .fp16.safetensors, which from_pretrained does not load by default): which weights were scored."""
+    such as .fp16.safetensors, which from_pretrained does not load by default), and of a LoRA run's adapter after
+    them (model.load_model fuses it): which weights were scored."""
     for ext in ("safetensors", "bin"):
         files = [f for f in sorted(glob.glob(os.path.join(path, "unet", "*." + ext))) if os.path.basename(f).count(".") == 1]
         if files:
             break
     else:
         return None  # a hub id
+    files += glob.glob(os.path.join(path, model.LORA_DIR, model.LORA_FILE))
     h = hashlib.sha256()
     for name in files:
         with open(name, "rb") as f:

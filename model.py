@@ -6,6 +6,7 @@ A model without vae/ works in pixel space: that is the tiny world's model, built
 """
 import json
 import os
+import warnings
 
 import diffusers
 import torch
@@ -40,9 +41,11 @@ def check_model_path(path):
     return local
 
 
-def load_model(path, device="cpu", frozen_dtype=torch.float32):
+def load_model(path, device="cpu", frozen_dtype=torch.float32, fuse_lora=True):
     """-> dict(unet, vae or None, text_encoder, tokenizer, scheduler). The UNet stays fp32 (master weights);
-    the frozen text encoder and VAE may be cast to `frozen_dtype`."""
+    the frozen text encoder and VAE may be cast to `frozen_dtype`. A LoRA run's folder holds the base in unet/ and
+    the adapter in lora/: fuse_lora merges it into the UNet, so a LoRA run loads like a full one (training, which
+    resumes the adapter itself, passes False)."""
     local = check_model_path(path)
 
     def part(cls, sub):  # OSError naming the part: a missing or damaged file, a hub id that does not resolve
@@ -61,6 +64,14 @@ def load_model(path, device="cpu", frozen_dtype=torch.float32):
     if not local or os.path.isdir(os.path.join(path, "vae")):
         m["vae"] = part(AutoencoderKL, "vae")
     check_scheduler(m["scheduler"], path)
+    if fuse_lora and local and os.path.isfile(os.path.join(path, LORA_DIR, LORA_FILE)):
+        try:
+            m["unet"].load_lora_adapter(os.path.join(path, LORA_DIR), prefix="unet", weight_name=LORA_FILE,
+                                        local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise OSError(f"{os.path.join(path, LORA_DIR, LORA_FILE)}: {e}") from None
+        m["unet"].fuse_lora()
+        m["unet"].unload_lora()  # the merged weights stay: a plain UNet again
     for k in ("text_encoder", "vae"):
         if m[k] is not None:
             m[k].to(device=device, dtype=frozen_dtype).eval().requires_grad_(False)
@@ -91,6 +102,101 @@ def save_frozen_parts(m, out_dir):
         index["vae"] = ["diffusers", "AutoencoderKL"]
     with open(os.path.join(out_dir, "model_index.json"), "w") as f:
         json.dump(index, f, indent=2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LoRA: low-rank adapters through peft, as diffusers integrates it (UNet2DConditionModel.add_adapter), never layers
+# of our own, so that StableDiffusionPipeline.load_lora_weights reads what we save
+
+LORA_DIR, LORA_FILE = "lora", "pytorch_lora_weights.safetensors"  # where a run folder keeps its adapter
+
+
+def add_lora(unet, cfg, names=("default",)):
+    """Freeze the UNet and add one adapter per name (diffusers' LoRA trainers: gaussian A, zero B, so a new adapter
+    leaves the output exactly the base's). 'default' is the trained one and stays active; a second one ('ref')
+    holds a snapshot for SSPO's reference (LoraReference). -> the trainable parameters, the default adapter's."""
+    from peft import LoraConfig
+    unet.requires_grad_(False)
+    for name in names:
+        warnings.filterwarnings("ignore", "Already found a `peft_config`")  # peft's note on a second adapter: wanted
+        unet.add_adapter(LoraConfig(r=cfg["lora_rank"], lora_alpha=cfg["lora_alpha"] or cfg["lora_rank"],
+                                    target_modules=list(cfg["lora_targets"]), init_lora_weights="gaussian"), name)
+    unet.set_adapter("default")  # add_adapter activates (and unfreezes) the adapter it adds
+    return check_trained_adapter(unet)
+
+
+def check_trained_adapter(unet):
+    """-> the default adapter's parameters, after checking that they and only they require gradients (peft's
+    set_adapter and enable/disable_adapters set requires_grad as they switch)."""
+    trained = [p for n, p in unet.named_parameters() if ".default." in n]
+    wrong = [n for n, p in unet.named_parameters() if p.requires_grad != (".default." in n)]
+    if not trained or wrong:
+        raise RuntimeError(f"LoRA: the trained adapter must be the only trainable parameters; wrong: {wrong[:3]}")
+    return trained
+
+
+def lora_state(unet, adapter="default"):
+    """{name: tensor} of one adapter's weights, named as peft's get_peft_model_state_dict names them (without the
+    adapter's name): what the pool, the checkpoint and the saved adapter hold. Views of the parameters: copying
+    into them loads an adapter in place."""
+    from peft.utils import get_peft_model_state_dict
+    return get_peft_model_state_dict(unet, adapter_name=adapter)
+
+
+def trained_state(unet, cfg):
+    """The weights a checkpoint and a pool snapshot hold: the whole UNet, or with LoRA its trained adapter only."""
+    return lora_state(unet) if cfg["lora_rank"] else unet.state_dict()
+
+
+def load_trained_state(unet, state, cfg):
+    if not cfg["lora_rank"]:
+        return unet.load_state_dict(state)
+    with torch.no_grad():
+        for k, t in lora_state(unet).items():
+            t.copy_(state[k])
+
+
+def save_lora(unet, folder):
+    """The trained adapter as StableDiffusionPipeline.load_lora_weights(folder) reads it (its rank and alpha in the
+    file's metadata)."""
+    from diffusers import StableDiffusionPipeline
+    meta = unet.peft_config["default"].to_dict()
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=lora_state(unet), weight_name=LORA_FILE,
+                                              unet_lora_adapter_metadata=meta)
+
+
+class LoraReference:
+    """A LoRA run's reference without a second UNet: the policy's own UNet with its adapters off (theta_0, the base:
+    Diffusion-DPO's reference and SSPO's first snapshot) or with the 'ref' adapter, which holds a snapshot, in
+    place of the trained one. Called like a UNet, always without gradients; every call switches back to the trained
+    adapter and checks that it alone is trainable again before the policy's forward and backward."""
+
+    def __init__(self, unet):
+        self.unet, self.adapter = unet, None
+
+    def parameters(self):  # denoising_error and the sampler read the input dtype from here: the policy's
+        return self.unet.parameters()
+
+    def load(self, state, step):
+        """Use snapshot `state` (an adapter's weights) of step `step`; step 0 is theta_0: adapters off."""
+        self.adapter = "ref" if step else None
+        if step:
+            with torch.no_grad():
+                for k, t in lora_state(self.unet, "ref").items():
+                    t.copy_(state[k])
+
+    def __call__(self, *args, **kwargs):
+        try:
+            with torch.no_grad():
+                if self.adapter is None:
+                    self.unet.disable_adapters()
+                else:
+                    self.unet.set_adapter(self.adapter)
+                return self.unet(*args, **kwargs)
+        finally:
+            self.unet.enable_adapters()
+            self.unet.set_adapter("default")
+            check_trained_adapter(self.unet)
 
 
 # ---------------------------------------------------------------------------------------------------------------

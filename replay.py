@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 import checkpoint
 import ddp
+import model
 
 DRAWS = ("uniform", "first", "last")
 
@@ -95,6 +96,9 @@ class ReferencePool:
         """Copy snapshot i into `module` in place: no new allocation, no config re-read (SSPO swaps often)."""
         e = self.entries[i]
         state = e["state"] if e["state"] is not None else load_file(os.path.join(self.folder, e["path"]))
+        if isinstance(module, model.LoraReference):  # a LoRA run's snapshots are adapters (theta_0: adapters off)
+            module.load(state, e["step"])
+            return e["step"]
         with torch.no_grad():
             for name, t in module.state_dict().items():
                 t.copy_(state[name])
@@ -124,10 +128,16 @@ class ReferencePool:
 def make_reference(cfg, unet, out, master, ckpt=None, path=None):
     """-> (pool, reference UNet) of a run: one resident reference UNet, into which snapshots are copied in place. The
     pool starts with theta_0, the policy as it is now (or comes from checkpoint `ckpt` at `path` on resume); a
-    method other than SSPO only ever draws theta_0 (Diffusion-DPO's frozen base)."""
+    method other than SSPO only ever draws theta_0 (Diffusion-DPO's frozen base).
+    With LoRA there is no second UNet: the reference is the policy's UNet with its adapters off (theta_0) or with
+    a snapshot in its 'ref' adapter (model.LoraReference), and the pool holds adapters only (ref_dtype: their
+    storage; the reference computes with the policy's weights)."""
     ref_dtype = torch.bfloat16 if cfg["ref_dtype"] == "bfloat16" else torch.float32
-    ref_unet = copy.deepcopy(unet).to(ref_dtype).eval().requires_grad_(False)
-    pool = ddp.together(True, ReferencePool, None if ckpt else unet.state_dict(),  # a disk pool writes theta_0
+    if cfg["lora_rank"]:
+        ref_unet = model.LoraReference(unet)
+    else:
+        ref_unet = copy.deepcopy(unet).to(ref_dtype).eval().requires_grad_(False)
+    pool = ddp.together(True, ReferencePool, None if ckpt else model.trained_state(unet, cfg),  # a disk pool writes theta_0
                         cfg["ref_policy"] if cfg["method"] == "sspo" else "first", cfg["pool_capacity"],
                         cfg["pool_storage"], os.path.join(out, "pool"), cfg["seed"], ref_dtype, master)
     if ckpt:

@@ -124,6 +124,11 @@ compile_unet = "off"            # torch.compile the policy and reference UNets i
                                 # input shape recompiles). Off: the published results were trained without it
 ema_decay = 0.0                 # >0: evaluate and save an exponential moving average of the weights (pretraining);
                                 # 0 for alignment, as Diffusion-DPO and SSPO train without one
+# LoRA (peft adapters as diffusers adds them; the run folder gets lora/, which load_lora_weights reads)
+lora_rank = 0                   # 0: full fine-tuning | r > 0: train rank-r adapters only (diffusers' LoRA trainers: 4)
+lora_alpha = 0.0                # adapter scale alpha / rank; 0.0 means alpha = lora_rank (scale 1, diffusers' trainers)
+lora_targets = ("to_q", "to_k", "to_v", "to_out.0")  # UNet modules adapted: the attention projections (diffusers'
+                                # LoRA trainers); the reference is the same UNet with the adapter off or swapped
 # sampling (eval grids; the shared DDIM sampler)
 sample_steps = 20               # DDIM steps
 guidance = 3.0                  # classifier-free guidance scale (SD1.5: 7.5); 1.0 = no guidance, one forward
@@ -226,9 +231,12 @@ def train_base_first(cfg, master):
 
 def load_for_training(cfg, source, ds, device, use_bf16, master):
     """The model parts from `source` (the run directory is an SD-layout folder: scratch and resume load from it),
-    the UNet in train mode, the trained parameters, AdamW and the EMA copy (None without ema_decay)."""
+    the UNet in train mode, the trained parameters, AdamW and the EMA copy (None without ema_decay). With LoRA the
+    UNet gets its adapters (SSPO a second one for the reference) and the trained parameters are the adapter's only;
+    the run folder's unet/ is then the frozen base, written once, and checkpoints add lora/."""
+    own = source == cfg["out_dir"]  # scratch or resume: a LoRA run's lora/ is resumed from ckpt.pt, not fused here
     try:
-        m = model.load_model(source, device, torch.bfloat16 if use_bf16 else torch.float32)
+        m = model.load_model(source, device, torch.bfloat16 if use_bf16 else torch.float32, fuse_lora=not own)
         model.check_model_fits(cfg, m)
         if cfg["latent_cache"]:
             ds.check_vae(m["vae"])
@@ -238,6 +246,10 @@ def load_for_training(cfg, source, ds, device, use_bf16, master):
         model.save_frozen_parts(m, cfg["out_dir"])
     unet = m["unet"].train()
     params = list(unet.parameters())
+    if cfg["lora_rank"]:
+        if master and not own:
+            checkpoint.write_folder(os.path.join(cfg["out_dir"], "unet"), unet.save_pretrained, point="unet")
+        params = model.add_lora(unet, cfg, ("default", "ref") if cfg["method"] == "sspo" else ("default",))
     if cfg["train_text_encoder"]:
         m["text_encoder"].float().train().requires_grad_(True)
         params += list(m["text_encoder"].parameters())
@@ -311,10 +323,11 @@ def prepare(cfg, rank, world_size, device):
         if r["step"] == cfg["max_steps"]:  # its last eval and save are done: running them again would log them twice
             print0(f"{latest} is at max_steps={r['step']}: the run is finished (raise --max_steps to train on)")
             return None
-    model.speed_up([unet, r["ref_unet"], ema], cfg["channels_last"], cfg["compile_unet"])
+    model.speed_up([unet, None if cfg["lora_rank"] else r["ref_unet"], ema], cfg["channels_last"], cfg["compile_unet"])
     print0("config:", {k: v for k, v in cfg.items()})
     print0(f"{world_size} process(es) on {device}, bf16 autocast: {use_bf16}; UNet "
-           f"{sum(p.numel() for p in unet.parameters()) / 1e6:.1f}M params; effective batch "
+           f"{sum(p.numel() for p in unet.parameters()) / 1e6:.1f}M params, {sum(p.numel() for p in params) / 1e6:.3g}M "
+           f"trained; effective batch "
            f"{cfg['batch_size'] * cfg['grad_accum'] * world_size}; {len(ds)} examples; random stream {stream} "
            f"({'fine-tuning' if stream else 'pretraining'})")
     if master and cfg["dataset"] == "tiny":  # what the judge gives the data itself: the ceiling and the base
@@ -371,7 +384,7 @@ def main(cfg):
         t_start = time.time()
         if pool is not None:  # the reference of this update (SSPO.md 4: Random Checkpoint Replay)
             if cfg["method"] == "sspo" and step > 0 and step % cfg["ckpt_every"] == 0:
-                ddp.together(True, pool.push, unet.state_dict(), step)  # a disk pool's file: rank 0 writes it
+                ddp.together(True, pool.push, model.trained_state(unet, cfg), step)  # a disk pool's file: rank 0 writes it
             if ref_index is None or cfg["ref_redraw"] == "step" or step % cfg["ckpt_every"] == 0:
                 # every rank draws the same snapshot: the draw is a function of (seed, step) only
                 ref_index = pool.draw(step if cfg["ref_redraw"] == "step" else step - step % cfg["ckpt_every"])
@@ -474,7 +487,8 @@ def main(cfg):
         print0(f"judge on seen / held-out prompts: step {start_step} "
                f"{first_eval['judge_seen']:.3f} / {first_eval['judge_heldout']:.3f} -> step {step} "
                f"{res['judge_seen']:.3f} / {res['judge_heldout']:.3f}")
-    print0(f"done: {out}/ckpt.pt, {out}/unet/, samples in {out}/samples/")
+    print0(f"done: {out}/ckpt.pt, {out}/unet/" + (f" (the base) + {out}/{model.LORA_DIR}/ (the adapter)" if cfg["lora_rank"]
+                                               else "") + f", samples in {out}/samples/")
     del ddp_unet  # DDP's reducer holds the process group: free it while every rank is still here
     ddp.teardown()
 
