@@ -7,6 +7,7 @@ reads it (together).
 import datetime
 import json
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -107,3 +108,18 @@ def log_json(record):
     if _log_file is not None:
         with open(os.path.join(os.path.dirname(_log_file.name), "log.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def exit_if_collective_failed(e):
+    """A collective failed (gloo saw a peer's socket close, or ddp_timeout passed): say so in one line, on stderr and in
+    rank 0's log.txt, and leave at once. Not SystemExit: the interpreter's exit would destroy the broken process
+    group, whose threads can then abort the process ("terminate called without an active exception", exit -6); every
+    file is already closed. Any other RuntimeError is left to the caller."""
+    if not (isinstance(e, dist.DistError) or "gloo" in str(e) or "NCCL" in str(e)):
+        return
+    msg = (f"error: rank {os.environ.get('RANK')}: a collective failed, another rank has died or hangs "
+           f"(see its log): {str(e).strip().splitlines()[0]}")
+    print(msg, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    log_line(msg)
+    os._exit(1)

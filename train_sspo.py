@@ -127,8 +127,7 @@ ema_decay = 0.0                 # >0: evaluate and save an exponential moving av
 # LoRA (peft adapters as diffusers adds them; the run folder gets lora/, which load_lora_weights reads)
 lora_rank = 0                   # 0: full fine-tuning | r > 0: train rank-r adapters only (diffusers' LoRA trainers: 4)
 lora_alpha = 0.0                # adapter scale alpha / rank; 0.0 means alpha = lora_rank (scale 1, diffusers' trainers)
-lora_targets = ("to_q", "to_k", "to_v", "to_out.0")  # UNet modules adapted: the attention projections (diffusers'
-                                # LoRA trainers); the reference is the same UNet with the adapter off or swapped
+lora_targets = ("to_q", "to_k", "to_v", "to_out.0")  # the adapted modules: attention projections, as diffusers'
 # sampling (eval grids; the shared DDIM sampler)
 sample_steps = 20               # DDIM steps
 guidance = 3.0                  # classifier-free guidance scale (SD1.5: 7.5); 1.0 = no guidance, one forward
@@ -140,7 +139,6 @@ mixed_precision = "bf16"        # 'bf16' autocast on CUDA with fp32 master weigh
 seed = 0                        # model init, data order, noise: a run is a pure function of its config
 ddp_timeout = 1800              # seconds a collective waits for a rank that is gone before the run stops (gloo sees a
                                 # dead peer's closed socket at once; NCCL waits this long)
-# -----------------------------------------------------------------------------------------------------------------
 # -----------------------------------------------------------------------------------------------------------------
 # helpers of the loop: the learning rate, the eval, what the data needed, building the model
 
@@ -231,9 +229,8 @@ def train_base_first(cfg, master):
 
 def load_for_training(cfg, source, ds, device, use_bf16, master):
     """The model parts from `source` (the run directory is an SD-layout folder: scratch and resume load from it),
-    the UNet in train mode, the trained parameters, AdamW and the EMA copy (None without ema_decay). With LoRA the
-    UNet gets its adapters (SSPO a second one for the reference) and the trained parameters are the adapter's only;
-    the run folder's unet/ is then the frozen base, written once, and checkpoints add lora/."""
+    the UNet in train mode, the trained parameters (LoRA: the adapter's only; unet/ is then the base, written once),
+    AdamW and the EMA copy (None without ema_decay)."""
     own = source == cfg["out_dir"]  # scratch or resume: a LoRA run's lora/ is resumed from ckpt.pt, not fused here
     try:
         m = model.load_model(source, device, torch.bfloat16 if use_bf16 else torch.float32, fuse_lora=not own)
@@ -325,11 +322,10 @@ def prepare(cfg, rank, world_size, device):
             return None
     model.speed_up([unet, None if cfg["lora_rank"] else r["ref_unet"], ema], cfg["channels_last"], cfg["compile_unet"])
     print0("config:", {k: v for k, v in cfg.items()})
-    print0(f"{world_size} process(es) on {device}, bf16 autocast: {use_bf16}; UNet "
-           f"{sum(p.numel() for p in unet.parameters()) / 1e6:.1f}M params, {sum(p.numel() for p in params) / 1e6:.3g}M "
-           f"trained; effective batch "
-           f"{cfg['batch_size'] * cfg['grad_accum'] * world_size}; {len(ds)} examples; random stream {stream} "
-           f"({'fine-tuning' if stream else 'pretraining'})")
+    n = lambda ps: f"{sum(p.numel() for p in ps) / 1e6:.3g}M"
+    print0(f"{world_size} process(es) on {device}, bf16 autocast: {use_bf16}; UNet {n(unet.parameters())} params, "
+           f"{n(params)} trained; effective batch {cfg['batch_size'] * cfg['grad_accum'] * world_size}; {len(ds)} "
+           f"examples; random stream {stream} ({'fine-tuning' if stream else 'pretraining'})")
     if master and cfg["dataset"] == "tiny":  # what the judge gives the data itself: the ceiling and the base
         print0(world.judge_the_data(ds, cfg["resolution"], cfg["seed"], cfg["tiny_mode"]))
     return r
@@ -487,8 +483,7 @@ def main(cfg):
         print0(f"judge on seen / held-out prompts: step {start_step} "
                f"{first_eval['judge_seen']:.3f} / {first_eval['judge_heldout']:.3f} -> step {step} "
                f"{res['judge_seen']:.3f} / {res['judge_heldout']:.3f}")
-    print0(f"done: {out}/ckpt.pt, {out}/unet/" + (f" (the base) + {out}/{model.LORA_DIR}/ (the adapter)" if cfg["lora_rank"]
-                                               else "") + f", samples in {out}/samples/")
+    print0(f"done: {out}/ckpt.pt, {out}/unet/{f' + {out}/{model.LORA_DIR}/' * bool(cfg['lora_rank'])}, {out}/samples/")
     del ddp_unet  # DDP's reducer holds the process group: free it while every rank is still here
     ddp.teardown()
 
@@ -500,14 +495,6 @@ if __name__ == "__main__":
         if isinstance(e.code, str):
             ddp.log_line(e.code)
         raise
-    except RuntimeError as e:  # a collective failed: gloo saw a peer's socket close, or ddp_timeout passed
-        if not (isinstance(e, dist.DistError) or "gloo" in str(e) or "NCCL" in str(e)):
-            raise
-        msg = (f"error: rank {os.environ.get('RANK')}: a collective failed, another rank has died or hangs "
-               f"(see its log): {str(e).strip().splitlines()[0]}")
-        print(msg, file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        ddp.log_line(msg)  # rank 0's log.txt (flushed after every line)
-        # not SystemExit: the interpreter's exit would destroy the broken process group, whose threads can then
-        # abort the process ("terminate called without an active exception", exit -6); every file is already closed
-        os._exit(1)
+    except RuntimeError as e:  # a collective failed (a peer died or hangs): one line, then out without cleanup
+        ddp.exit_if_collective_failed(e)
+        raise
