@@ -479,11 +479,11 @@ def main(cfg):
     data.report_data(tallies, data_pos[0], device, partial=True)
     if tallies["skipped_updates"]:
         print0(f"updates skipped for a non-finite loss or gradient: {tallies['skipped_updates']} of {step}")
-    if master and cfg["dataset"] == "tiny" and first_eval is not None:
+    print0(f"done: {out}/ckpt.pt, {out}/unet/{f' + {out}/{model.LORA_DIR}/' * bool(cfg['lora_rank'])}, {out}/samples/")
+    if master and cfg["dataset"] == "tiny" and first_eval is not None:  # the last line: what the run did
         print0(f"judge on seen / held-out prompts: step {start_step} "
                f"{first_eval['judge_seen']:.3f} / {first_eval['judge_heldout']:.3f} -> step {step} "
                f"{res['judge_seen']:.3f} / {res['judge_heldout']:.3f}")
-    print0(f"done: {out}/ckpt.pt, {out}/unet/{f' + {out}/{model.LORA_DIR}/' * bool(cfg['lora_rank'])}, {out}/samples/")
     del ddp_unet  # DDP's reducer holds the process group: free it while every rank is still here
     ddp.teardown()
 
