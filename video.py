@@ -194,43 +194,26 @@ def kind_of_clip(parts):
     return "correct"
 
 
-class TinyVideoWorld(torch.utils.data.Dataset):
+class TinyVideoWorld(world.TinyWorld):
     """world.TinyWorld for clips: `size` examples, item i a pure function of (seed, i, stream). mode="base": one
     draw of the base distribution (correct with probability p_correct, else one flaw from `flaws`); mode="pairs":
     two base draws for one prompt, the one judge_clip prefers first, draws within `tie_margin` redrawn."""
 
     def __init__(self, mode="base", size=50_000, resolution=16, frames=8, p_correct=0.4, seed=0, tie_margin=0.02,
                  combos=None, flaws=FLAWS, stream=0):
-        if mode not in ("base", "pairs"):
-            raise ValueError(f"TinyVideoWorld mode must be 'base' or 'pairs', got {mode!r}")
-        self.mode, self.size, self.resolution, self.frames, self.p_correct = mode, size, resolution, frames, p_correct
-        self.seed, self.tie_margin, self.combos, self.flaws = seed, tie_margin, combos or TRAIN_COMBOS, tuple(flaws)
-        self.stream = stream
-        self.epoch = 0  # no augmentation: items do not change across epochs
+        super().__init__(mode, size, resolution, p_correct, seed, tie_margin, combos or TRAIN_COMBOS, flaws, stream)
+        self.frames = frames
 
-    def set_epoch(self, epoch):
-        self.epoch = epoch
+    prompt_of = staticmethod(prompt_of)
 
-    def __len__(self):
-        return self.size
-
-    def draw(self, combo, rng):
-        flaw = None if rng.random() < self.p_correct or not self.flaws else self.flaws[rng.integers(len(self.flaws))]
+    def render(self, combo, rng, flaw):
         return render_clip(combo, self.frames, self.resolution, rng, flaw)
 
-    def __getitem__(self, i):
-        rng = np.random.default_rng([self.seed, i, self.stream])
-        combo = self.combos[rng.integers(len(self.combos))]
-        prompt = prompt_of(combo)
-        if self.mode == "base":
-            return {"prompt": prompt, "image_w": clip_to_tensor(self.draw(combo, rng))}
-        while True:
-            a, b = self.draw(combo, rng), self.draw(combo, rng)
-            sa, sb = judge_clip(a, prompt)[0], judge_clip(b, prompt)[0]
-            if abs(sa - sb) >= self.tie_margin:
-                break
-        w, l = (a, b) if sa > sb else (b, a)
-        return {"prompt": prompt, "image_w": clip_to_tensor(w), "image_l": clip_to_tensor(l)}
+    def judge(self, x, prompt):
+        return judge_clip(x, prompt)[0]
+
+    def as_tensor(self, x):
+        return clip_to_tensor(x)
 
 
 # ---------------------------------------------------------------------------------------------------------------

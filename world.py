@@ -192,7 +192,7 @@ class TinyWorld(torch.utils.data.Dataset):
     def __init__(self, mode="base", size=50_000, resolution=16, p_correct=0.4, seed=0, tie_margin=0.02,
                  combos=None, flaws=FLAWS, stream=0):
         if mode not in ("base", "pairs"):
-            raise ValueError(f"TinyWorld mode must be 'base' or 'pairs', got {mode!r}")
+            raise ValueError(f"{type(self).__name__} mode must be 'base' or 'pairs', got {mode!r}")
         self.mode, self.size, self.resolution, self.p_correct = mode, size, resolution, p_correct
         self.seed, self.tie_margin, self.combos, self.flaws = seed, tie_margin, combos or TRAIN_COMBOS, tuple(flaws)
         self.stream = stream
@@ -206,21 +206,33 @@ class TinyWorld(torch.utils.data.Dataset):
 
     def draw(self, combo, rng):
         flaw = None if rng.random() < self.p_correct or not self.flaws else self.flaws[rng.integers(len(self.flaws))]
+        return self.render(combo, rng, flaw)
+
+    # what an item is made of; video.TinyVideoWorld words, draws, judges and converts clips instead
+    prompt_of = staticmethod(prompt_of)
+
+    def render(self, combo, rng, flaw):
         return render(combo, self.resolution, rng, flaw)
+
+    def judge(self, x, prompt):
+        return judge(x, prompt)[0]
+
+    def as_tensor(self, x):
+        return to_tensor(x)
 
     def __getitem__(self, i):
         rng = np.random.default_rng([self.seed, i, self.stream])  # stream 0: [seed, i] (zero-padded alike)
         combo = self.combos[rng.integers(len(self.combos))]
-        prompt = prompt_of(combo)
+        prompt = self.prompt_of(combo)
         if self.mode == "base":
-            return {"prompt": prompt, "image_w": to_tensor(self.draw(combo, rng))}
+            return {"prompt": prompt, "image_w": self.as_tensor(self.draw(combo, rng))}
         while True:
             a, b = self.draw(combo, rng), self.draw(combo, rng)
-            sa, sb = judge(a, prompt)[0], judge(b, prompt)[0]
+            sa, sb = self.judge(a, prompt), self.judge(b, prompt)
             if abs(sa - sb) >= self.tie_margin:
                 break
         w, l = (a, b) if sa > sb else (b, a)
-        return {"prompt": prompt, "image_w": to_tensor(w), "image_l": to_tensor(l)}
+        return {"prompt": prompt, "image_w": self.as_tensor(w), "image_l": self.as_tensor(l)}
 
 
 def judge_the_data(ds, resolution, seed, mode):
