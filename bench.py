@@ -204,8 +204,8 @@ def build(cfg, sd15, device, tmp, from_cache=False):
             raise SystemExit(f"bench error: the dataset has {len(ds)} examples, fewer than one micro-batch of {B}")
         batch_iter = data.micro_batches(ds, cfg, 0, 1, 0, 0)
     with torch.no_grad():
-        uncond = model.encode_prompts(m["tokenizer"], m["text_encoder"], [""])
-    encode = model.PromptCache(m["tokenizer"], m["text_encoder"], cfg["text_cache"])  # as train_sspo.py's loop
+        uncond = model.encode_prompts(m, [""])
+    encode = model.PromptCache(m, cfg["text_cache"])  # as train_sspo.py's loop
     m["scheduler"].alphas_cumprod = m["scheduler"].alphas_cumprod.to(device)
     return dict(m=m, unet=unet, ref_unet=ref_unet, pool=pool, opt=opt, batches=batch_iter, shape=shape, B=B, encode=encode, tmp=tmp,
                 uncond=uncond, sched=m["scheduler"], device=device,
@@ -388,9 +388,9 @@ def variants(P, cfg, args):
         fp32, oom = timed_or_oom(policy_fwd_bwd(P, cfg, autocast=nullcontext()))
         out.append(("policy fwd+bwd: fp32 (tf32) -> bf16 autocast", fp32, base, f"mixed_precision = 'bf16'{oom}"))
     prompts = [world.prompt_of(c) for c in world.ALL_COMBOS[:P["B"]]]
-    cache = model.PromptCache(P["m"]["tokenizer"], P["m"]["text_encoder"], len(prompts))
+    cache = model.PromptCache(P["m"], len(prompts))
     cache(prompts)
-    every = time_it(lambda: model.encode_prompts(P["m"]["tokenizer"], P["m"]["text_encoder"], prompts), dev, w, n)
+    every = time_it(lambda: model.encode_prompts(P["m"], prompts), dev, w, n)
     out.append(("text encoder per micro-batch -> cached prompts", every, time_it(lambda: cache(prompts), dev, w, n),
                 f"text_cache = {cfg['text_cache']}" + (" (off: encode includes the text encoder)" * (not cfg["text_cache"]))))
     vae = P["m"]["vae"]

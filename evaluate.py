@@ -158,9 +158,10 @@ def draw_noise(sizes, shape, seed):
 def generate(m, prompts, noise, protocol, batch_size, desc):
     """-> uint8 (N, H, W, 3) images: DDIM with classifier-free guidance (model.ddim_sample), eta 0."""
     device, out = m["unet"].device, []
-    uncond = model.encode_prompts(m["tokenizer"], m["text_encoder"], [""])
+    resolution = noise.shape[-1] * model.vae_factor(m)  # SDXL's time ids: the image size sampled
+    uncond = model.encode_prompts(m, [""], resolution)
     for i in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=dist.is_initialized() and dist.get_rank() > 0):
-        cond = model.encode_prompts(m["tokenizer"], m["text_encoder"], prompts[i:i + batch_size])
+        cond = model.encode_prompts(m, prompts[i:i + batch_size], resolution)
         x = model.ddim_sample(m["unet"], m["scheduler"], cond, uncond, noise[i:i + batch_size].to(device),
                               protocol["steps"], protocol["guidance"])
         out.append(world.to_uint8(model.latents_to_images(m["vae"], x)))

@@ -1,8 +1,14 @@
 """
 The Stable Diffusion parts, through diffusers/transformers classes only: load them from a hub id or a folder in
-the SD1.5 layout (unet/ vae/ text_encoder/ tokenizer/ scheduler/), encode prompts and images, noise, and a
-plain-torch DDIM sampler with classifier-free guidance that training (self-sampling) and evaluation share.
-A model without vae/ works in pixel space: that is the tiny world's model, built by `build_tiny_model`.
+the SD1.5 layout (unet/ vae/ text_encoder/ tokenizer/ scheduler/) or SDXL's (+ text_encoder_2/ tokenizer_2/),
+encode prompts and images, noise, and a plain-torch DDIM sampler with classifier-free guidance that training
+(self-sampling) and evaluation share. A model without vae/ works in pixel space: that is the tiny world's model,
+built by `build_tiny_model`.
+
+SDXL conditions its UNet on more than the text's hidden states: the pooled embedding of its second text encoder
+and six "time ids" (original size, crop offset, target size). Here they ride in the context tensor as one extra
+token row (sdxl_context), so every loss, the sampler, caption dropout and DDP handle an SDXL context exactly as an
+SD1.5 one; unet_output unpacks the row into the UNet's added_cond_kwargs.
 """
 import json
 import os
@@ -15,7 +21,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 # the libraries' per-file progress bars and their hint to install accelerate would bury our own progress bar
 for _lib in (diffusers, transformers):
@@ -23,11 +29,18 @@ for _lib in (diffusers, transformers):
     _lib.utils.logging.disable_progress_bar()
 
 PARTS = ("unet", "text_encoder", "tokenizer", "scheduler")  # + "vae" for latent models
+SDXL_PARTS = ("text_encoder_2", "tokenizer_2")  # + these for SDXL (a UNet with addition_embed_type='text_time')
+N_TIME_IDS = 6  # SDXL base: original (h, w), crop (top, left), target (h, w); the refiner's 5 are not supported
+
+
+def is_sdxl_unet(config):
+    return config.get("addition_embed_type") == "text_time"
 
 
 def check_model_path(path):
-    """FileNotFoundError unless `path` is an SD-layout folder or looks like a hub id. Reads no weights. A path whose
-    first part is a folder here (out/tiny_bsae) is taken as a local path with a typo, not as a hub id to download."""
+    """FileNotFoundError unless `path` is an SD-layout folder (SDXL's when its UNet is an SDXL one) or looks like a
+    hub id. Reads no weights. A path whose first part is a folder here (out/tiny_bsae) is taken as a local path with
+    a typo, not as a hub id to download."""
     local = os.path.isdir(path)
     first = path.split("/")[0]
     if not local and (path.startswith((".", "/", "~")) or os.path.exists(path) or ("/" in path and os.path.isdir(first))):
@@ -38,32 +51,55 @@ def check_model_path(path):
         if missing:
             raise FileNotFoundError(f"model folder {path!r} lacks {', '.join(p + '/' for p in missing)} (SD1.5 layout: "
                                     f"{' '.join(p + '/' for p in PARTS)} and optionally vae/)")
+        try:
+            with open(os.path.join(path, "unet", "config.json")) as f:
+                sdxl = is_sdxl_unet(json.load(f))
+        except (OSError, ValueError):
+            sdxl = False  # no readable config: from_pretrained names the file
+        missing = [p for p in SDXL_PARTS if sdxl and not os.path.isdir(os.path.join(path, p))]
+        if missing:
+            raise FileNotFoundError(f"model folder {path!r} lacks {', '.join(p + '/' for p in missing)}: its UNet is an "
+                                    f"SDXL one (addition_embed_type='text_time'), which needs both text encoders")
     return local
 
 
-def load_model(path, device="cpu", frozen_dtype=torch.float32, fuse_lora=True):
-    """-> dict(unet, vae or None, text_encoder, tokenizer, scheduler). The UNet stays fp32 (master weights);
-    the frozen text encoder and VAE may be cast to `frozen_dtype`. A LoRA run's folder holds the base in unet/ and
-    the adapter in lora/: fuse_lora merges it into the UNet, so a LoRA run loads like a full one (training, which
-    resumes the adapter itself, passes False)."""
+def load_model(path, device="cpu", frozen_dtype=torch.float32, fuse_lora=True, vae=""):
+    """-> dict(unet, vae or None, text_encoder, tokenizer, scheduler, text_encoder_2, tokenizer_2; the last two None
+    but for SDXL). The UNet stays fp32 (master weights); the frozen text encoders and VAE may be cast to
+    `frozen_dtype`, but a VAE whose config asks for it (force_upcast: SDXL's overflows in fp16) stays fp32 under
+    fp16, as diffusers' pipelines keep it. `vae`: another VAE's folder or hub id in its place (SDXL's fp16-safe
+    madebyollin/sdxl-vae-fp16-fix, as the peers' --pretrained_vae_model_name_or_path). A LoRA run's folder holds
+    the base in unet/ and the adapter in lora/: fuse_lora merges it into the UNet, so a LoRA run loads like a full
+    one (training, which resumes the adapter itself, passes False)."""
     local = check_model_path(path)
 
-    def part(cls, sub):  # OSError naming the part: a missing or damaged file, a hub id that does not resolve
+    def part(cls, sub, where=path):  # OSError naming the part: a missing or damaged file, a hub id that does not resolve
+        here = os.path.isdir(where)
         try:
-            return cls.from_pretrained(path, subfolder=sub, local_files_only=local)
+            return cls.from_pretrained(where, subfolder=sub, local_files_only=here)
         except (OSError, ValueError) as e:
-            raise OSError(f"{os.path.join(path, sub) if local else f'{path} ({sub})'}: {cls.__name__}: {e}") from None
+            raise OSError(f"{os.path.join(where, sub or '') if here else f'{where} ({sub})'}: {cls.__name__}: {e}") from None
+    unet = part(UNet2DConditionModel, "unet")
+    sdxl = is_sdxl_unet(unet.config)
     m = {
-        "unet": part(UNet2DConditionModel, "unet").to(device),
+        "unet": unet.to(device),
         "text_encoder": part(CLIPTextModel, "text_encoder"),
         "tokenizer": part(CLIPTokenizer, "tokenizer"),
         # DDIMScheduler reads SD1.5's PNDM config too; we use its betas/alphas, never its .step()
         "scheduler": part(DDIMScheduler, "scheduler"),
         "vae": None,
+        "text_encoder_2": part(CLIPTextModelWithProjection, "text_encoder_2") if sdxl else None,
+        "tokenizer_2": part(CLIPTokenizer, "tokenizer_2") if sdxl else None,
     }
-    if not local or os.path.isdir(os.path.join(path, "vae")):
+    if vae:  # a VAE folder or hub id: its files at the top, or in a vae/ subfolder
+        if not os.path.isdir(vae) and (vae.startswith((".", "/", "~")) or os.path.exists(vae)):
+            raise FileNotFoundError(f"vae folder {vae!r} does not exist (expected a VAE folder or a hub id)")
+        m["vae"] = part(AutoencoderKL, "vae" if os.path.isdir(os.path.join(vae, "vae")) else None, vae)
+    elif not local or os.path.isdir(os.path.join(path, "vae")):
         m["vae"] = part(AutoencoderKL, "vae")
     check_scheduler(m["scheduler"], path)
+    if sdxl:
+        check_sdxl(m, path)
     if fuse_lora and local and os.path.isfile(os.path.join(path, LORA_DIR, LORA_FILE)):
         try:
             m["unet"].load_lora_adapter(os.path.join(path, LORA_DIR), prefix="unet", weight_name=LORA_FILE,
@@ -72,10 +108,25 @@ def load_model(path, device="cpu", frozen_dtype=torch.float32, fuse_lora=True):
             raise OSError(f"{os.path.join(path, LORA_DIR, LORA_FILE)}: {e}") from None
         m["unet"].fuse_lora()
         m["unet"].unload_lora()  # the merged weights stay: a plain UNet again
-    for k in ("text_encoder", "vae"):
+    for k in ("text_encoder", "text_encoder_2", "vae"):
         if m[k] is not None:
-            m[k].to(device=device, dtype=frozen_dtype).eval().requires_grad_(False)
+            upcast = k == "vae" and frozen_dtype == torch.float16 and m[k].config.force_upcast
+            m[k].to(device=device, dtype=torch.float32 if upcast else frozen_dtype).eval().requires_grad_(False)
     return m
+
+
+def check_sdxl(m, where):
+    """ValueError unless the SDXL parts fit together as StableDiffusionXLPipeline uses them: the UNet attends to both
+    encoders' hidden states side by side and embeds the second one's pooled output with the six time ids."""
+    c, e1, e2 = m["unet"].config, m["text_encoder"].config, m["text_encoder_2"].config
+    want = c.addition_time_embed_dim * N_TIME_IDS + e2.projection_dim
+    if c.cross_attention_dim != e1.hidden_size + e2.hidden_size or c.projection_class_embeddings_input_dim != want:
+        raise ValueError(f"{where}: the SDXL UNet expects context width {c.cross_attention_dim} and added embedding "
+                         f"{c.projection_class_embeddings_input_dim}; the text encoders give {e1.hidden_size} + "
+                         f"{e2.hidden_size} and {want} with {N_TIME_IDS} time ids (the refiner's 5 are not supported)")
+    if e2.projection_dim + N_TIME_IDS > c.cross_attention_dim:
+        raise ValueError(f"{where}: the pooled embedding and time ids ({e2.projection_dim} + {N_TIME_IDS}) do not fit "
+                         f"in one context row of {c.cross_attention_dim}")
 
 
 def check_scheduler(scheduler, where):
@@ -90,14 +141,21 @@ def check_scheduler(scheduler, where):
 
 
 def save_frozen_parts(m, out_dir):
-    """Write everything but the UNet (text encoder, tokenizer, scheduler, vae) so out_dir is an SD-layout folder."""
-    for k in ("text_encoder", "tokenizer", "scheduler", "vae"):
-        if m[k] is not None:
+    """Write everything but the UNet (text encoders, tokenizers, scheduler, vae) so out_dir is an SD-layout folder
+    that StableDiffusionPipeline (StableDiffusionXLPipeline for SDXL) loads."""
+    for k in ("text_encoder", "tokenizer", "scheduler", "vae", *SDXL_PARTS):
+        if m.get(k) is not None:
             m[k].save_pretrained(os.path.join(out_dir, k))
     index = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
              "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
              "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
              "feature_extractor": [None, None], "requires_safety_checker": False}
+    if m.get("text_encoder_2") is not None:  # SDXL base's index (its force_zeros_for_empty_prompt: True)
+        index.update({"_class_name": "StableDiffusionXLPipeline", "text_encoder_2": ["transformers",
+                      "CLIPTextModelWithProjection"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+                      "image_encoder": [None, None], "force_zeros_for_empty_prompt": True})
+        for k in ("safety_checker", "requires_safety_checker"):
+            del index[k]
     if m["vae"] is not None:
         index["vae"] = ["diffusers", "AutoencoderKL"]
     with open(os.path.join(out_dir, "model_index.json"), "w") as f:
@@ -172,7 +230,7 @@ class LoraReference:
     adapter and checks that it alone is trainable again before the policy's forward and backward."""
 
     def __init__(self, unet):
-        self.unet, self.adapter = unet, None
+        self.unet, self.adapter, self.config = unet, None, unet.config
 
     def parameters(self):  # denoising_error and the sampler read the input dtype from here: the policy's
         return self.unet.parameters()
@@ -202,32 +260,68 @@ class LoraReference:
 # ---------------------------------------------------------------------------------------------------------------
 # encoding
 
-def encode_prompts(tokenizer, text_encoder, prompts):
-    """list of B strings -> (B, 77, D) last hidden states, as SD1.5 conditions on them (padded to 77 tokens).
-    Gradients flow only when the encoder is being trained (in train mode with requires_grad)."""
-    ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids.to(text_encoder.device)
-    with torch.set_grad_enabled(text_encoder.training and torch.is_grad_enabled()):
-        return text_encoder(ids)[0]
+def encode_prompts(m, prompts, resolution=None):
+    """list of B strings -> the UNet's context: (B, 77, D) last hidden states, as SD1.5 conditions on them (padded
+    to 77 tokens); for SDXL (B, 78, D1 + D2) as StableDiffusionXLPipeline.encode_prompt computes it (both
+    encoders' penultimate hidden states side by side) with the extra row of sdxl_context: the second encoder's
+    pooled output and the time ids of a `resolution` image (default: the model's own), uncropped, as the pipeline
+    passes them and Diffusion-DPO's SDXL training does. Gradients flow only when the encoder is being trained (in
+    train mode with requires_grad)."""
+    def ids(tokenizer, encoder):
+        return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids.to(encoder.device)
+    enc = m["text_encoder"]
+    with torch.set_grad_enabled(enc.training and torch.is_grad_enabled()):
+        if m.get("text_encoder_2") is None:
+            return enc(ids(m["tokenizer"], enc))[0]
+        out1 = enc(ids(m["tokenizer"], enc), output_hidden_states=True)
+        out2 = m["text_encoder_2"](ids(m["tokenizer_2"], m["text_encoder_2"]), output_hidden_states=True)
+        hidden = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2].to(out1.hidden_states[-2])], dim=-1)
+        R = resolution or m["unet"].config.sample_size * vae_factor(m)
+        time_ids = torch.tensor([R, R, 0, 0, R, R], device=hidden.device).expand(len(prompts), -1)
+        return sdxl_context(hidden, out2.text_embeds.to(hidden), time_ids)
+
+
+def sdxl_context(hidden, pooled, time_ids):
+    """SDXL's three conditions in one context tensor: hidden (B, 77, D), pooled (B, P), time_ids (B, 6) ->
+    (B, 78, D), row 77 = [pooled, time_ids, zeros]. unet_output splits it again."""
+    row = torch.zeros(hidden.shape[0], 1, hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
+    P = pooled.shape[-1]
+    row[:, 0, :P], row[:, 0, P:P + time_ids.shape[-1]] = pooled, time_ids.to(hidden)
+    return torch.cat([hidden, row], dim=1)
+
+
+def unet_output(unet, x, t, context):
+    """The UNet's raw output (eps, or v) at x_t: x, t and context as the UNet takes them (the context in the
+    input's dtype). An SDXL context (sdxl_context) is split into encoder_hidden_states and added_cond_kwargs.
+    `unet` may be wrapped (DDP, LoraReference): its config is read from the module inside (none: an SD1.5 UNet)."""
+    config = getattr(getattr(unet, "module", unet), "config", {})
+    if not is_sdxl_unet(config):
+        return unet(x, t, encoder_hidden_states=context).sample
+    P = config.projection_class_embeddings_input_dim - config.addition_time_embed_dim * N_TIME_IDS
+    row = context[:, -1]
+    added = {"text_embeds": row[:, :P], "time_ids": row[:, P:P + N_TIME_IDS]}
+    return unet(x, t, encoder_hidden_states=context[:, :-1], added_cond_kwargs=added).sample
 
 
 class PromptCache:
-    """encode_prompts for a frozen text encoder, each distinct prompt encoded once: its (77, D) output is kept on the
-    encoder's device, in its dtype, for up to `capacity` prompts (the oldest go first); 0 turns the cache off. A
-    trained encoder (train mode) is never cached. Per prompt the output is the same as encoding it in any batch
-    (the encoder treats rows independently): bit-identical on CPU; on CUDA, kernels chosen by batch size may differ in
-    the last bits, so a cached row can differ slightly from encoding the current batch. SD1.5: 118 KB a prompt in bf16."""
+    """encode_prompts for a frozen text encoder, each distinct prompt encoded once: its context row (77 or 78, D) is
+    kept on the encoder's device, in its dtype, for up to `capacity` prompts (the oldest go first); 0 turns the
+    cache off. A trained encoder (train mode) is never cached. Per prompt the output is the same as encoding it in
+    any batch (the encoder treats rows independently): bit-identical on CPU; on CUDA, kernels chosen by batch size
+    may differ in the last bits, so a cached row can differ slightly from encoding the current batch. SD1.5: 118
+    KB a prompt in bf16."""
 
-    def __init__(self, tokenizer, text_encoder, capacity):
-        self.tokenizer, self.text_encoder, self.capacity, self.store = tokenizer, text_encoder, capacity, {}
+    def __init__(self, m, capacity, resolution=None):
+        self.m, self.capacity, self.resolution, self.store = m, capacity, resolution, {}
 
     def __call__(self, prompts):
-        if self.capacity <= 0 or self.text_encoder.training:
-            return encode_prompts(self.tokenizer, self.text_encoder, prompts)
+        if self.capacity <= 0 or self.m["text_encoder"].training:
+            return encode_prompts(self.m, prompts, self.resolution)
         new = list(dict.fromkeys(p for p in prompts if p not in self.store))
         if new:
             with torch.no_grad():
-                self.store.update(zip(new, encode_prompts(self.tokenizer, self.text_encoder, new)))
+                self.store.update(zip(new, encode_prompts(self.m, new, self.resolution)))
         out = torch.stack([self.store[p] for p in prompts])
         while len(self.store) > self.capacity:
             del self.store[next(iter(self.store))]
@@ -324,7 +418,7 @@ def denoising_error(unet, scheduler, x0, eps, t, context, return_pred=False):
     (prediction, target), float32 of x0's shape (the Diffusion-SDPO safeguard needs them)."""
     dtype = next(unet.parameters()).dtype  # a bf16 reference takes bf16 inputs; autocast handles the policy
     x_t = add_noise(scheduler.alphas_cumprod, x0, eps, t)
-    pred = unet(x_t.to(dtype), t, encoder_hidden_states=context.to(dtype)).sample.float()
+    pred = unet_output(unet, x_t.to(dtype), t, context.to(dtype)).float()
     target = prediction_target(scheduler, x0.float(), eps.float(), t)
     err = (pred - target).pow(2).mean(dim=tuple(range(1, pred.dim())))
     return (err, pred, target) if return_pred else err
@@ -355,7 +449,8 @@ def check_sampler_steps(scheduler, steps, name="steps"):
 @torch.no_grad()
 def ddim_sample(unet, scheduler, cond, uncond, noise, steps=20, guidance=7.5, eta=0.0, step_noise=None):
     """DDIM (Song et al. 2021, eq. 12), the same update as diffusers' DDIMScheduler.step (tested against it),
-    with classifier-free guidance: cond and uncond in one batched forward. cond (B, 77, D), uncond (1 or B, 77, D),
+    with classifier-free guidance: cond and uncond in one batched forward. cond (B, 77, D), uncond (1 or B, 77, D)
+    (SDXL: 78 rows, encode_prompts),
     noise (B, C, H, W) = x_T; step_noise (steps, B, C, H, W), the noise each step adds when eta > 0, drawn by the
     caller (so that it can deal it over processes). Returns x_0 in the model's space (latents, or pixels), float32."""
     if eta > 0 and (step_noise is None or step_noise.shape != (steps, *noise.shape)):
@@ -376,10 +471,10 @@ def ddim_sample(unet, scheduler, cond, uncond, noise, steps=20, guidance=7.5, et
     x = noise.float()
     for i, (t, a_t, a_prev) in enumerate(zip(ts, a_ts, a_prevs)):
         if guidance != 1.0:
-            e_u, e_c = unet(torch.cat([x, x]).to(dtype), t, encoder_hidden_states=context).sample.float().chunk(2)
+            e_u, e_c = unet_output(unet, torch.cat([x, x]).to(dtype), t, context).float().chunk(2)
             out = e_u + guidance * (e_c - e_u)  # guidance on the raw output, eps or v, as diffusers' pipelines
         else:
-            out = unet(x.to(dtype), t, encoder_hidden_states=context).sample.float()
+            out = unet_output(unet, x.to(dtype), t, context).float()
         eps, x0 = eps_and_x0(scheduler, x, out, a_t)
         if cfg.clip_sample:
             x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
@@ -412,11 +507,10 @@ def ddim_invert(unet, scheduler, x0, t, context, uncond=None, steps=20, guidance
     for k in range(1, steps + 1):
         s = torch.round(t.float() * k / steps).long()  # (B,) each sample's next grid point
         if guidance != 1.0:
-            e_u, e_c = unet(torch.cat([x, x]).to(dtype), torch.cat([s, s]),
-                            encoder_hidden_states=context).sample.float().chunk(2)
+            e_u, e_c = unet_output(unet, torch.cat([x, x]).to(dtype), torch.cat([s, s]), context).float().chunk(2)
             out = e_u + guidance * (e_c - e_u)
         else:
-            out = unet(x.to(dtype), s, encoder_hidden_states=context).sample.float()
+            out = unet_output(unet, x.to(dtype), s, context).float()
         a_next = abar[s]
         ac, an = _per_sample(a_cur, x), _per_sample(a_next, x)
         eps, x0_hat = eps_and_x0(scheduler, x, out, ac)
@@ -448,8 +542,8 @@ def speed_up(unets, channels_last=False, compile_unet="off"):
 
 
 def check_model_fits(cfg, m):
-    """ValueError if the config asks what the loaded model cannot do: more sampler steps than its schedule takes, or a
-    resolution its VAE and UNet do not divide."""
+    """ValueError if the config asks what the loaded model cannot do: more sampler steps than its schedule takes, a
+    resolution its VAE and UNet do not divide, a trained text encoder on SDXL."""
     T = m["scheduler"].config.num_train_timesteps
     for k in ("sample_steps", "self_sample_steps"):
         check_sampler_steps(m["scheduler"], cfg[k], k)
@@ -459,6 +553,9 @@ def check_model_fits(cfg, m):
     if cfg["resolution"] % f:
         raise ValueError(f"resolution={cfg['resolution']} is not a multiple of {f} (the VAE's and the UNet's "
                          "downsampling)")
+    if m.get("text_encoder_2") is not None and cfg["train_text_encoder"]:
+        raise ValueError("train_text_encoder=True trains one text encoder; an SDXL model has two (not implemented: "
+                         "SDXL fine-tuning keeps both frozen)")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -517,17 +614,23 @@ def build_tokenizer(words, out_dir):
 
 
 def build_tiny_model(out_dir, words, resolution=16, channels=(32, 64), text_dim=32, with_vae=False, seed=0,
-                     schedule="scaled_linear", prediction_type="epsilon", zero_snr=False):
+                     schedule="scaled_linear", prediction_type="epsilon", zero_snr=False, sdxl=False):
     """Save a random SD-layout model to out_dir. Pixel space (no vae/) unless with_vae: then a tiny AutoencoderKL
     with 4 latent channels and a downsampling factor of 2. zero_snr: betas rescaled to a zero terminal SNR, sampled
-    from t = T - 1 ('trailing'), which needs prediction_type='v_prediction' (Lin et al. 2023). Loaded back only
-    through `load_model`."""
+    from t = T - 1 ('trailing'), which needs prediction_type='v_prediction' (Lin et al. 2023). sdxl: SDXL's layout
+    and conditioning (a second text encoder with a projection, a UNet with addition_embed_type='text_time'), for
+    tests. Loaded back only through `load_model`."""
     torch.manual_seed(seed)
     tok = build_tokenizer(words, os.path.join(out_dir, "tokenizer"))
-    text_encoder = CLIPTextModel(CLIPTextConfig(
+    text_cfg = CLIPTextConfig(
         vocab_size=len(tok), hidden_size=text_dim, intermediate_size=2 * text_dim, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, projection_dim=text_dim)
+    text_encoder = CLIPTextModel(text_cfg)
+    xl = {}
+    if sdxl:  # SDXL's added conditions: 6 time ids of 8 Fourier features each + the pooled text (its 256 x 6 + 1280)
+        xl = dict(addition_embed_type="text_time", addition_time_embed_dim=8,
+                  projection_class_embeddings_input_dim=8 * N_TIME_IDS + text_dim)
     vae = None
     in_ch, size = 3, resolution
     if with_vae:
@@ -537,7 +640,8 @@ def build_tiny_model(out_dir, words, resolution=16, channels=(32, 64), text_dim=
         in_ch, size = 4, resolution // 2
     unet = UNet2DConditionModel(
         sample_size=size, in_channels=in_ch, out_channels=in_ch, layers_per_block=1,
-        block_out_channels=tuple(channels), norm_num_groups=8, cross_attention_dim=text_dim, attention_head_dim=8,
+        block_out_channels=tuple(channels), norm_num_groups=8, cross_attention_dim=text_dim * (1 + sdxl),
+        attention_head_dim=8, **xl,
         # attention only below full resolution: at 16x16 a full-resolution attention block costs ~3x the step
         down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(channels) - 1),
         up_block_types=("CrossAttnUpBlock2D",) * (len(channels) - 1) + ("UpBlock2D",))
@@ -548,6 +652,8 @@ def build_tiny_model(out_dir, words, resolution=16, channels=(32, 64), text_dim=
                           rescale_betas_zero_snr=zero_snr, timestep_spacing="trailing" if zero_snr else "leading")
     check_scheduler(sched, out_dir)
     m = {"unet": unet, "text_encoder": text_encoder, "tokenizer": tok, "scheduler": sched, "vae": vae}
+    if sdxl:
+        m["text_encoder_2"], m["tokenizer_2"] = CLIPTextModelWithProjection(text_cfg), tok
     unet.save_pretrained(os.path.join(out_dir, "unet"))
     save_frozen_parts(m, out_dir)
     return out_dir

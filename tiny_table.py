@@ -117,8 +117,8 @@ def samples_picture(names, seed, path, protocol, n=16):
         u = m["unet"].config
         noise = torch.randn((len(prompts), u.in_channels, u.sample_size, u.sample_size),
                             generator=torch.Generator().manual_seed(0))
-        cond = model.encode_prompts(m["tokenizer"], m["text_encoder"], prompts)
-        uncond = model.encode_prompts(m["tokenizer"], m["text_encoder"], [""])
+        cond = model.encode_prompts(m, prompts)
+        uncond = model.encode_prompts(m, [""])
         x = model.latents_to_images(m["vae"], model.ddim_sample(m["unet"], m["scheduler"], cond, uncond, noise,
                                                                 protocol["steps"], protocol["guidance"]))
         rows.append(x)

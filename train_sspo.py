@@ -41,7 +41,9 @@ from ddp import print0
 # defaults: every tunable, one per line. A file in configs/ restates only what differs; --key=value beats both.
 # I/O
 out_dir = "out/run"             # run directory: ckpt.pt, log.txt, samples/, and an SD-layout model folder
-init_from = "scratch"           # 'scratch' (random tiny model) | 'resume' (out_dir/ckpt.pt) | SD-layout folder or hub id
+init_from = "scratch"           # 'scratch' (random tiny model) | 'resume' (out_dir/ckpt.pt) | SD/SDXL-layout folder or hub id
+vae = ""                        # another VAE in place of init_from's (a folder or hub id): SDXL's fp16-safe
+                                # madebyollin/sdxl-vae-fp16-fix, as the peers pass it; the run folder saves the one used
 auto_resume = False             # resume from out_dir's newest checkpoint if it has one, else start as init_from says;
                                 # workers that torchrun --max-restarts restarts always do
 keep_checkpoints = 2            # ckpt_STEP.pt files kept (the newest is also ckpt.pt, a hard link); older ones, and pool
@@ -177,14 +179,14 @@ def run_eval(m, unet, cfg, ds, device, autocast, step):
     for i in range(0, n, B):
         batch = torch.utils.data.default_collate([ds[j] for j in range(i, min(i + B, n))])
         x0 = model.to_latents(m["vae"], batch, "w", device, None if vae_noise is None else vae_noise[i:i + B])
-        ctx = model.encode_prompts(m["tokenizer"], m["text_encoder"], batch["prompt"])
+        ctx = model.encode_prompts(m, batch["prompt"], cfg["resolution"])
         with autocast:
             errs.append(model.denoising_error(unet, m["scheduler"], x0, eps[i:i + B].to(device),
                                               t[i:i + B].to(device), ctx))
     loss = torch.cat(errs).mean().item()
     prompts = eval_prompts(cfg, ds)
-    cond = model.encode_prompts(m["tokenizer"], m["text_encoder"], prompts)
-    uncond = model.encode_prompts(m["tokenizer"], m["text_encoder"], [""])
+    cond = model.encode_prompts(m, prompts, cfg["resolution"])
+    uncond = model.encode_prompts(m, [""], cfg["resolution"])
     gs = torch.Generator().manual_seed(cfg["seed"] + 2)
     noise = torch.randn((len(prompts), *shape), generator=gs).to(device)
     step_noise = torch.randn((cfg["sample_steps"], *noise.shape), generator=gs).to(device) if cfg["eta"] > 0 else None
@@ -233,7 +235,8 @@ def load_for_training(cfg, source, ds, device, use_bf16, master):
     AdamW and the EMA copy (None without ema_decay)."""
     own = source == cfg["out_dir"]  # scratch or resume: a LoRA run's lora/ is resumed from ckpt.pt, not fused here
     try:
-        m = model.load_model(source, device, torch.bfloat16 if use_bf16 else torch.float32, fuse_lora=not own)
+        m = model.load_model(source, device, torch.bfloat16 if use_bf16 else torch.float32, fuse_lora=not own,
+                             vae="" if own else cfg["vae"])
         model.check_model_fits(cfg, m)
         if cfg["latent_cache"]:
             ds.check_vae(m["vae"])
@@ -351,9 +354,9 @@ def main(cfg):
     sched.alphas_cumprod = sched.alphas_cumprod.to(device)  # read at every step: moved once
     latent_shape = model.latent_shape(m, cfg["resolution"])  # (C, H, W) of what the UNet denoises
     with torch.no_grad():
-        uncond = model.encode_prompts(m["tokenizer"], m["text_encoder"], [""])  # (1, 77, D), for guidance
-    encode = model.PromptCache(m["tokenizer"], m["text_encoder"],  # a frozen encoder: once per prompt
-                               0 if cfg["train_text_encoder"] else cfg["text_cache"])
+        uncond = model.encode_prompts(m, [""], cfg["resolution"])  # (1, 77, D) (SDXL: 78 rows), for guidance
+    encode = model.PromptCache(m, 0 if cfg["train_text_encoder"] else cfg["text_cache"],  # frozen: once a prompt
+                               cfg["resolution"])
     batches = data.micro_batches(ds, cfg, rank, world_size, *data_pos, stream)
     start_step, first_eval = step, None
     bar = tqdm(total=cfg["max_steps"], initial=step, disable=not master, desc="train", dynamic_ncols=True)

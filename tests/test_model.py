@@ -45,7 +45,7 @@ def test_load_and_encode(sd_dir):
     assert sorted(os.listdir(sd_dir)) == ["model_index.json", "scheduler", "text_encoder", "tokenizer", "unet", "vae"]
     m = model.load_model(sd_dir)
     assert m["vae"] is not None and not any(p.requires_grad for p in m["text_encoder"].parameters())
-    ctx = model.encode_prompts(m["tokenizer"], m["text_encoder"], ["a red circle on the left", ""])
+    ctx = model.encode_prompts(m, ["a red circle on the left", ""])
     assert ctx.shape == (2, 77, 32)
     assert not torch.allclose(ctx[0], ctx[1])
     images = torch.stack([world.to_tensor(world.render(c, 16)) for c in world.ALL_COMBOS[:2]])
@@ -57,21 +57,21 @@ def test_load_and_encode(sd_dir):
 
 def test_prompt_cache_matches_encoding_and_is_bounded(sd_dir):
     m = model.load_model(sd_dir)
-    tok, enc = m["tokenizer"], m["text_encoder"]
+    enc = m["text_encoder"]
     rows = []  # how many prompts each forward of the encoder sees
     enc.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[0]))
     prompts = [world.prompt_of(c) for c in world.ALL_COMBOS[:6]]
-    cache = model.PromptCache(tok, enc, capacity=4)
+    cache = model.PromptCache(m, capacity=4)
     first = cache(prompts[:3] + [prompts[0], ""])  # duplicates in a batch are encoded once
     assert rows == [4] and list(cache.store) == prompts[:3] + [""]
-    assert torch.equal(first, model.encode_prompts(tok, enc, prompts[:3] + [prompts[0], ""]))
+    assert torch.equal(first, model.encode_prompts(m, prompts[:3] + [prompts[0], ""]))
     rows.clear()
     assert torch.equal(cache(["", prompts[2]]), first[[4, 2]]) and rows == []  # all cached: no forward
     again = cache(prompts[3:] + prompts[:1])  # 3 more than fit: the oldest go, the batch is still whole
-    assert rows == [3] and torch.equal(again, model.encode_prompts(tok, enc, prompts[3:] + prompts[:1]))
+    assert rows == [3] and torch.equal(again, model.encode_prompts(m, prompts[3:] + prompts[:1]))
     assert len(cache.store) == 4 and prompts[1] not in cache.store and prompts[5] in cache.store
     enc.train().requires_grad_(True)  # an encoder being trained is encoded every time, with gradients
-    cache = model.PromptCache(tok, enc, 4)
+    cache = model.PromptCache(m, 4)
     out = cache(prompts)
     assert out.requires_grad and out.shape == (6, 77, 32) and not cache.store
 
@@ -98,8 +98,8 @@ def test_ddim_sample_matches_diffusers(tmp_path, with_vae, zero_snr):
                                                 prediction_type=kind))
     assert m["scheduler"].config.prediction_type == kind and (m["scheduler"].alphas_cumprod[-1] == 0) == zero_snr
     unet = m["unet"].eval()
-    cond = model.encode_prompts(m["tokenizer"], m["text_encoder"], ["a red circle on the left", "a blue square at the top"])
-    uncond = model.encode_prompts(m["tokenizer"], m["text_encoder"], [""])
+    cond = model.encode_prompts(m, ["a red circle on the left", "a blue square at the top"])
+    uncond = model.encode_prompts(m, [""])
     c = unet.config.in_channels
     noise = torch.randn(2, c, unet.config.sample_size, unet.config.sample_size, generator=torch.Generator().manual_seed(0))
     ours = model.ddim_sample(unet, m["scheduler"], cond, uncond, noise, steps=5, guidance=3.0)
