@@ -31,7 +31,8 @@ def defaults():
     return out
 
 
-CHOICES = {"dataset": ("tiny", "pickapic", "imagefolder"), "tiny_mode": ("base", "pairs"),
+CHOICES = {"dataset": ("tiny", "pickapic", "imagefolder", "tiny_video", "clipfolder"), "tiny_mode": ("base", "pairs"),
+           "trained_modules": ("all", "motion"),
            "method": tuple(losses.OBJECTIVES),
            "noising": ("forward", "ddim_inversion"), "ssr": ("sign", "indicator", "off"), "ref_policy": ("uniform", "first", "last"),
            "ref_redraw": ("stretch", "step"), "pool_storage": ("memory", "disk"), "ref_dtype": ("float32", "bfloat16"),
@@ -130,20 +131,20 @@ def get_config(argv):
     lo_hi = cfg["cm_t_range"]
     if len(lo_hi) != 2 or not all(type(v) is int for v in lo_hi) or not 0 <= lo_hi[0] < lo_hi[1]:
         raise SystemExit(f"config error: cm_t_range must be two ints (lo, hi) with 0 <= lo < hi, got {lo_hi}")
-    if cfg["dataset"] == "tiny" and cfg["data_path"]:
-        raise SystemExit(f"config error: data_path={cfg['data_path']!r} is set but dataset='tiny' draws its own images "
-                         "(dataset='pickapic' or 'imagefolder' to read it)")
+    if cfg["dataset"] in data.SYNTHETIC and cfg["data_path"]:
+        raise SystemExit(f"config error: data_path={cfg['data_path']!r} is set but dataset={cfg['dataset']!r} draws its "
+                         "own examples (dataset='pickapic', 'imagefolder' or 'clipfolder' to read it)")
     if not cfg["out_dir"]:
         raise SystemExit("config error: out_dir is empty (the run directory, like 'out/run')")
     if cfg["base_config"] and not os.path.isfile(cfg["base_config"]):
         raise SystemExit(f"config error: base_config {cfg['base_config']!r} not found")
-    if cfg["dataset"] != "tiny" and not cfg["data_path"]:
+    if cfg["dataset"] not in data.SYNTHETIC and not cfg["data_path"]:
         raise SystemExit(f"config error: dataset={cfg['dataset']!r} needs data_path")
-    if cfg["dataset"] != "tiny" and not os.path.exists(cfg["data_path"]):
+    if cfg["dataset"] not in data.SYNTHETIC and not os.path.exists(cfg["data_path"]):
         raise SystemExit(f"config error: data_path {cfg['data_path']!r} does not exist")
     for key in ("batch_size", "grad_accum", "max_steps", "eval_every", "save_every", "log_every", "sample_steps",
                 "ckpt_every", "self_sample_steps", "inversion_steps", "keep_checkpoints", "ddp_timeout", "resolution",
-                "n_eval_images"):
+                "n_eval_images", "frames", "frame_stride"):
         if cfg[key] < 1:
             raise SystemExit(f"config error: {key} must be >= 1, got {cfg[key]}")
     channels = cfg["unet_channels"]

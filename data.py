@@ -24,6 +24,7 @@ from tqdm import tqdm
 import checkpoint
 import ddp
 import losses
+import video
 import world
 from world import to_uint8
 
@@ -381,8 +382,8 @@ SHARD = 256  # examples a shard: 64 MB at 512 px in bf16 with pairs and flips
 
 def check_latent_config(cfg):
     """Config errors that make a latent cache impossible, for latents.py and train_sspo.py alike."""
-    if cfg["dataset"] == "tiny":
-        raise SystemExit("config error: latent_cache is for real data (dataset='pickapic' or 'imagefolder'); the "
+    if cfg["dataset"] not in ("pickapic", "imagefolder"):
+        raise SystemExit("config error: latent_cache is for real images (dataset='pickapic' or 'imagefolder'); the "
                          "tiny world draws its images")
     if cfg["random_crop"]:
         raise SystemExit("config error: latent_cache needs random_crop=False: a random crop cannot be precomputed")
@@ -511,11 +512,21 @@ def write_shard(folder, s, x, rows):
 # random streams: 0 for pretraining (a run from scratch), 1 for fine-tuning, so that a fine-tune with the
 # pretraining's seed does not replay its data order, noise and examples.
 
+SYNTHETIC = ("tiny", "tiny_video")  # the datasets drawn on the fly, with their judges (world.py, video.py)
+
+
 def make_dataset(cfg, stream=0):
     """The config's dataset. stream 1 (fine-tuning): the tiny world draws other examples than pretraining's (0)."""
     if cfg["dataset"] == "tiny":
         return world.TinyWorld(cfg["tiny_mode"], cfg["tiny_size"], cfg["resolution"], cfg["tiny_p_correct"], cfg["seed"],
                               flaws=cfg["tiny_flaws"], stream=stream)
+    if cfg["dataset"] == "tiny_video":
+        flaws = [f for f in cfg["tiny_flaws"] if f in video.FLAWS]
+        return video.TinyVideoWorld(cfg["tiny_mode"], cfg["tiny_size"], cfg["resolution"], cfg["frames"],
+                                    cfg["tiny_p_correct"], cfg["seed"], flaws=flaws, stream=stream)
+    if cfg["dataset"] == "clipfolder":
+        return SkipBad(video.ClipFolder(cfg["data_path"], cfg["resolution"], cfg["frames"], cfg["frame_stride"],
+                                        cfg["random_flip"], cfg["seed"], losers=cfg["method"] in losses.PAIR_METHODS))
     if cfg["latent_cache"]:
         ds = CachedLatents(cfg["latent_cache"], cfg["seed"], cfg["random_flip"])
         ds.check_config(cfg)
@@ -530,7 +541,7 @@ def open_dataset(cfg, stream, world_size):
     ds = make_dataset(cfg, stream)
     if cfg["method"] in losses.PAIR_METHODS and not {"image_l", "latent_l"} & ds[0].keys():
         raise ValueError(f"method={cfg['method']!r} needs paired data (image_l), but dataset={cfg['dataset']!r} has "
-                         "none" + (" (set tiny_mode='pairs')" if cfg["dataset"] == "tiny" else "")
+                         "none" + (" (set tiny_mode='pairs')" if cfg["dataset"] in SYNTHETIC else "")
                          + (": winners are its desirable, losers its undesirable samples" if cfg["method"] == "kto" else ""))
     if len(ds) // world_size < cfg["batch_size"]:
         raise ValueError(f"the dataset has {len(ds)} examples, fewer than one micro-batch of {cfg['batch_size']} "

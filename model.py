@@ -9,6 +9,10 @@ SDXL conditions its UNet on more than the text's hidden states: the pooled embed
 and six "time ids" (original size, crop offset, target size). Here they ride in the context tensor as one extra
 token row (sdxl_context), so every loss, the sampler, caption dropout and DDP handle an SDXL context exactly as an
 SD1.5 one; unet_output unpacks the row into the UNet's added_cond_kwargs.
+
+A video model is AnimateDiff's: SD1.5's UNet with a MotionAdapter's temporal layers, diffusers' UNetMotionModel.
+It denoises clips (B, C, F, H, W) with the same errors, losses and sampler (it folds the frames into its batch
+itself); the VAE encodes and decodes a clip's frames as images.
 """
 import json
 import os
@@ -17,7 +21,7 @@ import warnings
 import diffusers
 import torch
 import transformers
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, MotionAdapter, UNet2DConditionModel, UNetMotionModel
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
@@ -35,6 +39,11 @@ N_TIME_IDS = 6  # SDXL base: original (h, w), crop (top, left), target (h, w); t
 
 def is_sdxl_unet(config):
     return config.get("addition_embed_type") == "text_time"
+
+
+def is_video(unet):
+    """An AnimateDiff UNet (UNetMotionModel): it denoises clips (B, C, F, H, W)."""
+    return isinstance(getattr(unet, "module", unet), UNetMotionModel)
 
 
 def check_model_path(path):
@@ -63,14 +72,16 @@ def check_model_path(path):
     return local
 
 
-def load_model(path, device="cpu", frozen_dtype=torch.float32, fuse_lora=True, vae=""):
+def load_model(path, device="cpu", frozen_dtype=torch.float32, fuse_lora=True, vae="", motion_adapter=""):
     """-> dict(unet, vae or None, text_encoder, tokenizer, scheduler, text_encoder_2, tokenizer_2; the last two None
     but for SDXL). The UNet stays fp32 (master weights); the frozen text encoders and VAE may be cast to
     `frozen_dtype`, but a VAE whose config asks for it (force_upcast: SDXL's overflows in fp16) stays fp32 under
     fp16, as diffusers' pipelines keep it. `vae`: another VAE's folder or hub id in its place (SDXL's fp16-safe
     madebyollin/sdxl-vae-fp16-fix, as the peers' --pretrained_vae_model_name_or_path). A LoRA run's folder holds
     the base in unet/ and the adapter in lora/: fuse_lora merges it into the UNet, so a LoRA run loads like a full
-    one (training, which resumes the adapter itself, passes False)."""
+    one (training, which resumes the adapter itself, passes False). A folder whose unet/ is a UNetMotionModel (an
+    AnimateDiff run's) loads as one; `motion_adapter` (a MotionAdapter folder or hub id, e.g.
+    guoyww/animatediff-motion-adapter-v1-5-2) turns an SD1.5 UNet into one, as AnimateDiffPipeline does."""
     local = check_model_path(path)
 
     def part(cls, sub, where=path):  # OSError naming the part: a missing or damaged file, a hub id that does not resolve
@@ -79,7 +90,22 @@ def load_model(path, device="cpu", frozen_dtype=torch.float32, fuse_lora=True, v
             return cls.from_pretrained(where, subfolder=sub, local_files_only=here)
         except (OSError, ValueError) as e:
             raise OSError(f"{os.path.join(where, sub or '') if here else f'{where} ({sub})'}: {cls.__name__}: {e}") from None
-    unet = part(UNet2DConditionModel, "unet")
+    try:
+        video = UNet2DConditionModel.load_config(path, subfolder="unet", local_files_only=local)["_class_name"] == \
+            "UNetMotionModel"
+    except (OSError, ValueError, KeyError):
+        video = False  # part() names what is wrong with unet/
+    unet = part(UNetMotionModel if video else UNet2DConditionModel, "unet")
+    if motion_adapter and not video:
+        here = os.path.isdir(motion_adapter)
+        if not here and (motion_adapter.startswith((".", "/", "~")) or os.path.exists(motion_adapter)):
+            raise FileNotFoundError(f"motion adapter folder {motion_adapter!r} does not exist (expected a MotionAdapter "
+                                    "folder or a hub id)")
+        adapter = part(MotionAdapter, None, motion_adapter)
+        try:
+            unet = UNetMotionModel.from_unet2d(unet, adapter)
+        except ValueError as e:  # diffusers' check that the adapter's blocks match the UNet's
+            raise ValueError(f"{motion_adapter}: does not fit {path}'s UNet: {e}") from None
     sdxl = is_sdxl_unet(unet.config)
     m = {
         "unet": unet.to(device),
@@ -156,6 +182,12 @@ def save_frozen_parts(m, out_dir):
                       "image_encoder": [None, None], "force_zeros_for_empty_prompt": True})
         for k in ("safety_checker", "requires_safety_checker"):
             del index[k]
+    if is_video(m["unet"]):  # AnimateDiffPipeline's index: unet/ holds the whole UNetMotionModel, motion_adapter/
+        # the trained temporal layers alone (checkpoint.py), which AnimateDiffPipeline also accepts on an SD1.5 UNet
+        index.update({"_class_name": "AnimateDiffPipeline", "unet": ["diffusers", "UNetMotionModel"],
+                      "motion_adapter": ["diffusers", "MotionAdapter"], "image_encoder": [None, None]})
+        for k in ("safety_checker", "requires_safety_checker"):
+            index.pop(k, None)
     if m["vae"] is not None:
         index["vae"] = ["diffusers", "AutoencoderKL"]
     with open(os.path.join(out_dir, "model_index.json"), "w") as f:
@@ -202,11 +234,31 @@ def lora_state(unet, adapter="default"):
 
 
 def trained_state(unet, cfg):
-    """The weights a checkpoint and a pool snapshot hold: the whole UNet, or with LoRA its trained adapter only."""
-    return lora_state(unet) if cfg["lora_rank"] else unet.state_dict()
+    """The weights a checkpoint and a pool snapshot hold: the whole UNet; with LoRA its trained adapter only; with
+    trained_modules='motion' (AnimateDiff) its temporal layers only."""
+    if cfg["lora_rank"]:
+        return lora_state(unet)
+    if cfg["trained_modules"] == "motion":
+        return {k: v for k, v in unet.state_dict().items() if ".motion_modules." in k}
+    return unet.state_dict()
+
+
+def train_motion_only(unet):
+    """Freeze an AnimateDiff UNet but for its motion modules (what AnimateDiff and MagicTime train) -> those
+    parameters."""
+    unet.freeze_unet2d_params()
+    trained = [p for n, p in unet.named_parameters() if p.requires_grad]
+    if not trained or any(p.requires_grad != (".motion_modules." in n) for n, p in unet.named_parameters()):
+        raise RuntimeError("trained_modules='motion': the motion modules must be the only trainable parameters")
+    return trained
 
 
 def load_trained_state(unet, state, cfg):
+    if cfg["trained_modules"] == "motion" and not cfg["lora_rank"]:
+        missing, unexpected = unet.load_state_dict(state, strict=False)
+        if unexpected or any(".motion_modules." in k for k in missing):
+            raise KeyError(f"not a motion-modules state: unexpected {unexpected[:3]}, missing {missing[:3]}")
+        return
     if not cfg["lora_rank"]:
         return unet.load_state_dict(state)
     with torch.no_grad():
@@ -293,9 +345,12 @@ def sdxl_context(hidden, pooled, time_ids):
 
 def unet_output(unet, x, t, context):
     """The UNet's raw output (eps, or v) at x_t: x, t and context as the UNet takes them (the context in the
-    input's dtype). An SDXL context (sdxl_context) is split into encoder_hidden_states and added_cond_kwargs.
+    input's dtype). An SDXL context (sdxl_context) is split into encoder_hidden_states and added_cond_kwargs; a
+    clip's context is repeated for each of its frames.
     `unet` may be wrapped (DDP, LoraReference): its config is read from the module inside (none: an SD1.5 UNet)."""
     config = getattr(getattr(unet, "module", unet), "config", {})
+    if x.dim() == 5:  # a clip (B, C, F, H, W): UNetMotionModel folds its frames into the batch and takes the prompt
+        context = context.repeat_interleave(x.shape[2], dim=0)  # once per frame, as AnimateDiffPipeline repeats it
     if not is_sdxl_unet(config):
         return unet(x, t, encoder_hidden_states=context).sample
     P = config.projection_class_embeddings_input_dim - config.addition_time_embed_dim * N_TIME_IDS
@@ -335,6 +390,10 @@ def images_to_latents(vae, images, noise=None, generator=None):
     latent shape makes the draw reproducible; else it comes from `generator`."""
     if vae is None:
         return images
+    if images.dim() == 5:  # clips (B, 3, F, H, W): the VAE encodes their frames as images
+        frames = lambda v: None if v is None else v.transpose(1, 2).flatten(0, 1)
+        z = images_to_latents(vae, frames(images), frames(noise), generator)
+        return z.unflatten(0, (images.shape[0], -1)).transpose(1, 2).contiguous()
     return sample_latents(vae, encode_moments(vae, images), noise, generator)
 
 
@@ -365,17 +424,19 @@ def vae_factor(m):
     return 2 ** (len(m["vae"].config.block_out_channels) - 1) if m["vae"] is not None else 1
 
 
-def latent_shape(m, resolution):
-    """(C, H, W) of the diffusion space for images of side `resolution`."""
-    if m["vae"] is None:
-        return (3, resolution, resolution)
+def latent_shape(m, resolution, frames=0):
+    """(C, H, W) of the diffusion space for images of side `resolution`; (C, F, H, W) for a video model's clips of
+    `frames` frames."""
     f = vae_factor(m)
-    return (m["vae"].config.latent_channels, resolution // f, resolution // f)
+    C = 3 if m["vae"] is None else m["vae"].config.latent_channels
+    return (C, *[frames] * is_video(m["unet"]), resolution // f, resolution // f)
 
 
 @torch.no_grad()
 def latents_to_images(vae, x):
-    """diffusion space -> (B, 3, H, W) float images in [-1, 1]."""
+    """diffusion space -> (B, 3, H, W) float images in [-1, 1] ((B, 3, F, H, W) clips: decoded frame by frame)."""
+    if vae is not None and x.dim() == 5:
+        return torch.stack([latents_to_images(vae, x[:, :, f]) for f in range(x.shape[2])], dim=2)
     if vae is not None:
         x = vae.decode((x / vae.config.scaling_factor).to(vae.dtype)).sample
     return x.float().clamp(-1, 1)
@@ -543,7 +604,8 @@ def speed_up(unets, channels_last=False, compile_unet="off"):
 
 def check_model_fits(cfg, m):
     """ValueError if the config asks what the loaded model cannot do: more sampler steps than its schedule takes, a
-    resolution its VAE and UNet do not divide, a trained text encoder on SDXL."""
+    resolution its VAE and UNet do not divide, a trained text encoder on SDXL, clips for an image model or images
+    for a video model."""
     T = m["scheduler"].config.num_train_timesteps
     for k in ("sample_steps", "self_sample_steps"):
         check_sampler_steps(m["scheduler"], cfg[k], k)
@@ -553,6 +615,13 @@ def check_model_fits(cfg, m):
     if cfg["resolution"] % f:
         raise ValueError(f"resolution={cfg['resolution']} is not a multiple of {f} (the VAE's and the UNet's "
                          "downsampling)")
+    clips = cfg["dataset"] in ("tiny_video", "clipfolder")
+    if clips != is_video(m["unet"]):
+        raise ValueError(f"dataset={cfg['dataset']!r} has {'clips' if clips else 'images'}, but the model is "
+                         + ("an image model (motion_adapter= makes an SD1.5 UNet an AnimateDiff one)" if clips else
+                            "an AnimateDiff video model"))
+    if cfg["trained_modules"] == "motion" and not is_video(m["unet"]):
+        raise ValueError("trained_modules='motion' trains an AnimateDiff UNet's motion modules; this UNet has none")
     if m.get("text_encoder_2") is not None and cfg["train_text_encoder"]:
         raise ValueError("train_text_encoder=True trains one text encoder; an SDXL model has two (not implemented: "
                          "SDXL fine-tuning keeps both frozen)")
@@ -614,12 +683,13 @@ def build_tokenizer(words, out_dir):
 
 
 def build_tiny_model(out_dir, words, resolution=16, channels=(32, 64), text_dim=32, with_vae=False, seed=0,
-                     schedule="scaled_linear", prediction_type="epsilon", zero_snr=False, sdxl=False):
+                     schedule="scaled_linear", prediction_type="epsilon", zero_snr=False, sdxl=False, frames=0):
     """Save a random SD-layout model to out_dir. Pixel space (no vae/) unless with_vae: then a tiny AutoencoderKL
     with 4 latent channels and a downsampling factor of 2. zero_snr: betas rescaled to a zero terminal SNR, sampled
     from t = T - 1 ('trailing'), which needs prediction_type='v_prediction' (Lin et al. 2023). sdxl: SDXL's layout
     and conditioning (a second text encoder with a projection, a UNet with addition_embed_type='text_time'), for
-    tests. Loaded back only through `load_model`."""
+    tests. frames > 0: an AnimateDiff UNetMotionModel (the UNet + a tiny MotionAdapter with temporal attention over
+    up to 32 frames), the tiny video world's model. Loaded back only through `load_model`."""
     torch.manual_seed(seed)
     tok = build_tokenizer(words, os.path.join(out_dir, "tokenizer"))
     text_cfg = CLIPTextConfig(
@@ -651,9 +721,15 @@ def build_tiny_model(out_dir, words, resolution=16, channels=(32, 64), text_dim=
                           set_alpha_to_one=False, steps_offset=0 if zero_snr else 1, prediction_type=prediction_type,
                           rescale_betas_zero_snr=zero_snr, timestep_spacing="trailing" if zero_snr else "leading")
     check_scheduler(sched, out_dir)
+    if frames:
+        adapter = MotionAdapter(block_out_channels=tuple(channels), motion_layers_per_block=1, motion_norm_num_groups=8,
+                                motion_num_attention_heads=4, motion_max_seq_length=32)
+        unet = UNetMotionModel.from_unet2d(unet, adapter)
     m = {"unet": unet, "text_encoder": text_encoder, "tokenizer": tok, "scheduler": sched, "vae": vae}
     if sdxl:
         m["text_encoder_2"], m["tokenizer_2"] = CLIPTextModelWithProjection(text_cfg), tok
+    if frames:
+        unet.save_motion_modules(os.path.join(out_dir, "motion_adapter"))
     unet.save_pretrained(os.path.join(out_dir, "unet"))
     save_frozen_parts(m, out_dir)
     return out_dir

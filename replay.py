@@ -100,8 +100,9 @@ class ReferencePool:
             module.load(state, e["step"])
             return e["step"]
         with torch.no_grad():
-            for name, t in module.state_dict().items():
-                t.copy_(state[name])
+            target = module.state_dict()
+            for name, t in state.items():  # the whole UNet, or its trained part (an AnimateDiff run's motion modules)
+                target[name].copy_(t)
         return e["step"]
 
     def prune(self, also=()):

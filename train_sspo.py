@@ -34,6 +34,7 @@ import ddp
 import losses
 import model
 import replay
+import video
 import world
 from ddp import print0
 
@@ -53,13 +54,16 @@ save_every = 200                # optimizer steps between checkpoints; the last 
 log_every = 10                  # optimizer steps between log lines: the logged update's stats (mean over its
                                 # micro-batches and ranks), and s/step over the stretch (evals and saves included)
 # data
-dataset = "tiny"                # 'tiny' (synthetic world, data.py) | 'pickapic' (parquet shards) | 'imagefolder'
+dataset = "tiny"                # 'tiny' (synthetic world, world.py) | 'pickapic' (parquet shards) | 'imagefolder'
+                                # | video: 'tiny_video' (synthetic clips, video.py) | 'clipfolder' (metadata.jsonl)
 data_path = ""                  # parquet file or folder (pickapic); folder with metadata.jsonl (imagefolder)
 tiny_mode = "base"              # 'base': draws of the flawed base distribution | 'pairs': judge-ranked pairs
 tiny_size = 50_000              # examples in the tiny world's training set (each a pure function of seed and index)
 tiny_p_correct = 0.4            # share of flawless images in the base distribution
 tiny_flaws = ("colour", "position", "shape", "blur")  # what the other draws get wrong, one each (data.ALL_FLAWS)
 resolution = 16                 # training image side in pixels (512 for SD1.5)
+frames = 8                      # video: frames a clip (AnimateDiff: 16)
+frame_stride = 1                # video: clipfolder keeps every frame_stride-th frame of a clip
 random_flip = False             # horizontal flips as the peers do for real data; never the tiny world (left/right)
 random_crop = False             # random instead of center crop after resizing the short side
 caption_dropout = 0.1           # probability of the empty prompt: keeps an unconditional model for guidance
@@ -70,6 +74,10 @@ bad_data = "skip"               # real data that cannot be read (corrupt or trun
                                 # replaced by the next readable example, counted | 'stop' naming its file and row
 # model (init_from='scratch' only: the tiny world's model; an SD model brings its own architecture)
 unet_channels = (32, 64)        # block_out_channels; attention at every level but the first
+motion_adapter = ""             # video: a MotionAdapter (folder or hub id) that makes init_from's SD1.5 UNet an
+                                # AnimateDiff UNetMotionModel (guoyww/animatediff-motion-adapter-v1-5-2)
+trained_modules = "all"         # 'all': the whole UNet | 'motion': an AnimateDiff UNet's motion modules only (what
+                                # AnimateDiff and MagicTime train)
 text_dim = 32                   # width of the tiny CLIP text encoder
 train_text_encoder = False      # also train the text encoder: for pretraining from scratch, where a random frozen one
                                 # is a weak condition (SD1.5 and all alignment runs keep it frozen)
@@ -153,10 +161,16 @@ def lr_at(step, cfg):
     return cfg["lr"] * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
 
 
+def tiny_world(cfg):
+    """The module of a synthetic dataset's grammar and judge (world: images, video: clips), or None for real data."""
+    return {"tiny": world, "tiny_video": video}.get(cfg["dataset"])
+
+
 def eval_prompts(cfg, ds):
-    """The tiny world: all 48 prompts, seen ones first. Real data: the first n_eval_images prompts of the data."""
-    if cfg["dataset"] == "tiny":
-        return [world.prompt_of(c) for c in world.TRAIN_COMBOS + world.HELD_OUT]
+    """A tiny world: all its prompts, seen ones first. Real data: the first n_eval_images prompts of the data."""
+    if tiny_world(cfg):
+        W = tiny_world(cfg)
+        return [W.prompt_of(c) for c in W.TRAIN_COMBOS + W.HELD_OUT]
     return [ds[i]["prompt"] for i in range(min(cfg["n_eval_images"], len(ds)))]
 
 
@@ -171,7 +185,7 @@ def run_eval(m, unet, cfg, ds, device, autocast, step):
     unet.eval()
     g = torch.Generator().manual_seed(cfg["seed"] + 1)
     n, B = min(cfg["batch_size"] * (dist.get_world_size() if dist.is_initialized() else 1), len(ds)), cfg["batch_size"]
-    shape = model.latent_shape(m, cfg["resolution"])
+    shape = model.latent_shape(m, cfg["resolution"], cfg["frames"])
     vae_noise = torch.randn((n, *shape), generator=g) if m["vae"] is not None else None  # as to_latents draws it
     eps = torch.randn((n, *shape), generator=g)
     t = torch.randint(0, m["scheduler"].config.num_train_timesteps, (n,), generator=g)
@@ -195,16 +209,21 @@ def run_eval(m, unet, cfg, ds, device, autocast, step):
                               step_noise)
     images = model.latents_to_images(m["vae"], x).cpu()
     out = {"eval_loss": loss}
-    labels = None
-    if cfg["dataset"] == "tiny":
-        scores = [world.judge(img, p)[0] for img, p in zip(images, prompts)]
-        n_seen = len(world.TRAIN_COMBOS)
+    labels, W = None, tiny_world(cfg)
+    if W:
+        scores = [W.judge(img, p)[0] for img, p in zip(images, prompts)]
+        n_seen = len(W.TRAIN_COMBOS)
         out["judge_seen"], out["judge_heldout"] = float(np.mean(scores[:n_seen])), float(np.mean(scores[n_seen:]))
         labels = [f"{s:.2f}" for s in scores]
     unet.train()
     print0(f"eval step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in out.items()))
     ddp.log_json({"kind": "eval", "step": step, **out})
-    data.save_grid(images, os.path.join(cfg["out_dir"], "samples", f"step{step:06d}.png"), labels)
+    path = os.path.join(cfg["out_dir"], "samples", f"step{step:06d}")
+    if images.dim() == 5:  # clips: a strip of frames a row, and a GIF of the first 16
+        video.save_clip_strip(images, path + ".png", labels)
+        video.save_gif(images[:16], path + ".gif")
+    else:
+        data.save_grid(images, path + ".png", labels)
     with open(os.path.join(cfg["out_dir"], "samples", "prompts.txt"), "w") as f:
         f.write("\n".join(prompts) + "\n")
     return out
@@ -236,7 +255,7 @@ def load_for_training(cfg, source, ds, device, use_bf16, master):
     own = source == cfg["out_dir"]  # scratch or resume: a LoRA run's lora/ is resumed from ckpt.pt, not fused here
     try:
         m = model.load_model(source, device, torch.bfloat16 if use_bf16 else torch.float32, fuse_lora=not own,
-                             vae="" if own else cfg["vae"])
+                             vae="" if own else cfg["vae"], motion_adapter="" if own else cfg["motion_adapter"])
         model.check_model_fits(cfg, m)
         if cfg["latent_cache"]:
             ds.check_vae(m["vae"])
@@ -246,6 +265,8 @@ def load_for_training(cfg, source, ds, device, use_bf16, master):
         model.save_frozen_parts(m, cfg["out_dir"])
     unet = m["unet"].train()
     params = list(unet.parameters())
+    if cfg["trained_modules"] == "motion" and not cfg["lora_rank"]:
+        params = model.train_motion_only(unet)
     if cfg["lora_rank"]:
         if master and not own:
             checkpoint.write_folder(os.path.join(cfg["out_dir"], "unet"), unet.save_pretrained, point="unet")
@@ -303,9 +324,10 @@ def prepare(cfg, rank, world_size, device):
         os.makedirs(os.path.join(out, "samples"), exist_ok=True)
         ddp.open_log(out)
         if not resume and cfg["init_from"] == "scratch":
-            model.build_tiny_model(out, world.WORDS, cfg["resolution"], cfg["unet_channels"], cfg["text_dim"],
+            model.build_tiny_model(out, (tiny_world(cfg) or world).WORDS, cfg["resolution"], cfg["unet_channels"], cfg["text_dim"],
                                    seed=cfg["seed"], schedule=cfg["noise_schedule"],
-                                   prediction_type=cfg["prediction_type"], zero_snr=cfg["zero_snr"])
+                                   prediction_type=cfg["prediction_type"], zero_snr=cfg["zero_snr"],
+                                   frames=cfg["frames"] if cfg["dataset"] == "tiny_video" else 0)
     ddp.barrier()
     use_bf16 = device.type == "cuda" and cfg["mixed_precision"] == "bf16"
     m, unet, params, opt, ema = load_for_training(cfg, source, ds, device, use_bf16, master)
@@ -329,8 +351,8 @@ def prepare(cfg, rank, world_size, device):
     print0(f"{world_size} process(es) on {device}, bf16 autocast: {use_bf16}; UNet {n(unet.parameters())} params, "
            f"{n(params)} trained; effective batch {cfg['batch_size'] * cfg['grad_accum'] * world_size}; {len(ds)} "
            f"examples; random stream {stream} ({'fine-tuning' if stream else 'pretraining'})")
-    if master and cfg["dataset"] == "tiny":  # what the judge gives the data itself: the ceiling and the base
-        print0(world.judge_the_data(ds, cfg["resolution"], cfg["seed"], cfg["tiny_mode"]))
+    if master and tiny_world(cfg):  # what the judge gives the data itself: the ceiling and the base
+        print0(world.judge_the_data(ds, cfg["seed"], cfg["tiny_mode"]))
     return r
 
 
@@ -352,7 +374,7 @@ def main(cfg):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if r["use_bf16"] else nullcontext()
     sched, T = m["scheduler"], m["scheduler"].config.num_train_timesteps
     sched.alphas_cumprod = sched.alphas_cumprod.to(device)  # read at every step: moved once
-    latent_shape = model.latent_shape(m, cfg["resolution"])  # (C, H, W) of what the UNet denoises
+    latent_shape = model.latent_shape(m, cfg["resolution"], cfg["frames"])  # (C, H, W) or (C, F, H, W) for clips
     with torch.no_grad():
         uncond = model.encode_prompts(m, [""], cfg["resolution"])  # (1, 77, D) (SDXL: 78 rows), for guidance
     encode = model.PromptCache(m, 0 if cfg["train_text_encoder"] else cfg["text_cache"],  # frozen: once a prompt
@@ -483,7 +505,7 @@ def main(cfg):
     if tallies["skipped_updates"]:
         print0(f"updates skipped for a non-finite loss or gradient: {tallies['skipped_updates']} of {step}")
     print0(f"done: {out}/ckpt.pt, {out}/unet/{f' + {out}/{model.LORA_DIR}/' * bool(cfg['lora_rank'])}, {out}/samples/")
-    if master and cfg["dataset"] == "tiny" and first_eval is not None:  # the last line: what the run did
+    if master and tiny_world(cfg) and first_eval is not None:  # the last line: what the run did
         print0(f"judge on seen / held-out prompts: step {start_step} "
                f"{first_eval['judge_seen']:.3f} / {first_eval['judge_heldout']:.3f} -> step {step} "
                f"{res['judge_seen']:.3f} / {res['judge_heldout']:.3f}")

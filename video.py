@@ -173,6 +173,9 @@ def judge_clip(clip, prompt):
     return float(score), parts
 
 
+judge = judge_clip  # the name world.py's judge has: a tiny world's module reads alike for images and clips
+
+
 KINDS = ("correct", "wrong colour", "jitter", "static", "wrong direction", "unclean", "wrong shape", "empty")
 
 
@@ -205,6 +208,7 @@ class TinyVideoWorld(world.TinyWorld):
         self.frames = frames
 
     prompt_of = staticmethod(prompt_of)
+    all_combos = ALL_COMBOS
 
     def render(self, combo, rng, flaw):
         return render_clip(combo, self.frames, self.resolution, rng, flaw)

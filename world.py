@@ -210,12 +210,14 @@ class TinyWorld(torch.utils.data.Dataset):
 
     # what an item is made of; video.TinyVideoWorld words, draws, judges and converts clips instead
     prompt_of = staticmethod(prompt_of)
+    all_combos = ALL_COMBOS
 
     def render(self, combo, rng, flaw):
         return render(combo, self.resolution, rng, flaw)
 
     def judge(self, x, prompt):
-        return judge(x, prompt)[0]
+        """x: what render draws (uint8), or an item's float tensor."""
+        return judge(to_uint8(x) if torch.is_tensor(x) else x, prompt)[0]
 
     def as_tensor(self, x):
         return to_tensor(x)
@@ -235,10 +237,11 @@ class TinyWorld(torch.utils.data.Dataset):
         return {"prompt": prompt, "image_w": self.as_tensor(w), "image_l": self.as_tensor(l)}
 
 
-def judge_the_data(ds, resolution, seed, mode):
-    """One line for the log: the judge of correct renders of all 48 prompts (the ceiling) and of 256 of the
-    training images (what the base was trained to draw, or the pairs' winners)."""
+def judge_the_data(ds, seed, mode):
+    """One line for the log: the judge of correct renders of all the tiny world's prompts (the ceiling) and of 256
+    of the training images (what the base was trained to draw, or the pairs' winners). ds: a TinyWorld (images or
+    clips)."""
     rng = np.random.default_rng(seed)
-    correct = np.mean([judge(render(c, resolution, rng), prompt_of(c))[0] for c in ALL_COMBOS])
-    drawn = np.mean([judge(to_uint8(ds[i]["image_w"]), ds[i]["prompt"])[0] for i in range(256)])
+    correct = np.mean([ds.judge(ds.render(c, rng, None), ds.prompt_of(c)) for c in ds.all_combos])
+    drawn = np.mean([ds.judge(ds[i]["image_w"], ds[i]["prompt"]) for i in range(256)])
     return f"judge of the data: correct renders {correct:.3f}, training images ({mode}) {drawn:.3f}"

@@ -1,0 +1,117 @@
+"""Text-to-video: an AnimateDiff model (SD1.5's parts + a MotionAdapter, loaded as diffusers' UNetMotionModel) in
+the same loop: the sampler is AnimateDiffPipeline's, every method trains on clips (the motion modules only, or the
+whole UNet), a run resumes exactly, and the run folder loads in AnimateDiffPipeline, its motion_adapter/ too."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AnimateDiffPipeline, DDIMScheduler, MotionAdapter
+from safetensors.torch import load_file
+
+import model
+import video
+from conftest import FAST
+from test_faults import load
+
+R, F = 16, 4  # 16 px (8x8 latents with the tiny VAE), 4 frames
+CLIPS = FAST + ["--dataset=tiny_video", f"--resolution={R}", f"--frames={F}", "--self_sample_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    """An SD-layout folder (with a VAE) and, apart, a MotionAdapter folder, as the hub ships AnimateDiff's."""
+    root = tmp_path_factory.mktemp("animatediff")
+    sd = model.build_tiny_model(str(root / "sd"), video.WORDS, resolution=R, with_vae=True)
+    torch.manual_seed(1)
+    adapter = MotionAdapter(block_out_channels=(32, 64), motion_layers_per_block=1, motion_norm_num_groups=8,
+                            motion_num_attention_heads=4, motion_max_seq_length=32)
+    for p in adapter.parameters():  # diffusers zero-initialises the temporal layers' output: make them matter
+        torch.nn.init.normal_(p, std=0.05)
+    adapter.save_pretrained(str(root / "adapter"))
+    return sd, str(root / "adapter")
+
+
+def test_sampler_is_animatediff_pipelines(parts):
+    """ddim_sample of a clip with guidance = AnimateDiffPipeline with a DDIMScheduler, the same noise, the empty
+    negative prompt; the temporal layers are in it (another adapter changes the clip)."""
+    sd, adapter = parts
+    m = model.load_model(sd, motion_adapter=adapter)
+    assert model.is_video(m["unet"]) and model.latent_shape(m, R, F) == (4, F, R // 2, R // 2)
+    prompts = ["a red circle moving left", "a blue square growing"]
+    noise = torch.randn(2, 4, F, R // 2, R // 2, generator=torch.Generator().manual_seed(0))
+    cond, uncond = model.encode_prompts(m, prompts), model.encode_prompts(m, [""])
+    ours = model.ddim_sample(m["unet"], m["scheduler"], cond, uncond, noise, steps=3, guidance=3.0)
+    pipe = AnimateDiffPipeline.from_pretrained(sd, motion_adapter=MotionAdapter.from_pretrained(adapter),
+                                               local_files_only=True)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    theirs = pipe(prompts, negative_prompt=["", ""], num_frames=F, height=R, width=R, num_inference_steps=3,
+                  guidance_scale=3.0, latents=noise.clone(), output_type="latent").frames
+    assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
+    plain = model.load_model(sd, motion_adapter=adapter)
+    with torch.no_grad():
+        for n, p in plain["unet"].named_parameters():
+            if ".motion_modules." in n:
+                p.zero_()
+    other = model.ddim_sample(plain["unet"], m["scheduler"], cond, uncond, noise, steps=3, guidance=3.0)
+    assert not torch.allclose(ours, other, atol=1e-3)
+    clips = model.latents_to_images(m["vae"], ours)
+    assert clips.shape == (2, 3, F, R, R)
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo", "spin", "sspo"])
+def test_methods_train_the_motion_modules_on_clips(tmp_path, run, parts, method):
+    """A few updates of each method on clips of the tiny video world, the motion modules only: the spatial weights
+    end as they began, the motion modules do not; the run folder loads in AnimateDiffPipeline, and its
+    motion_adapter/ on the SD base gives the same clip."""
+    sd, adapter = parts
+    out = str(tmp_path / method)
+    extra = ["--method=sspo", "--ref_policy=last", "--ssr=off"] if method == "spin" else [f"--method={method}"]
+    p = run(CLIPS + extra + [f"--out_dir={out}", f"--init_from={sd}", f"--motion_adapter={adapter}",
+                             "--trained_modules=motion", "--tiny_mode=pairs", "--ckpt_every=2"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "judge on seen / held-out prompts" in p.stdout and os.path.isfile(os.path.join(out, "samples", "step000004.gif"))
+    ckpt = load(os.path.join(out, "ckpt.pt"))
+    assert ckpt["unet"] and all(".motion_modules." in k for k in ckpt["unet"])
+    start = model.load_model(sd, motion_adapter=adapter)["unet"].state_dict()
+    end = load_file(os.path.join(out, "unet", "diffusion_pytorch_model.safetensors"))
+    moved = {k for k in start if not torch.equal(start[k], end[k])}
+    assert moved and all(".motion_modules." in k for k in moved)
+    pipe = AnimateDiffPipeline.from_pretrained(out, local_files_only=True)
+    kw = dict(num_frames=F, height=R, width=R, num_inference_steps=2, output_type="latent",
+              latents=torch.randn(1, 4, F, R // 2, R // 2, generator=torch.Generator().manual_seed(0)))
+    frames = pipe("a red circle moving left", **kw).frames
+    again = AnimateDiffPipeline.from_pretrained(
+        sd, motion_adapter=MotionAdapter.from_pretrained(os.path.join(out, "motion_adapter")), local_files_only=True)
+    assert torch.allclose(frames, again("a red circle moving left", **kw).frames, atol=1e-5)
+    pil = pipe("a red circle moving left", num_frames=F, height=R, width=R, num_inference_steps=2).frames[0]
+    assert len(pil) == F and np.asarray(pil[0]).shape == (R, R, 3)
+
+
+def test_tiny_video_model_trains_whole_and_resumes_exactly(tmp_path, run):
+    """The tiny video world's own model (pixel space, from scratch, the whole UNet trained): 4 updates in one go
+    equal 2, then a resume for 2 more, bit for bit."""
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    p = run(CLIPS + [f"--out_dir={one}"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "AnimateDiffPipeline" in open(os.path.join(one, "model_index.json")).read()
+    p = run(CLIPS + [f"--out_dir={two}", "--save_every=2"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    os.remove(os.path.join(two, "ckpt.pt"))
+    os.remove(os.path.join(two, "ckpt_00000004.pt"))
+    os.link(os.path.join(two, "ckpt_00000002.pt"), os.path.join(two, "ckpt.pt"))
+    p = run(CLIPS + [f"--out_dir={two}", "--save_every=2", "--init_from=resume"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    a, b = load(os.path.join(one, "ckpt.pt"))["unet"], load(os.path.join(two, "ckpt.pt"))["unet"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_video_bad_input_is_one_line(tmp_path, run, parts):
+    sd, adapter = parts
+    cases = [([f"--init_from={sd}", f"--motion_adapter={tmp_path}/nothing"], "motion adapter folder"),
+             ([f"--init_from={sd}"], "an image model (motion_adapter="),
+             ([f"--init_from={sd}", "--dataset=tiny", "--trained_modules=motion"], "has none")]
+    for args, want in cases:
+        p = run(CLIPS + [f"--out_dir={tmp_path / 'run'}", *args])
+        last = p.stderr.strip().splitlines()[-1]
+        assert p.returncode == 1 and last.startswith("error: ") and want in last, (args, p.stderr[-2000:])
