@@ -11,6 +11,7 @@ import sys
 
 import data
 import losses
+import video
 import world
 
 DEFAULTS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_sspo.py")
@@ -115,9 +116,11 @@ def get_config(argv):
         raise SystemExit(f"config error: text_cache must be >= 0 (0: no cache), got {cfg['text_cache']}")
     if cfg["pool_capacity"] < 0 or cfg["pool_capacity"] == 1:
         raise SystemExit(f"config error: pool_capacity must be 0 (keep all) or >= 2, got {cfg['pool_capacity']}")
-    bad = [f for f in cfg["tiny_flaws"] if f not in world.ALL_FLAWS]
+    known = video.FLAWS if cfg["dataset"] == "tiny_video" else world.ALL_FLAWS
+    bad = [f for f in cfg["tiny_flaws"] if f not in known]
     if bad:
-        raise SystemExit(f"config error: tiny_flaws has {bad}; known flaws: {', '.join(world.ALL_FLAWS)}")
+        raise SystemExit(f"config error: tiny_flaws has {bad}; the {'video ' * (known is video.FLAWS)}world's "
+                         f"flaws: {', '.join(known)}")
     if cfg["sdpo_safeguard"] and cfg["method"] not in ("dpo", "sspo", "dmpo"):
         raise SystemExit(f"config error: sdpo_safeguard is for method 'dpo', 'sspo' or 'dmpo', not {cfg['method']!r}")
     if cfg["noising"] != "forward" and cfg["method"] == "sft":

@@ -515,15 +515,21 @@ def write_shard(folder, s, x, rows):
 SYNTHETIC = ("tiny", "tiny_video")  # the datasets drawn on the fly, with their judges (world.py, video.py)
 
 
+def tiny_world(dataset):
+    """The module of a synthetic dataset's grammar and judge: world (images) or video (clips); None for real data.
+    Both name alike what a run and its evaluation read: TRAIN_COMBOS, HELD_OUT, WORDS, PARTS, KINDS, prompt_of,
+    parse_prompt, judge, kind_of."""
+    return {"tiny": world, "tiny_video": video}.get(dataset)
+
+
 def make_dataset(cfg, stream=0):
     """The config's dataset. stream 1 (fine-tuning): the tiny world draws other examples than pretraining's (0)."""
     if cfg["dataset"] == "tiny":
         return world.TinyWorld(cfg["tiny_mode"], cfg["tiny_size"], cfg["resolution"], cfg["tiny_p_correct"], cfg["seed"],
                               flaws=cfg["tiny_flaws"], stream=stream)
     if cfg["dataset"] == "tiny_video":
-        flaws = [f for f in cfg["tiny_flaws"] if f in video.FLAWS]
         return video.TinyVideoWorld(cfg["tiny_mode"], cfg["tiny_size"], cfg["resolution"], cfg["frames"],
-                                    cfg["tiny_p_correct"], cfg["seed"], flaws=flaws, stream=stream)
+                                    cfg["tiny_p_correct"], cfg["seed"], flaws=cfg["tiny_flaws"], stream=stream)
     if cfg["dataset"] == "clipfolder":
         return SkipBad(video.ClipFolder(cfg["data_path"], cfg["resolution"], cfg["frames"], cfg["frame_stride"],
                                         cfg["random_flip"], cfg["seed"], losers=cfg["method"] in losses.PAIR_METHODS))

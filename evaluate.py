@@ -36,6 +36,7 @@ import model
 import scorers
 from checkpoint import read_checkpoint
 from ddp import print0, setup, teardown
+import video
 import world
 
 PAPER = {"steps": 50, "guidance": 7.5, "images_per_prompt": 1}  # SSPO.md 7 (the paper's pipeline: PNDM; ours: DDIM)
@@ -123,14 +124,14 @@ def read_prompt_file(path):
 
 
 def prompt_groups(paths, cfg):
-    """-> {group: prompts}. The tiny world's default: its 40 seen and 8 held-out prompts. One file: group 'all';
-    several (e.g. HPSv2's four style files): one group per file, named by its stem."""
+    """-> {group: prompts}. A tiny world's default: its seen and held-out prompts (images 40 + 8, clips 60 + 12).
+    One file: group 'all'; several (e.g. HPSv2's four style files): one group per file, named by its stem."""
     if not paths:
-        if cfg["dataset"] != "tiny":
-            raise SystemExit("error: --prompts is required for a run not on the tiny world "
+        W = data.tiny_world(cfg["dataset"])
+        if W is None:
+            raise SystemExit("error: --prompts is required for a run not on a tiny world "
                              "(a Pick-a-Pic parquet, PartiPrompts tsv, HPSv2 json, or text file)")
-        return {"seen": [world.prompt_of(c) for c in world.TRAIN_COMBOS],
-                "heldout": [world.prompt_of(c) for c in world.HELD_OUT]}
+        return {"seen": [W.prompt_of(c) for c in W.TRAIN_COMBOS], "heldout": [W.prompt_of(c) for c in W.HELD_OUT]}
     if len(paths) == 1:
         return {"all": read_prompt_file(paths[0])}
     names = [os.path.splitext(os.path.basename(p))[0] for p in paths]
@@ -156,7 +157,8 @@ def draw_noise(sizes, shape, seed):
 
 @torch.no_grad()
 def generate(m, prompts, noise, protocol, batch_size, desc):
-    """-> uint8 (N, H, W, 3) images: DDIM with classifier-free guidance (model.ddim_sample), eta 0."""
+    """-> uint8 (N, H, W, 3) images ((N, F, H, W, 3) clips): DDIM with classifier-free guidance (model.ddim_sample),
+    eta 0."""
     device, out = m["unet"].device, []
     resolution = noise.shape[-1] * model.vae_factor(m)  # SDXL's time ids: the image size sampled
     uncond = model.encode_prompts(m, [""], resolution)
@@ -164,48 +166,48 @@ def generate(m, prompts, noise, protocol, batch_size, desc):
         cond = model.encode_prompts(m, prompts[i:i + batch_size], resolution)
         x = model.ddim_sample(m["unet"], m["scheduler"], cond, uncond, noise[i:i + batch_size].to(device),
                               protocol["steps"], protocol["guidance"])
-        out.append(world.to_uint8(model.latents_to_images(m["vae"], x)))
+        out.append((video.clip_to_uint8 if x.dim() == 5 else world.to_uint8)(model.latents_to_images(m["vae"], x)))
     return np.concatenate(out) if out else np.zeros((0, 1, 1, 3), np.uint8)
 
 
-def tiny_judge(images, prompts):
-    """The tiny world's judge as a metric, in [0, 1]."""
-    return torch.tensor([world.judge(np.asarray(im), q)[0] for im, q in zip(images, prompts)])
+def tiny_judge(images, prompts, W=world):
+    """A tiny world's judge as a metric, in [0, 1] (W: world for images, video for clips)."""
+    return torch.tensor([W.judge(np.asarray(im), q)[0] for im, q in zip(images, prompts)])
 
 
-def tiny_details(images, prompts):
-    """Per image: the judge's four parts, the kind of sample (world.kind_of), and where its shape landed."""
+def tiny_details(images, prompts, W=world):
+    """Per image: the judge's parts, the kind of sample (W.kind_of), and for images where the shape landed."""
     out = []
     for im, q in zip(images, prompts):
-        parts = world.judge(np.asarray(im), q)[1]
-        out.append({"parts": parts, "kind": world.kind_of(parts), "centroid": world.foreground_centroid(im),
-                    "position": world.parse_prompt(q)[2]})
+        parts = W.judge(np.asarray(im), q)[1]
+        out.append({"parts": parts, "kind": W.kind_of(parts)})
+        if W is world:
+            out[-1].update(centroid=world.foreground_centroid(im), position=world.parse_prompt(q)[2])
     return out
 
 
-def tiny_breakdown(details):
-    """What a set of tiny-world images gets wrong: the mean of each judge part, the share of each kind of sample,
-    and the mean centroid (x, y) of the shapes per position word (where they land; None if all empty)."""
-    out = {p: float(np.mean([d["parts"][p] for d in details])) for p in details[0]["parts"]}
-    out.update({k: float(np.mean([d["kind"] == k for d in details])) for k in world.KINDS})
-    for w in world.POSITIONS:
+def tiny_breakdown(details, W=world):
+    """What a set of tiny-world images (clips) gets wrong: the mean of each judge part, the share of each kind of
+    sample, and for images the mean centroid (x, y) of the shapes per position word (None if all empty)."""
+    out = {p: float(np.mean([d["parts"][p] for d in details])) for p in W.PARTS}
+    out.update({k: float(np.mean([d["kind"] == k for d in details])) for k in W.KINDS})
+    for w in world.POSITIONS if W is world else ():
         c = [d["centroid"] for d in details if d["position"] == w and d["centroid"] is not None]
         out[f"at_{w}"] = [round(float(v), 3) for v in np.mean(c, 0)] if c else None
     return out
 
 
 def tiny_data_images(prompts, cfg, seed):
-    """The training data's images for these prompts: one draw of the base distribution each (the config's
+    """The training data's images (clips) for these prompts: one draw of the base distribution each (the config's
     p_correct and flaws), so the data's row of the breakdown has the same prompts as the models'."""
-    base = world.TinyWorld("base", resolution=cfg["resolution"], p_correct=cfg["tiny_p_correct"],
-                           flaws=cfg["tiny_flaws"])
+    base = data.make_dataset({**cfg, "tiny_mode": "base"})
     rng = np.random.default_rng([seed, 7])
-    return np.stack([base.draw(world.parse_prompt(q), rng) for q in prompts])
+    return np.stack([base.draw(data.tiny_world(cfg["dataset"]).parse_prompt(q), rng) for q in prompts])
 
 
 def score_all(fn, images, prompts, batch_size):
-    """(N,) float64 scores of uint8 images, in batches."""
-    pil = [Image.fromarray(x) for x in images]
+    """(N,) float64 scores of uint8 images (PIL for the scorers) or clips (arrays), in batches."""
+    pil = [x if x.ndim == 4 else Image.fromarray(x) for x in images]
     out = [fn(pil[i:i + batch_size], prompts[i:i + batch_size]) for i in range(0, len(pil), batch_size)]
     return torch.cat(out).double().numpy() if out else np.zeros(0)
 
@@ -220,7 +222,10 @@ def gather(obj):
 
 
 def thumbs(images, side=128):
-    """uint8 (N, H, W, 3) -> (N, 3, h, h) floats in [-1, 1] for data.save_grid, large images shrunk to `side`."""
+    """uint8 (N, H, W, 3) -> (N, 3, h, h) floats in [-1, 1] for data.save_grid, large images shrunk to `side`;
+    clips (N, F, H, W, 3) -> (N, 3, F, H, W) for video.save_clip_strip."""
+    if images.ndim == 5:
+        return torch.stack([video.clip_to_tensor(x) for x in images])
     if len(images) and images.shape[1] > side:
         images = np.stack([np.asarray(Image.fromarray(x).resize((side, side), Image.BICUBIC)) for x in images])
     return torch.stack([world.to_tensor(x) for x in images])
@@ -274,7 +279,8 @@ def evaluate(args, weights, metrics, rank, world_size, device):
     """Protocol and prompts, scorers, noise; then each rank samples and scores its shard, and rank 0 writes."""
     dtype = getattr(torch, args.dtype)
     m, cfg, step = load_run(args.run_dir, device, dtype)
-    tiny = cfg["dataset"] == "tiny"
+    W = data.tiny_world(cfg["dataset"])  # world (images), video (clips) or None (real data)
+    tiny = W is not None
     name = args.protocol or ("run" if tiny else "paper")
     defaults = PAPER if name == "paper" else {"steps": cfg["sample_steps"], "guidance": cfg["guidance"],
                                               "images_per_prompt": 4}
@@ -284,12 +290,12 @@ def evaluate(args, weights, metrics, rank, world_size, device):
     # pipeline's default, the UNet's sample_size
     f = model.vae_factor(m)
     resolution = cfg["resolution"] if name == "run" else m["unet"].config.sample_size * f
-    shape = model.latent_shape(m, resolution)
+    shape = model.latent_shape(m, resolution, cfg.get("frames", 0))
     protocol = {"sampler": "DDIM, eta 0", "steps": defaults["steps"] if args.steps is None else args.steps,
                 "guidance": defaults["guidance"] if args.guidance is None else args.guidance, "seed": args.seed,
                 "generator": "one CPU generator per prompt file, seeded once, reused across its prompts in order",
                 "images_per_prompt": ipp, "name": name, "dtype": args.dtype,
-                "prompts": ", ".join(args.prompts) or "the tiny world's 40 seen + 8 held-out prompts",
+                "prompts": ", ".join(args.prompts) or "the tiny world's seen + held-out prompts",
                 "n_prompts": sum(len(v) for v in groups.values()), "resolution": resolution,
                 # ddp.setup allows TF32 on CUDA: float32 matmuls and convolutions (the scorers', and the
                 # UNet's with --dtype=float32) run in TF32 there
@@ -299,10 +305,13 @@ def evaluate(args, weights, metrics, rank, world_size, device):
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     metrics = metrics or (["judge"] if tiny else PAPER_METRICS.split(","))
+    if len(shape) == 4 and metrics != ["judge"]:
+        raise SystemExit(f"error: a video run is scored by the tiny video world's judge only; {', '.join(metrics)}: "
+                         "not implemented for clips (PSNR, SSIM, FID, FVD neither)")
     prompts = [q for qs in groups.values() for q in qs for _ in range(ipp)]
     group_of = [g for g, qs in groups.items() for _ in qs for _ in range(ipp)]
     if "judge" in metrics:
-        bad = [q for q in prompts if not _tiny_prompt(q)]
+        bad = [q for q in prompts if not _tiny_prompt(q, W or world)]
         if bad:
             raise SystemExit(f"error: the judge scores tiny-world prompts only, not {bad[0]!r}")
 
@@ -310,7 +319,7 @@ def evaluate(args, weights, metrics, rank, world_size, device):
     scorer, skipped = {}, {}
     for s in metrics:
         try:
-            scorer[s] = tiny_judge if s == "judge" else scorers.load(s, weights, device)
+            scorer[s] = (lambda x, q: tiny_judge(x, q, W or world)) if s == "judge" else scorers.load(s, weights, device)
         except (OSError, ValueError) as e:  # found, but not what the scorer needs
             raise SystemExit(f"error: {s} scorer: {str(e).strip().splitlines()[0]}")
         if isinstance(scorer[s], scorers.Skipped):
@@ -345,7 +354,7 @@ def evaluate(args, weights, metrics, rank, world_size, device):
         scores[k] = {s: score_all(fn, images, prompts[lo:hi], args.batch_size) for s, fn in scorer.items()}
         shown[k] = {i: images[i - lo] for i in range(lo, hi) if i % ipp == 0 and i // ipp < MAX_TILES}
         if "judge" in scorer:
-            details[k] = tiny_details(images, prompts[lo:hi])
+            details[k] = tiny_details(images, prompts[lo:hi], W or world)
     parts = gather((scores, shown, details))
     if rank > 0:
         return
@@ -353,26 +362,28 @@ def evaluate(args, weights, metrics, rank, world_size, device):
     shown = {k: dict(kv for _, sh, _ in parts for kv in sh[k].items()) for k in models}
     breakdown = {}
     if "judge" in scorer:  # the run, the base and the training data, side by side
+        W = W or world
         breakdown = {k: {"judge": float(scores[k]["judge"].mean()), **tiny_breakdown([d for _, _, de in parts
-                                                                                       for d in de[k]])} for k in models}
+                                                                                       for d in de[k]], W)} for k in models}
         asked = [q for q in dict.fromkeys(prompts) for _ in range(8)]  # 8 draws a prompt, whatever ipp
         images = tiny_data_images(asked, cfg, args.seed)
-        breakdown["data"] = {"judge": float(tiny_judge(images, asked).mean()),
-                             **tiny_breakdown(tiny_details(images, asked))}
+        breakdown["data"] = {"judge": float(tiny_judge(images, asked, W).mean()),
+                             **tiny_breakdown(tiny_details(images, asked, W), W)}
     write_results(args, cfg, step, protocol, weights, metrics, skipped, groups, prompts, group_of, scores, shown,
-                  breakdown)
+                  breakdown, W or world)
 
 
-def _tiny_prompt(q):
+def _tiny_prompt(q, W):
     try:
-        return bool(world.parse_prompt(q))
+        return bool(W.parse_prompt(q))
     except ValueError:
         return False
 
 
 def write_results(args, cfg, step, protocol, weights, metrics, skipped, groups, prompts, group_of, scores, shown,
-                  breakdown):
-    """scores.json, grid.png, side_by_side.png, and the markdown tables on the console."""
+                  breakdown, W=world):
+    """scores.json, grid.png, side_by_side.png (clips: also grid.gif, side_by_side.gif), and the markdown tables on
+    the console."""
     done = [s for s in metrics if s not in skipped]
     group_of = np.array(group_of)
     result = {"run_dir": os.path.abspath(args.run_dir), "step": step, "method": cfg["method"],
@@ -405,8 +416,17 @@ def write_results(args, cfg, step, protocol, weights, metrics, skipped, groups, 
         json.dump(result, f, indent=1)
     idx = sorted(shown["run"])
     labels = [f"{scores['run'][done[0]][i]:.2f}" for i in idx]
-    data.save_grid(thumbs(np.stack([shown["run"][i] for i in idx])), os.path.join(out, "grid.png"), labels)
-    if args.base:  # a row per prompt: base | run on the same noise, each with its score
+    tiles = {k: thumbs(np.stack([shown[k][i] for i in idx])) for k in shown}
+    if tiles["run"].dim() == 5:  # clips: a row of frames each, and GIFs (base and run alternate side by side)
+        video.save_clip_strip(tiles["run"], os.path.join(out, "grid.png"), [f"{prompts[i]}: {lab}" for i, lab in
+                                                                            zip(idx, labels)])
+        video.save_gif(tiles["run"][:16], os.path.join(out, "grid.gif"))
+        if args.base:
+            pairs = torch.stack([tiles[k] for k in ("base", "run")], 1).flatten(0, 1)  # base, run, base, run, ...
+            video.save_clip_strip(pairs, os.path.join(out, "side_by_side.png"),
+                                  [f"{k} {scores[k][done[0]][i]:.2f}: {prompts[i]}" for i in idx for k in ("base", "run")])
+            video.save_gif(pairs[:16], os.path.join(out, "side_by_side.gif"))
+    elif args.base:  # a row per prompt: base | run on the same noise, each with its score
         data.save_comparison({k: thumbs(np.stack([shown[k][i] for i in idx])) for k in ("base", "run")},
                              [prompts[i] for i in idx], {k: [f"{done[0]} {scores[k][done[0]][i]:.2f}" for i in idx]
                                                          for k in ("base", "run")},
@@ -418,21 +438,23 @@ def write_results(args, cfg, step, protocol, weights, metrics, skipped, groups, 
     for k, d in [("run", args.run_dir)] + ([("base", args.base)] if args.base else []):
         print0(f"| {k} | {d} | " + " | ".join(f"{result[f'{s}_{g}_{k}']:.3f}" for s, g in cols) + " |")
     if breakdown:
-        print0(breakdown_table(breakdown))
+        print0(breakdown_table(breakdown, W))
     if args.base:
         print0(f"\nwin rate of {args.run_dir} against {args.base} ({len(prompts)} images, same noise): " +
                ", ".join(f"{s} {r:.3f}" for s, r in result["win_rates"].items()))
     print0(f"wrote {out}/scores.json, grid.png" + (", side_by_side.png" if args.base else ""))
 
 
-def breakdown_table(breakdown):
+def breakdown_table(breakdown, W=world):
     """Markdown: the judge, its parts and the kinds of samples per model ('data': the base distribution's images for
-    the same prompts), then where the shapes land per position word."""
-    parts, kinds = ("judge", "colour", "position", "shape", "clean"), world.KINDS
+    the same prompts), then for images where the shapes land per position word."""
+    parts, kinds = ("judge", *W.PARTS), W.KINDS
     lines = ["\n| model | " + " | ".join(parts) + " | " + " | ".join(kinds) + " |", "|---|" + "---|" * (len(parts) + len(kinds))]
     for k, b in breakdown.items():
         lines.append(f"| {k} | " + " | ".join(f"{b[p]:.2f}" for p in parts) + " | "
                      + " | ".join(f"{b[c]:.0%}" for c in kinds) + " |")
+    if W is not world:
+        return "\n".join(lines)
     lines += ["\nmean (x, y) of the shapes, per position word (left (0.28, 0.5), right (0.72, 0.5), top (0.5, 0.28), "
               "bottom (0.5, 0.72)):", "\n| model | " + " | ".join(world.POSITIONS) + " |", "|---|" + "---|" * len(world.POSITIONS)]
     for k, b in breakdown.items():

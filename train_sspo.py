@@ -60,7 +60,8 @@ data_path = ""                  # parquet file or folder (pickapic); folder with
 tiny_mode = "base"              # 'base': draws of the flawed base distribution | 'pairs': judge-ranked pairs
 tiny_size = 50_000              # examples in the tiny world's training set (each a pure function of seed and index)
 tiny_p_correct = 0.4            # share of flawless images in the base distribution
-tiny_flaws = ("colour", "position", "shape", "blur")  # what the other draws get wrong, one each (data.ALL_FLAWS)
+tiny_flaws = ("colour", "position", "shape", "blur")  # what the other draws get wrong, one each (world.ALL_FLAWS;
+                                # tiny_video: video.FLAWS, e.g. ("static", "direction", "jitter", "colour"))
 resolution = 16                 # training image side in pixels (512 for SD1.5)
 frames = 8                      # video: frames a clip (AnimateDiff: 16)
 frame_stride = 1                # video: clipfolder keeps every frame_stride-th frame of a clip
@@ -161,15 +162,10 @@ def lr_at(step, cfg):
     return cfg["lr"] * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
 
 
-def tiny_world(cfg):
-    """The module of a synthetic dataset's grammar and judge (world: images, video: clips), or None for real data."""
-    return {"tiny": world, "tiny_video": video}.get(cfg["dataset"])
-
-
 def eval_prompts(cfg, ds):
     """A tiny world: all its prompts, seen ones first. Real data: the first n_eval_images prompts of the data."""
-    if tiny_world(cfg):
-        W = tiny_world(cfg)
+    if data.tiny_world(cfg["dataset"]):
+        W = data.tiny_world(cfg["dataset"])
         return [W.prompt_of(c) for c in W.TRAIN_COMBOS + W.HELD_OUT]
     return [ds[i]["prompt"] for i in range(min(cfg["n_eval_images"], len(ds)))]
 
@@ -209,7 +205,7 @@ def run_eval(m, unet, cfg, ds, device, autocast, step):
                               step_noise)
     images = model.latents_to_images(m["vae"], x).cpu()
     out = {"eval_loss": loss}
-    labels, W = None, tiny_world(cfg)
+    labels, W = None, data.tiny_world(cfg["dataset"])
     if W:
         scores = [W.judge(img, p)[0] for img, p in zip(images, prompts)]
         n_seen = len(W.TRAIN_COMBOS)
@@ -324,7 +320,7 @@ def prepare(cfg, rank, world_size, device):
         os.makedirs(os.path.join(out, "samples"), exist_ok=True)
         ddp.open_log(out)
         if not resume and cfg["init_from"] == "scratch":
-            model.build_tiny_model(out, (tiny_world(cfg) or world).WORDS, cfg["resolution"], cfg["unet_channels"], cfg["text_dim"],
+            model.build_tiny_model(out, (data.tiny_world(cfg["dataset"]) or world).WORDS, cfg["resolution"], cfg["unet_channels"], cfg["text_dim"],
                                    seed=cfg["seed"], schedule=cfg["noise_schedule"],
                                    prediction_type=cfg["prediction_type"], zero_snr=cfg["zero_snr"],
                                    frames=cfg["frames"] if cfg["dataset"] == "tiny_video" else 0)
@@ -351,7 +347,7 @@ def prepare(cfg, rank, world_size, device):
     print0(f"{world_size} process(es) on {device}, bf16 autocast: {use_bf16}; UNet {n(unet.parameters())} params, "
            f"{n(params)} trained; effective batch {cfg['batch_size'] * cfg['grad_accum'] * world_size}; {len(ds)} "
            f"examples; random stream {stream} ({'fine-tuning' if stream else 'pretraining'})")
-    if master and tiny_world(cfg):  # what the judge gives the data itself: the ceiling and the base
+    if master and data.tiny_world(cfg["dataset"]):  # what the judge gives the data itself: the ceiling and the base
         print0(world.judge_the_data(ds, cfg["seed"], cfg["tiny_mode"]))
     return r
 
@@ -505,7 +501,7 @@ def main(cfg):
     if tallies["skipped_updates"]:
         print0(f"updates skipped for a non-finite loss or gradient: {tallies['skipped_updates']} of {step}")
     print0(f"done: {out}/ckpt.pt, {out}/unet/{f' + {out}/{model.LORA_DIR}/' * bool(cfg['lora_rank'])}, {out}/samples/")
-    if master and tiny_world(cfg) and first_eval is not None:  # the last line: what the run did
+    if master and data.tiny_world(cfg["dataset"]) and first_eval is not None:  # the last line: what the run did
         print0(f"judge on seen / held-out prompts: step {start_step} "
                f"{first_eval['judge_seen']:.3f} / {first_eval['judge_heldout']:.3f} -> step {step} "
                f"{res['judge_seen']:.3f} / {res['judge_heldout']:.3f}")

@@ -173,7 +173,8 @@ def judge_clip(clip, prompt):
     return float(score), parts
 
 
-judge = judge_clip  # the name world.py's judge has: a tiny world's module reads alike for images and clips
+# the names world.py has: a tiny world's module reads alike for images and clips (data.tiny_world)
+judge, parse_prompt, PARTS = judge_clip, parse_video_prompt, ("colour", "shape", "clean", "motion", "smooth")
 
 
 KINDS = ("correct", "wrong colour", "jitter", "static", "wrong direction", "unclean", "wrong shape", "empty")
@@ -195,6 +196,9 @@ def kind_of_clip(parts):
         if parts[part] < 0.5:
             return kind
     return "correct"
+
+
+kind_of = kind_of_clip
 
 
 class TinyVideoWorld(world.TinyWorld):

@@ -128,6 +128,7 @@ def judge(image, prompt):
     return float(np.mean(list(parts.values()))), parts
 
 
+PARTS = ("colour", "position", "shape", "clean")  # judge's parts
 KINDS = ("correct", "wrong colour", "wrong place", "unclean", "wrong shape", "empty")
 
 

@@ -75,13 +75,15 @@ def test_unet_output_reads_the_added_conditions(xl_dir):
     assert not torch.allclose(out, model.unet_output(m["unet"], x, t, other_pooled))
 
 
-@pytest.mark.parametrize("method", ["sft", "dpo", "sspo"])
+@pytest.mark.parametrize("method", ["sft", "dpo", "sspo", "kto", "mapo", "dpo --noising=ddim_inversion --inversion_steps=2"])
 def test_methods_train_and_the_pipeline_loads_the_run(tmp_path, run, xl_dir, method):
-    """A few updates of each method from the SDXL folder; the run folder is an SDXL one that the pipeline loads and
-    samples from."""
-    out = str(tmp_path / method)
-    p = run(FAST + [f"--out_dir={out}", f"--init_from={xl_dir}", f"--method={method}", "--tiny_mode=pairs",
-                    f"--resolution={R}", "--self_sample_steps=2", "--ckpt_every=2", "--max_steps=3"])
+    """A few updates of each method (SFT, Diffusion-DPO, SSPO, and of the other objectives an unpaired one, a
+    reference-free one and Inversion-DPO's sampler-based noising) from the SDXL folder; the run folder is an SDXL one
+    that the pipeline loads and samples from."""
+    out = str(tmp_path / "run")
+    method, *extra = method.split()
+    p = run(FAST + extra + [f"--out_dir={out}", f"--init_from={xl_dir}", f"--method={method}", "--tiny_mode=pairs",
+                            f"--resolution={R}", "--self_sample_steps=2", "--ckpt_every=2", "--max_steps=3"])
     assert p.returncode == 0, p.stderr[-3000:]
     assert "judge on seen / held-out prompts" in p.stdout
     trained = StableDiffusionXLPipeline.from_pretrained(out, local_files_only=True)

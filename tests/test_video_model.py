@@ -1,6 +1,7 @@
 """Text-to-video: an AnimateDiff model (SD1.5's parts + a MotionAdapter, loaded as diffusers' UNetMotionModel) in
 the same loop: the sampler is AnimateDiffPipeline's, every method trains on clips (the motion modules only, or the
 whole UNet), a run resumes exactly, and the run folder loads in AnimateDiffPipeline, its motion_adapter/ too."""
+import json
 import os
 
 import numpy as np
@@ -15,7 +16,7 @@ from conftest import FAST
 from test_faults import load
 
 R, F = 16, 4  # 16 px (8x8 latents with the tiny VAE), 4 frames
-CLIPS = FAST + ["--dataset=tiny_video", f"--resolution={R}", f"--frames={F}", "--self_sample_steps=2"]
+CLIPS = FAST + ["--dataset=tiny_video", "--tiny_flaws=('static', 'direction', 'jitter', 'colour')", f"--resolution={R}", f"--frames={F}", "--self_sample_steps=2"]
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +89,9 @@ def test_methods_train_the_motion_modules_on_clips(tmp_path, run, parts, method)
     assert len(pil) == F and np.asarray(pil[0]).shape == (R, R, 3)
 
 
-def test_tiny_video_model_trains_whole_and_resumes_exactly(tmp_path, run):
+def test_tiny_video_model_trains_whole_resumes_exactly_and_evaluates(tmp_path, run):
     """The tiny video world's own model (pixel space, from scratch, the whole UNet trained): 4 updates in one go
-    equal 2, then a resume for 2 more, bit for bit."""
+    equal 2, then a resume for 2 more, bit for bit; evaluate.py judges it."""
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     p = run(CLIPS + [f"--out_dir={one}"])
     assert p.returncode == 0, p.stderr[-3000:]
@@ -104,13 +105,23 @@ def test_tiny_video_model_trains_whole_and_resumes_exactly(tmp_path, run):
     assert p.returncode == 0, p.stderr[-3000:]
     a, b = load(os.path.join(one, "ckpt.pt"))["unet"], load(os.path.join(two, "ckpt.pt"))["unet"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # evaluate.py on a video run: the video judge on seen and held-out prompts, its parts and kinds, the win rate
+    # against another run on the same noise, a strip and GIFs of both
+    p = run([one, "--base", two, "--images_per_prompt=1", "--steps=2"], script="evaluate.py")
+    assert p.returncode == 0, p.stderr[-3000:]
+    scores = json.load(open(os.path.join(one, "eval", "scores.json")))
+    assert len(scores["per_image"]) == len(video.ALL_COMBOS) and "win_rate_vs_base" in scores
+    assert set(video.PARTS) | set(video.KINDS) <= set(scores["breakdown"]["run"]) and "data" in scores["breakdown"]
+    assert scores["breakdown"]["data"]["judge"] > 0.5  # the base distribution's clips: 40% correct, the rest flawed
+    for f in ("grid.png", "grid.gif", "side_by_side.png", "side_by_side.gif"):
+        assert os.path.isfile(os.path.join(one, "eval", f)), f
 
 
 def test_video_bad_input_is_one_line(tmp_path, run, parts):
     sd, adapter = parts
     cases = [([f"--init_from={sd}", f"--motion_adapter={tmp_path}/nothing"], "motion adapter folder"),
              ([f"--init_from={sd}"], "an image model (motion_adapter="),
-             ([f"--init_from={sd}", "--dataset=tiny", "--trained_modules=motion"], "has none")]
+             ([f"--init_from={sd}", "--dataset=tiny", "--tiny_flaws=('colour',)", "--trained_modules=motion"], "has none")]
     for args, want in cases:
         p = run(CLIPS + [f"--out_dir={tmp_path / 'run'}", *args])
         last = p.stderr.strip().splitlines()[-1]
