@@ -135,8 +135,9 @@ def get_config(argv):
     if len(lo_hi) != 2 or not all(type(v) is int for v in lo_hi) or not 0 <= lo_hi[0] < lo_hi[1]:
         raise SystemExit(f"config error: cm_t_range must be two ints (lo, hi) with 0 <= lo < hi, got {lo_hi}")
     if cfg["dataset"] in data.SYNTHETIC and cfg["data_path"]:
-        raise SystemExit(f"config error: data_path={cfg['data_path']!r} is set but dataset={cfg['dataset']!r} draws its "
-                         "own examples (dataset='pickapic', 'imagefolder' or 'clipfolder' to read it)")
+        raise SystemExit(f"config error: data_path={cfg['data_path']!r} is set but dataset={cfg['dataset']!r} draws its own "
+                         f"{'clips' if cfg['dataset'] == 'tiny_video' else 'images'} (dataset='pickapic', 'imagefolder' "
+                         "or 'clipfolder' to read it)")
     if not cfg["out_dir"]:
         raise SystemExit("config error: out_dir is empty (the run directory, like 'out/run')")
     if cfg["base_config"] and not os.path.isfile(cfg["base_config"]):

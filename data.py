@@ -383,8 +383,8 @@ SHARD = 256  # examples a shard: 64 MB at 512 px in bf16 with pairs and flips
 def check_latent_config(cfg):
     """Config errors that make a latent cache impossible, for latents.py and train_sspo.py alike."""
     if cfg["dataset"] not in ("pickapic", "imagefolder"):
-        raise SystemExit("config error: latent_cache is for real images (dataset='pickapic' or 'imagefolder'); the "
-                         "tiny world draws its images")
+        raise SystemExit("config error: latent_cache is for real data of images (dataset='pickapic' or 'imagefolder'); a "
+                         "tiny world draws its examples, and clips are not cached")
     if cfg["random_crop"]:
         raise SystemExit("config error: latent_cache needs random_crop=False: a random crop cannot be precomputed")
 

@@ -129,7 +129,7 @@ def prompt_groups(paths, cfg):
     if not paths:
         W = data.tiny_world(cfg["dataset"])
         if W is None:
-            raise SystemExit("error: --prompts is required for a run not on a tiny world "
+            raise SystemExit("error: --prompts is required for a run not on the tiny world (images or clips) "
                              "(a Pick-a-Pic parquet, PartiPrompts tsv, HPSv2 json, or text file)")
         return {"seen": [W.prompt_of(c) for c in W.TRAIN_COMBOS], "heldout": [W.prompt_of(c) for c in W.HELD_OUT]}
     if len(paths) == 1:
@@ -426,8 +426,10 @@ def write_results(args, cfg, step, protocol, weights, metrics, skipped, groups, 
             video.save_clip_strip(pairs, os.path.join(out, "side_by_side.png"),
                                   [f"{k} {scores[k][done[0]][i]:.2f}: {prompts[i]}" for i in idx for k in ("base", "run")])
             video.save_gif(pairs[:16], os.path.join(out, "side_by_side.gif"))
-    elif args.base:  # a row per prompt: base | run on the same noise, each with its score
-        data.save_comparison({k: thumbs(np.stack([shown[k][i] for i in idx])) for k in ("base", "run")},
+    else:
+        data.save_grid(tiles["run"], os.path.join(out, "grid.png"), labels)
+    if args.base and tiles["run"].dim() == 4:  # a row per prompt: base | run on the same noise, each with its score
+        data.save_comparison({k: tiles[k] for k in ("base", "run")},
                              [prompts[i] for i in idx], {k: [f"{done[0]} {scores[k][done[0]][i]:.2f}" for i in idx]
                                                          for k in ("base", "run")},
                              os.path.join(out, "side_by_side.png"), blocks=3 if len(idx) > 24 else 1)
