@@ -7,6 +7,7 @@ reads it (together).
 import datetime
 import json
 import os
+import resource
 import sys
 
 import torch
@@ -108,6 +109,26 @@ def log_json(record):
     if _log_file is not None:
         with open(os.path.join(os.path.dirname(_log_file.name), "log.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def log_update(step, stats_sum, lr, grad_norm, dt, world_size, ref_step, device, cfg):
+    """One log line (and log.jsonl record) of the update just made: its stats averaged over ranks, its speed and
+    the peak memory so far."""
+    stats = all_mean({k: float(v) for k, v in stats_sum.items()}, device)
+    if device.type == "cuda":
+        mem_key, mem = "peak_gib", torch.cuda.max_memory_allocated(device) / 2 ** 30
+    else:  # this process's peak resident set; ru_maxrss is in KiB on Linux, bytes on macOS
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        mem_key, mem = "peak_rss_gib", rss * (1 if sys.platform == "darwin" else 1024) / 2 ** 30
+    log_json({"kind": "train", "step": step, **stats, "lr": lr, "grad_norm": grad_norm, "s_per_step": dt,
+                  mem_key: mem})
+    rate = cfg["batch_size"] * cfg["grad_accum"] * world_size / dt
+    print0(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in stats.items()) +
+           (f", ref = snapshot of step {ref_step}" if ref_step is not None else "") +
+           f", lr {lr:.2e}, grad_norm {grad_norm:.3f}, {dt:.2f} s/step, " +
+           (f"{rate:.0f}" if rate >= 100 else f"{rate:.3g}") + " samples/s" +
+           f", peak {'GPU memory' if device.type == 'cuda' else 'RSS'} so far {mem:.2f} GiB")
+    return stats
 
 
 def exit_if_collective_failed(e):

@@ -15,7 +15,6 @@ errors and sampler), losses.py (the objectives), replay.py (the reference pool),
 import copy
 import math
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -278,26 +277,6 @@ def load_for_training(cfg, source, ds, device, use_bf16, master):
     return m, unet, params, opt, ema
 
 
-def log_update(step, stats_sum, lr, grad_norm, dt, world_size, ref_step, device, cfg):
-    """One log line (and log.jsonl record) of the update just made: its stats averaged over ranks, its speed and
-    the peak memory so far."""
-    stats = ddp.all_mean({k: float(v) for k, v in stats_sum.items()}, device)
-    if device.type == "cuda":
-        mem_key, mem = "peak_gib", torch.cuda.max_memory_allocated(device) / 2 ** 30
-    else:  # this process's peak resident set; ru_maxrss is in KiB on Linux, bytes on macOS
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        mem_key, mem = "peak_rss_gib", rss * (1 if sys.platform == "darwin" else 1024) / 2 ** 30
-    ddp.log_json({"kind": "train", "step": step, **stats, "lr": lr, "grad_norm": grad_norm, "s_per_step": dt,
-                  mem_key: mem})
-    rate = cfg["batch_size"] * cfg["grad_accum"] * world_size / dt
-    print0(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in stats.items()) +
-           (f", ref = snapshot of step {ref_step}" if ref_step is not None else "") +
-           f", lr {lr:.2e}, grad_norm {grad_norm:.3f}, {dt:.2f} s/step, " +
-           (f"{rate:.0f}" if rate >= 100 else f"{rate:.3g}") + " samples/s" +
-           f", peak {'GPU memory' if device.type == 'cuda' else 'RSS'} so far {mem:.2f} GiB")
-    return stats
-
-
 # -----------------------------------------------------------------------------------------------------------------
 
 def prepare(cfg, rank, world_size, device):
@@ -494,7 +473,7 @@ def main(cfg):
         bar.update(1)
         if step % cfg["log_every"] == 0 or step == cfg["max_steps"]:
             dt, t_last = (time.time() - t_last) / cfg["log_every"], time.time()
-            stats = log_update(step, stats_sum, lr, grad_norm.item(), dt, world_size, ref_step, device, cfg)
+            stats = ddp.log_update(step, stats_sum, lr, grad_norm.item(), dt, world_size, ref_step, device, cfg)
             bar.set_postfix(loss=f"{stats['loss']:.4f}")
     bar.close()
     data.report_data(tallies, data_pos[0], device, partial=True)
