@@ -5,6 +5,8 @@ ImageReward: scorers.py) -- and, with --base, the win rate of the run against an
 the same noise.
 
     python evaluate.py out/tiny_sspo --base out/tiny_base
+    python evaluate.py out/animatediff_sspo --base out/animatediff_base --references /data/chronomagic/test \
+        --weights fid=/models/inception-2015-12-05.pt fvd=/models/i3d_torchscript.pt
     python evaluate.py out/sd15_sspo --base stable-diffusion-v1-5/stable-diffusion-v1-5 \
         --prompts pickapic_validation_unique.parquet --dtype float16 \
         --weights aesthetic=/models/sac+logos+ava1-l14-linearMSE.pth
@@ -15,7 +17,9 @@ and 'run' (the run's own sample_steps and guidance, 4 images per prompt; the def
 the noise from one CPU generator seeded once. --steps, --guidance, --seed and --images_per_prompt override either.
 The architecture comes from the run directory. Writes RUN_DIR/eval/ (or --out) scores.json (per image and means,
 with the protocol and the models' identity), grid.png, and with --base side_by_side.png (base left, run right, same
-noise); a second evaluation into the same folder replaces the first.
+noise); a second evaluation into the same folder replaces the first. A video run with --references DIR (a clip
+folder: metadata.jsonl with file_name and text) samples one clip per reference prompt and scores it against its
+reference (PSNR, SSIM) and the set against the references' (FID over frames, FVD over clips: scorers.detector).
 """
 import argparse
 import csv
@@ -170,6 +174,18 @@ def generate(m, prompts, noise, protocol, batch_size, desc):
     return np.concatenate(out) if out else np.zeros((0, 1, 1, 3), np.uint8)
 
 
+def reference_clips(root, resolution, cfg):
+    """--references: (its texts, its clips as uint8 (N, F, H, W, 3)) at the sampled resolution and the run's frames
+    and stride, centre-cropped like the training data, never flipped. A clip that cannot be read stops here."""
+    try:
+        ds = video.ClipFolder(root, resolution, cfg["frames"], cfg["frame_stride"], random_flip=False, losers=False)
+        with tqdm(range(len(ds)), desc="reading references") as bar:  # closed before an error's line
+            items = [ds[i] for i in bar]
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: --references: {e}")
+    return [it["prompt"] for it in items], np.stack([video.clip_to_uint8(it["image_w"]) for it in items])
+
+
 def tiny_judge(images, prompts, W=world):
     """A tiny world's judge as a metric, in [0, 1] (W: world for images, video for clips)."""
     return torch.tensor([W.judge(np.asarray(im), q)[0] for im, q in zip(images, prompts)])
@@ -238,8 +254,9 @@ def main(argv=None):
     p.add_argument("run_dir")
     p.add_argument("--base", default="", help="a run directory, SD-layout folder or hub id to compare against")
     p.add_argument("--prompts", nargs="*", default=[], help=".parquet (caption), .tsv (Prompt), .json (list), .txt")
+    p.add_argument("--references", default="", help="clips: a clip folder (metadata.jsonl) to compare against")
     p.add_argument("--metrics", default="", help=f"comma-separated: judge,{PAPER_METRICS} (default: judge for the "
-                   "tiny world, else all but judge)")
+                   f"tiny world, else all but judge); clips with --references: {','.join(scorers.REFERENCE_METRICS)}")
     p.add_argument("--weights", nargs="*", default=[], help="KEY=PATH_OR_HUB_ID overrides of scorers.WEIGHTS")
     p.add_argument("--protocol", default="", choices=["", "paper", "run"], help="default: 'run' for the tiny world")
     p.add_argument("--images_per_prompt", type=int, default=None)
@@ -265,8 +282,9 @@ def main(argv=None):
         weights[k] = v
     metrics = [s for s in args.metrics.split(",") if s]
     for s in metrics:
-        if s != "judge" and s not in scorers.SCORERS:
-            raise SystemExit(f"error: unknown metric {s!r} (judge, {', '.join(scorers.SCORERS)})")
+        if s != "judge" and s not in scorers.SCORERS and s not in scorers.REFERENCE_METRICS:
+            raise SystemExit(f"error: unknown metric {s!r} (judge, {', '.join(scorers.SCORERS)}, "
+                             f"{', '.join(scorers.REFERENCE_METRICS)})")
 
     rank, world_size, device = setup({"device": args.device, "ddp_timeout": config.defaults()["ddp_timeout"]})
     try:
@@ -285,17 +303,30 @@ def evaluate(args, weights, metrics, rank, world_size, device):
     defaults = PAPER if name == "paper" else {"steps": cfg["sample_steps"], "guidance": cfg["guidance"],
                                               "images_per_prompt": 4}
     ipp = defaults["images_per_prompt"] if args.images_per_prompt is None else args.images_per_prompt
-    groups = prompt_groups(args.prompts, cfg)
     # the image size: the run's own under 'run' (it may train at another than its init model's), else the
     # pipeline's default, the UNet's sample_size
     f = model.vae_factor(m)
     resolution = cfg["resolution"] if name == "run" else m["unet"].config.sample_size * f
     shape = model.latent_shape(m, resolution, cfg.get("frames", 0))
+    if args.references and (args.prompts or len(shape) != 4):
+        raise SystemExit("error: --references brings its own prompts: drop --prompts" if args.prompts else
+                         f"error: --references compares clips; {args.run_dir} is an image model")
+    metrics = metrics or (list(scorers.REFERENCE_METRICS) if args.references else ["judge"] if tiny else PAPER_METRICS.split(","))
+    if len(shape) == 4 and set(metrics) - {"judge", *scorers.REFERENCE_METRICS}:
+        raise SystemExit(f"error: clips are scored by the tiny video world's judge or against --references "
+                         f"({', '.join(scorers.REFERENCE_METRICS)}), not by {', '.join(metrics)}")
+    if not args.references and set(metrics) & set(scorers.REFERENCE_METRICS):
+        raise SystemExit(f"error: {', '.join(set(metrics) & set(scorers.REFERENCE_METRICS))}: needs --references")
+    if not set(metrics) - {"fid", "fvd"}:
+        raise SystemExit("error: --metrics: FID and FVD score a set; add psnr or ssim, a score per clip (the win rate "
+                         "and the pictures' labels)")
+    refs = reference_clips(args.references, resolution, cfg) if args.references else None
+    groups = {"all": refs[0]} if refs else prompt_groups(args.prompts, cfg)
     protocol = {"sampler": "DDIM, eta 0", "steps": defaults["steps"] if args.steps is None else args.steps,
                 "guidance": defaults["guidance"] if args.guidance is None else args.guidance, "seed": args.seed,
                 "generator": "one CPU generator per prompt file, seeded once, reused across its prompts in order",
                 "images_per_prompt": ipp, "name": name, "dtype": args.dtype,
-                "prompts": ", ".join(args.prompts) or "the tiny world's seen + held-out prompts",
+                "prompts": ", ".join(args.prompts) or args.references or "the tiny world's seen + held-out prompts",
                 "n_prompts": sum(len(v) for v in groups.values()), "resolution": resolution,
                 # ddp.setup allows TF32 on CUDA: float32 matmuls and convolutions (the scorers', and the
                 # UNet's with --dtype=float32) run in TF32 there
@@ -304,10 +335,6 @@ def evaluate(args, weights, metrics, rank, world_size, device):
         model.check_sampler_steps(m["scheduler"], protocol["steps"], "--steps")
     except ValueError as e:
         raise SystemExit(f"error: {e}")
-    metrics = metrics or (["judge"] if tiny else PAPER_METRICS.split(","))
-    if len(shape) == 4 and metrics != ["judge"]:
-        raise SystemExit(f"error: a video run is scored by the tiny video world's judge only; {', '.join(metrics)}: "
-                         "not implemented for clips (PSNR, SSIM, FID, FVD neither)")
     prompts = [q for qs in groups.values() for q in qs for _ in range(ipp)]
     group_of = [g for g, qs in groups.items() for _ in qs for _ in range(ipp)]
     if "judge" in metrics:
@@ -319,7 +346,9 @@ def evaluate(args, weights, metrics, rank, world_size, device):
     scorer, skipped = {}, {}
     for s in metrics:
         try:
-            scorer[s] = (lambda x, q: tiny_judge(x, q, W or world)) if s == "judge" else scorers.load(s, weights, device)
+            scorer[s] = ((lambda x, q: tiny_judge(x, q, W or world)) if s == "judge" else
+                         getattr(scorers, s) if s in ("psnr", "ssim") else
+                         scorers.detector(s, weights, device) if s in ("fid", "fvd") else scorers.load(s, weights, device))
         except (OSError, ValueError) as e:  # found, but not what the scorer needs
             raise SystemExit(f"error: {s} scorer: {str(e).strip().splitlines()[0]}")
         if isinstance(scorer[s], scorers.Skipped):
@@ -349,16 +378,22 @@ def evaluate(args, weights, metrics, rank, world_size, device):
     lo, hi = rank * len(prompts) // world_size, (rank + 1) * len(prompts) // world_size  # this rank's shard of the images
 
     scores, shown, details = {}, {}, {}
+    if refs:  # each clip against its prompt's reference; FID and FVD: features, the distance on rank 0
+        ref_shard = refs[1][[i // ipp for i in range(lo, hi)]]
+        scores["reference"] = {s: fn(refs[1][rank::world_size]) for s, fn in scorer.items() if s in ("fid", "fvd")}
     for k, mm in models.items():
         images = generate(mm, prompts[lo:hi], noise[lo:hi], protocol, args.batch_size, f"sampling {k}")
-        scores[k] = {s: score_all(fn, images, prompts[lo:hi], args.batch_size) for s, fn in scorer.items()}
+        scores[k] = {s: fn(images, ref_shard).numpy() if s in ("psnr", "ssim") else fn(images) if s in ("fid", "fvd")
+                     else score_all(fn, images, prompts[lo:hi], args.batch_size) for s, fn in scorer.items()}
         shown[k] = {i: images[i - lo] for i in range(lo, hi) if i % ipp == 0 and i // ipp < MAX_TILES}
         if "judge" in scorer:
             details[k] = tiny_details(images, prompts[lo:hi], W or world)
     parts = gather((scores, shown, details))
     if rank > 0:
         return
-    scores = {k: {s: np.concatenate([sc[k][s] for sc, _, _ in parts]) for s in scores[k]} for k in models}
+    scores = {k: {s: np.concatenate([sc[k][s] for sc, _, _ in parts]) for s in scores[k]} for k in scores}
+    reference = scores.pop("reference", {})
+    distances = {f"{s}_{k}": scorers.frechet_distance(scores[k].pop(s), reference[s]) for s in reference for k in models}
     shown = {k: dict(kv for _, sh, _ in parts for kv in sh[k].items()) for k in models}
     breakdown = {}
     if "judge" in scorer:  # the run, the base and the training data, side by side
@@ -370,7 +405,7 @@ def evaluate(args, weights, metrics, rank, world_size, device):
         breakdown["data"] = {"judge": float(tiny_judge(images, asked, W).mean()),
                              **tiny_breakdown(tiny_details(images, asked, W), W)}
     write_results(args, cfg, step, protocol, weights, metrics, skipped, groups, prompts, group_of, scores, shown,
-                  breakdown, W or world)
+                  breakdown, W or world, distances)
 
 
 def _tiny_prompt(q, W):
@@ -381,10 +416,10 @@ def _tiny_prompt(q, W):
 
 
 def write_results(args, cfg, step, protocol, weights, metrics, skipped, groups, prompts, group_of, scores, shown,
-                  breakdown, W=world):
+                  breakdown, W=world, distances=None):
     """scores.json, grid.png, side_by_side.png (clips: also grid.gif, side_by_side.gif), and the markdown tables on
-    the console."""
-    done = [s for s in metrics if s not in skipped]
+    the console. distances: FID and FVD, one number a model ({'fid_run': ...})."""
+    done = [s for s in metrics if s not in skipped and s not in ("fid", "fvd")]
     group_of = np.array(group_of)
     result = {"run_dir": os.path.abspath(args.run_dir), "step": step, "method": cfg["method"],
               "init_from": cfg["init_from"], "unet_sha256": unet_sha256(args.run_dir), "protocol": protocol,
@@ -408,6 +443,7 @@ def write_results(args, cfg, step, protocol, weights, metrics, skipped, groups, 
         result["win_rate_vs_base"] = result["win_rates"][done[0]]
     if breakdown:
         result["breakdown"] = breakdown
+    result.update(distances or {})
     out = args.out or os.path.join(args.run_dir, "eval")
     os.makedirs(out, exist_ok=True)
     if not args.base and os.path.exists(os.path.join(out, "side_by_side.png")):
@@ -441,6 +477,9 @@ def write_results(args, cfg, step, protocol, weights, metrics, skipped, groups, 
         print0(f"| {k} | {d} | " + " | ".join(f"{result[f'{s}_{g}_{k}']:.3f}" for s, g in cols) + " |")
     if breakdown:
         print0(breakdown_table(breakdown, W))
+    for s in ("fid", "fvd"):
+        for k in (f"{s}_{k}" in (distances or {})) * list(scores):
+            print0(f"{s.upper()} of {k} against {args.references} ({len(prompts)} clips): {distances[f'{s}_{k}']:.2f}")
     if args.base:
         print0(f"\nwin rate of {args.run_dir} against {args.base} ({len(prompts)} images, same noise): " +
                ", ".join(f"{s} {r:.3f}" for s, r in result["win_rates"].items()))

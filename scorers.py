@@ -1,7 +1,8 @@
 """
 The paper's metrics (SSPO.md 7) on transformers classes alone: PickScore, HPSv2, LAION aesthetic, CLIP score and
-ImageReward. Each loads from a local path (read with local_files_only) or a hub id; weights that cannot be found
-come back as a `Skipped(reason, path)` instead of an exception, so an evaluation says what it could not score.
+ImageReward; for clips, PSNR, SSIM, FID and FVD against reference clips. Each loads from a local path (read with
+local_files_only) or a hub id; weights that cannot be found come back as a `Skipped(reason, path)` instead of an
+exception, so an evaluation says what it could not score.
 
     scorer = scorers.load("pickscore", scorers.WEIGHTS)     # or Skipped(reason, path)
     scorer(images, prompts)                                  # N PIL images, N prompts -> (N,) float tensor
@@ -12,6 +13,7 @@ onto transformers' CLIPModel and BLIP classes by two pure functions, `hpsv2_stat
 """
 import json
 import os
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -34,6 +36,10 @@ WEIGHTS = {
     "clip": "openai/clip-vit-large-patch14",                         # CLIP score's model (torchmetrics' default)
     "imagereward": "THUDM/ImageReward",                              # folder or repo with ImageReward.pt, med_config.json
     "imagereward_tokenizer": "google-bert/bert-base-uncased",        # BLIP adds [DEC] and [ENC] to it (30,524 ids)
+    # clips against reference clips (evaluate.py --references): the detectors FID's and FVD's reference code loads,
+    # TorchScript files (see `detector`); no hub copies, so local paths only
+    "fid": "inception-2015-12-05.pt",                                # NVlabs' StyleGAN2-ADA metrics: Inception-v3
+    "fvd": "i3d_torchscript.pt",                                     # StyleGAN-V's FVD: I3D (Kinetics-400)
 }
 IMAGEREWARD_MEAN, IMAGEREWARD_STD = 0.16717362830052426, 1.0333394966054072  # ImageReward v1.0's normalisation
 
@@ -242,6 +248,82 @@ def load(name, weights=WEIGHTS, device="cpu"):
         return SCORERS[name](weights, device)
     except NotFound as e:
         return Skipped(*e.args)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# clips against reference clips (the paper's video table): PSNR and SSIM per clip, FID over frames, FVD over clips
+
+REFERENCE_METRICS = ("psnr", "ssim", "fid", "fvd")
+
+
+def psnr(x, y):
+    """uint8 clips (N, F, H, W, 3) (or images) and their references -> (N,) PSNR in dB over all frames and pixels,
+    peak 255; identical ones score 100 dB (the MSE floored at 255^2 * 1e-10)."""
+    d = (torch.as_tensor(x).double() - torch.as_tensor(y).double()).flatten(1)
+    return 10 * torch.log10(255 ** 2 / (d ** 2).mean(1).clamp_min(255 ** 2 * 1e-10))
+
+
+def ssim(x, y, window=11, sigma=1.5):
+    """uint8 clips (N, F, H, W, 3) (or images) and their references -> (N,) SSIM (Wang et al. 2004: Gaussian window
+    11 x 11 of sigma 1.5, K1 0.01, K2 0.03, peak 255, valid positions), the mean over channels, positions and frames.
+    Frames smaller than the window take a window of their size."""
+    n = len(x)
+    x, y = (torch.as_tensor(a).double().reshape(-1, *a.shape[-3:]).permute(0, 3, 1, 2) for a in (x, y))
+    k = min(window, *x.shape[-2:])
+    g = torch.exp(-(torch.arange(k, dtype=torch.float64) - (k - 1) / 2) ** 2 / (2 * sigma ** 2))
+    w = (torch.outer(g, g) / g.sum() ** 2).expand(3, 1, k, k)
+    blur = lambda a: F.conv2d(a, w, groups=3)  # noqa: E731
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    s = (2 * mx * my + c1) * (2 * cxy + c2) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
+    return s.reshape(n, -1).mean(1)
+
+
+def frechet_distance(a, b):
+    """Features (N, D) and (M, D) -> the Frechet distance of the Gaussians fitted to them, FID's and FVD's formula
+    |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)), in float64. tr (S_a S_b)^(1/2) is computed as the trace
+    of the root of the symmetric S_a^(1/2) S_b S_a^(1/2) (the same eigenvalues): no scipy."""
+    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    if min(len(a), len(b)) < 2:
+        raise ValueError(f"a Frechet distance needs 2 or more samples a side, got {len(a)} and {len(b)}")
+    s_a, s_b = (torch.atleast_2d(torch.cov(f.T)) for f in (a, b))
+    e, v = torch.linalg.eigh(s_a)
+    r = (v * e.clamp_min(0).sqrt()) @ v.T
+    cross = torch.linalg.eigvalsh(r @ s_b @ r).clamp_min(0).sqrt().sum()
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + s_a.trace() + s_b.trace() - 2 * cross)
+
+
+def detector(name, weights=WEIGHTS, device="cpu"):
+    """-> features(clips) for 'fid' or 'fvd', or Skipped(reason, path) when the TorchScript file is not found.
+    uint8 clips (N, F, H, W, 3) -> float64 features: 'fid' one row per frame, from NVlabs' inception-2015-12-05.pt
+    called as their metrics call it (uint8 (n, 3, H, W), return_features=True: 2048 pool features; it resizes to 299
+    itself); 'fvd' one row per clip, from StyleGAN-V's i3d_torchscript.pt as StyleGAN-V calls it (frames resized to
+    224 x 224, (N, 3, F, 224, 224) in [-1, 1], rescale=False, resize=False, return_features=True: 400 logits)."""
+    try:
+        path = _file(weights[name])
+    except NotFound as e:
+        return Skipped(*e.args)
+    try:
+        with warnings.catch_warnings():  # torch deprecates TorchScript; these detectors are shipped as TorchScript
+            warnings.simplefilter("ignore", DeprecationWarning)
+            net = torch.jit.load(path, map_location=device).eval()
+    except Exception as e:
+        raise ValueError(f"{path}: not a TorchScript file ({type(e).__name__}: {str(e).strip().splitlines()[0]})") from None
+
+    @torch.no_grad()
+    def features(clips):
+        x = torch.as_tensor(clips).to(device)
+        try:
+            if name == "fid":
+                return net(x.flatten(0, 1).permute(0, 3, 1, 2).contiguous(), return_features=True).double().cpu()
+            v = F.interpolate(x.permute(0, 4, 1, 2, 3).float() / 127.5 - 1, size=(x.shape[1], 224, 224),
+                              mode="trilinear", align_corners=False)
+            return net(v, rescale=False, resize=False, return_features=True).double().cpu()
+        except RuntimeError as e:
+            raise ValueError(f"{path}: failed on clips of shape {tuple(x.shape)} (N, F, H, W, 3): "
+                             f"{str(e).strip().splitlines()[-1]}") from None
+    return features
 
 
 # -----------------------------------------------------------------------------------------------------------------

@@ -287,3 +287,76 @@ def test_missing_weights_are_skipped_with_the_path_looked_for(tmp_path, monkeypa
     assert isinstance(s, scorers.Skipped) and s.path == "nobody-here/no-such-repo/HPS_v2_compressed.pt"
     s = scorers.load("imagereward", dict(scorers.WEIGHTS, imagereward=str(tmp_path / "ir")))
     assert s == scorers.Skipped("no such file", str(tmp_path / "ir" / "ImageReward.pt"))
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# clips against references: PSNR, SSIM, the Frechet distance, the TorchScript detectors
+
+def test_psnr_and_ssim_against_hand_values():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 200, (2, 3, 16, 16, 3)).astype(np.uint8)  # 2 clips of 3 frames
+    assert torch.allclose(scorers.psnr(x, x), torch.full((2,), 100.0, dtype=torch.float64))
+    assert torch.allclose(scorers.psnr(x, x + 10), torch.full((2,), 10 * np.log10(255 ** 2 / 100), dtype=torch.float64))
+    assert torch.allclose(scorers.ssim(x, x), torch.ones(2, dtype=torch.float64))
+    # one 11 x 11 window: SSIM written out with the Gaussian weights, per channel, then averaged
+    a, b = rng.integers(0, 256, (1, 1, 11, 11, 3)), rng.integers(0, 256, (1, 1, 11, 11, 3))
+    g = np.exp(-(np.arange(11) - 5) ** 2 / (2 * 1.5 ** 2))
+    w = np.outer(g, g) / g.sum() ** 2
+    want = []
+    for c in range(3):
+        p, q = a[0, 0, :, :, c].astype(float), b[0, 0, :, :, c].astype(float)
+        mp, mq = (w * p).sum(), (w * q).sum()
+        vp, vq, cpq = (w * p * p).sum() - mp ** 2, (w * q * q).sum() - mq ** 2, (w * p * q).sum() - mp * mq
+        c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+        want.append((2 * mp * mq + c1) * (2 * cpq + c2) / ((mp ** 2 + mq ** 2 + c1) * (vp + vq + c2)))
+    assert abs(scorers.ssim(a, b).item() - np.mean(want)) < 1e-12
+    noisy = np.clip(x + rng.normal(0, 20, x.shape), 0, 255).astype(np.uint8)
+    assert (scorers.ssim(x, noisy) < 0.95).all() and (scorers.psnr(x, noisy) < 30).all()
+
+
+def test_frechet_distance_against_the_closed_form():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(0, 1, (500, 1)), rng.normal(2, 3, (400, 1))
+    want = (a.mean() - b.mean()) ** 2 + (a.std(ddof=1) - b.std(ddof=1)) ** 2  # 1-D: |mu|^2 + (s_a - s_b)^2
+    assert abs(scorers.frechet_distance(a, b) - want) < 1e-9
+    a, b = rng.normal(0, 1, (300, 5)) @ rng.normal(0, 1, (5, 5)), rng.normal(1, 1, (200, 5)) @ rng.normal(0, 1, (5, 5))
+    s_a, s_b = np.cov(a.T), np.cov(b.T)
+    cross = np.sqrt(np.linalg.eigvals(s_a @ s_b).real).sum()  # tr sqrtm(S_a S_b), from the non-symmetric product
+    want = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * cross
+    assert abs(scorers.frechet_distance(a, b) - want) < 1e-8 * want
+    assert abs(scorers.frechet_distance(a, a)) < 1e-8
+    with pytest.raises(ValueError, match="2 or more"):
+        scorers.frechet_distance(a[:1], b)
+
+
+class _Inception(nn.Module):  # inception-2015-12-05.pt's call: uint8 (n, 3, H, W), return_features
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        return x.float().mean(dim=(2, 3))
+
+
+class _I3D(nn.Module):  # i3d_torchscript.pt's call: (N, 3, F, 224, 224) in [-1, 1], rescale, resize, return_features
+    def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = False,
+                return_features: bool = False) -> torch.Tensor:
+        assert x.shape[-1] == 224 and x.shape[-2] == 224 and x.min() >= -1 and x.max() <= 1
+        return x.mean(dim=(3, 4)).flatten(1)
+
+
+def fake_detectors(root):
+    """TorchScript stand-ins for the FID and FVD detectors, saved as the real ones are shipped."""
+    paths = {"fid": os.path.join(root, "inception.pt"), "fvd": os.path.join(root, "i3d.pt")}
+    torch.jit.script(_Inception()).save(paths["fid"])
+    torch.jit.script(_I3D()).save(paths["fvd"])
+    return paths
+
+
+def test_detectors_load_torchscript_or_say_what_is_missing(tmp_path):
+    paths = fake_detectors(str(tmp_path))
+    clips = np.random.default_rng(0).integers(0, 256, (2, 4, 16, 16, 3)).astype(np.uint8)
+    fid = scorers.detector("fid", {"fid": paths["fid"]})(clips)
+    assert fid.shape == (8, 3) and torch.allclose(fid[0], torch.as_tensor(clips[0, 0], dtype=torch.float64).mean((0, 1)))
+    assert scorers.detector("fvd", {"fvd": paths["fvd"]})(clips).shape == (2, 12)
+    missing = scorers.detector("fvd", {"fvd": "i3d_torchscript.pt"})
+    assert isinstance(missing, scorers.Skipped) and missing.path == os.path.abspath("i3d_torchscript.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="junk.pt: not a TorchScript file"):
+        scorers.detector("fid", {"fid": str(tmp_path / "junk.pt")})

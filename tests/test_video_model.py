@@ -3,10 +3,12 @@ the same loop: the sampler is AnimateDiffPipeline's, every method trains on clip
 whole UNet), a run resumes exactly, and the run folder loads in AnimateDiffPipeline, its motion_adapter/ too."""
 import json
 import os
+import re
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from diffusers import AnimateDiffPipeline, DDIMScheduler, MotionAdapter
 from safetensors.torch import load_file
 
@@ -126,3 +128,39 @@ def test_video_bad_input_is_one_line(tmp_path, run, parts):
         p = run(CLIPS + [f"--out_dir={tmp_path / 'run'}", *args])
         last = p.stderr.strip().splitlines()[-1]
         assert p.returncode == 1 and last.startswith("error: ") and want in last, (args, p.stderr[-2000:])
+
+
+def test_evaluate_against_reference_clips(tmp_path, run, capsys):
+    """evaluate.py --references: one clip per reference prompt, PSNR and SSIM per clip against its reference, FID and
+    FVD of each model's set against the references' through TorchScript detectors (stand-ins here), a detector not
+    found reported as skipped with the path looked for; the references' frames come at the run's size and count."""
+    import evaluate
+    from test_scorers import fake_detectors
+    one = str(tmp_path / "one")
+    p = run(CLIPS + [f"--out_dir={one}", "--max_steps=2"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    refs = tmp_path / "refs"
+    lines = []
+    for i, combo in enumerate(video.ALL_COMBOS[:5]):  # frame folders of 6 frames at 24 px: cut to 4, resized to 16
+        os.makedirs(refs / f"c{i}")
+        for k, frame in enumerate(video.render_clip(combo, 6, 24, np.random.default_rng(i))):
+            Image.fromarray(frame).save(refs / f"c{i}" / f"{k:02d}.png")
+        lines.append(json.dumps({"file_name": f"c{i}", "text": video.prompt_of(combo)}) + "\n")
+    (refs / "metadata.jsonl").write_text("".join(lines))
+    det = fake_detectors(str(tmp_path))
+    evaluate.main([one, "--base", one, "--references", str(refs), "--steps=2", "--images_per_prompt=1",
+                   "--weights", f"fid={det['fid']}", f"fvd={tmp_path / 'no_i3d.pt'}"])
+    assert f"skipped fvd: no such file (looked for {tmp_path / 'no_i3d.pt'})" in capsys.readouterr().out
+    s = json.load(open(os.path.join(one, "eval", "scores.json")))
+    assert [r["prompt"] for r in s["per_image"]] == [video.prompt_of(c) for c in video.ALL_COMBOS[:5]]
+    assert 0 < s["psnr_all_run"] < 60 and -1 < s["ssim_all_run"] < 1 and s["fid_run"] > 0 and "fvd_run" not in s
+    assert s["psnr_all_run"] == s["psnr_all_base"] and s["fid_run"] == s["fid_base"]  # the same model, the same noise
+    assert s["win_rates"]["psnr"] == 0.5  # every clip ties with itself
+    evaluate.main([one, "--references", str(refs), "--steps=2", "--weights", f"fvd={det['fvd']}", "--metrics=psnr,fvd"])
+    assert json.load(open(os.path.join(one, "eval", "scores.json")))["fvd_run"] > 0
+    os.remove(refs / "c3" / "05.png"), os.remove(refs / "c3" / "04.png"), os.remove(refs / "c3" / "03.png")
+    for args, want in [(["--metrics=fid"], "error: --metrics: FID and FVD score a set; add psnr or ssim"),
+                       (["--prompts", "x.txt"], "error: --references brings its own prompts: drop --prompts"),
+                       ([], f"error: --references: {refs / 'c3'}")]:
+        with pytest.raises(SystemExit, match="^" + re.escape(want)):
+            evaluate.main([one, "--references", str(refs), "--steps=2", *args])
