@@ -228,6 +228,13 @@ def score_all(fn, images, prompts, batch_size):
     return torch.cat(out).double().numpy() if out else np.zeros(0)
 
 
+def in_batches(fn, batch_size, *arrays):
+    """fn over the arrays' rows, batch_size at a time (clips at full size do not fit memory at once) -> a float64
+    array of the rows' results (scores, or features) concatenated."""
+    out = [fn(*(a[i:i + batch_size] for a in arrays)) for i in range(0, len(arrays[0]), batch_size)]
+    return torch.cat(out).double().numpy() if out else np.zeros(0)
+
+
 def gather(obj):
     """Every rank's obj, in rank order (a list of one without torchrun)."""
     if not dist.is_initialized():
@@ -380,18 +387,21 @@ def evaluate(args, weights, metrics, rank, world_size, device):
     scores, shown, details = {}, {}, {}
     if refs:  # each clip against its prompt's reference; FID and FVD: features, the distance on rank 0
         ref_shard = refs[1][[i // ipp for i in range(lo, hi)]]
-        scores["reference"] = {s: fn(refs[1][rank::world_size]) for s, fn in scorer.items() if s in ("fid", "fvd")}
+        scores["reference"] = {s: in_batches(fn, args.batch_size, refs[1][rank::world_size])
+                               for s, fn in scorer.items() if s in ("fid", "fvd")}
     for k, mm in models.items():
         images = generate(mm, prompts[lo:hi], noise[lo:hi], protocol, args.batch_size, f"sampling {k}")
-        scores[k] = {s: fn(images, ref_shard).numpy() if s in ("psnr", "ssim") else fn(images) if s in ("fid", "fvd")
-                     else score_all(fn, images, prompts[lo:hi], args.batch_size) for s, fn in scorer.items()}
+        scores[k] = {s: in_batches(fn, args.batch_size, images, ref_shard) if s in ("psnr", "ssim") else
+                     in_batches(fn, args.batch_size, images) if s in ("fid", "fvd") else
+                     score_all(fn, images, prompts[lo:hi], args.batch_size) for s, fn in scorer.items()}
         shown[k] = {i: images[i - lo] for i in range(lo, hi) if i % ipp == 0 and i // ipp < MAX_TILES}
         if "judge" in scorer:
             details[k] = tiny_details(images, prompts[lo:hi], W or world)
     parts = gather((scores, shown, details))
     if rank > 0:
         return
-    scores = {k: {s: np.concatenate([sc[k][s] for sc, _, _ in parts]) for s in scores[k]} for k in scores}
+    scores = {k: {s: np.concatenate([sc[k][s] for sc, _, _ in parts if len(sc[k][s])] or [np.zeros(0)])
+                  for s in scores[k]} for k in scores}
     reference = scores.pop("reference", {})
     distances = {f"{s}_{k}": scorers.frechet_distance(scores[k].pop(s), reference[s]) for s in reference for k in models}
     shown = {k: dict(kv for _, sh, _ in parts for kv in sh[k].items()) for k in models}

@@ -149,15 +149,17 @@ def test_evaluate_against_reference_clips(tmp_path, run, capsys):
     (refs / "metadata.jsonl").write_text("".join(lines))
     det = fake_detectors(str(tmp_path))
     evaluate.main([one, "--base", one, "--references", str(refs), "--steps=2", "--images_per_prompt=1",
-                   "--weights", f"fid={det['fid']}", f"fvd={tmp_path / 'no_i3d.pt'}"])
+                   "--batch_size=2", "--weights", f"fid={det['fid']}", f"fvd={tmp_path / 'no_i3d.pt'}"])
     assert f"skipped fvd: no such file (looked for {tmp_path / 'no_i3d.pt'})" in capsys.readouterr().out
     s = json.load(open(os.path.join(one, "eval", "scores.json")))
     assert [r["prompt"] for r in s["per_image"]] == [video.prompt_of(c) for c in video.ALL_COMBOS[:5]]
     assert 0 < s["psnr_all_run"] < 60 and -1 < s["ssim_all_run"] < 1 and s["fid_run"] > 0 and "fvd_run" not in s
     assert s["psnr_all_run"] == s["psnr_all_base"] and s["fid_run"] == s["fid_base"]  # the same model, the same noise
     assert s["win_rates"]["psnr"] == 0.5  # every clip ties with itself
-    evaluate.main([one, "--references", str(refs), "--steps=2", "--weights", f"fvd={det['fvd']}", "--metrics=psnr,fvd"])
-    assert json.load(open(os.path.join(one, "eval", "scores.json")))["fvd_run"] > 0
+    evaluate.main([one, "--references", str(refs), "--steps=2", "--images_per_prompt=1", "--weights", f"fvd={det['fvd']}",
+                   "--metrics=psnr,fvd"])
+    again = json.load(open(os.path.join(one, "eval", "scores.json")))  # one batch of 5 this time, not 2 + 2 + 1
+    assert again["fvd_run"] > 0 and abs(again["psnr_all_run"] - s["psnr_all_run"]) < 1e-4
     os.remove(refs / "c3" / "05.png"), os.remove(refs / "c3" / "04.png"), os.remove(refs / "c3" / "03.png")
     for args, want in [(["--metrics=fid"], "error: --metrics: FID and FVD score a set; add psnr or ssim"),
                        (["--prompts", "x.txt"], "error: --references brings its own prompts: drop --prompts"),
