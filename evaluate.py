@@ -223,9 +223,7 @@ def tiny_data_images(prompts, cfg, seed):
 
 def score_all(fn, images, prompts, batch_size):
     """(N,) float64 scores of uint8 images (PIL for the scorers) or clips (arrays), in batches."""
-    pil = [x if x.ndim == 4 else Image.fromarray(x) for x in images]
-    out = [fn(pil[i:i + batch_size], prompts[i:i + batch_size]) for i in range(0, len(pil), batch_size)]
-    return torch.cat(out).double().numpy() if out else np.zeros(0)
+    return in_batches(fn, batch_size, [x if x.ndim == 4 else Image.fromarray(x) for x in images], prompts)
 
 
 def in_batches(fn, batch_size, *arrays):
