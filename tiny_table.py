@@ -59,6 +59,7 @@ SLOW = ("SPIN-Diffusion", "SSPO", "Inversion-DPO")  # names starting with these 
 
 
 EXTRA = []  # --set
+EVAL = []  # --images_per_prompt
 
 
 def run_dir(name, seed):
@@ -78,16 +79,23 @@ def train_and_eval(name, seed, env):
     """-> wall seconds of training and of evaluation; skips what is already done."""
     d = run_dir(name, seed)
     os.makedirs(d, exist_ok=True)
-    timing_path = os.path.join(d, "time.json")
-    if os.path.exists(os.path.join(d, "eval", "scores.json")) and os.path.exists(timing_path):
-        return json.load(open(timing_path))
+    timing_path, scores = os.path.join(d, "time.json"), os.path.join(d, "eval", "scores.json")
+    if os.path.exists(scores) and os.path.exists(timing_path):
+        timing = json.load(open(timing_path))
+        if json.load(open(scores))["protocol"]["images_per_prompt"] == int(EVAL[0].split("=")[1]):
+            return timing
+        t1 = time.time()  # trained, but judged on another number of images: judge it again
+        sh([sys.executable, "evaluate.py", d, *EVAL], os.path.join(d, "run.log"), env)
+        timing["eval_s"] = time.time() - t1
+        json.dump(timing, open(timing_path, "w"))
+        return timing
     config, overrides = ALL[name]
     log = os.path.join(d, "run.log")
     t0 = time.time()
     resume = ["--init_from=resume"] if os.path.exists(os.path.join(d, "ckpt.pt")) else []
     sh([sys.executable, "train_sspo.py", config, f"--seed={seed}", f"--out_dir={d}", *overrides, *EXTRA, *resume], log, env)
     t1 = time.time()
-    sh([sys.executable, "evaluate.py", d], log, env)
+    sh([sys.executable, "evaluate.py", d, *EVAL], log, env)
     timing = {"train_s": t1 - t0, "eval_s": time.time() - t1}
     json.dump(timing, open(timing_path, "w"))
     print(f"  {name}, seed {seed}: trained in {timing['train_s'] / 60:.1f} min, evaluated in {timing['eval_s']:.0f} s",
@@ -171,10 +179,13 @@ def main():
     p.add_argument("--jobs", type=int, default=2, help="runs at a time; each gets 2 // jobs threads (at least 1)")
     p.add_argument("--out", default=OUT, help="where the runs and the table go")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides for every run")
+    p.add_argument("--images_per_prompt", type=int, default=8, help="images judged per prompt, for the base and "
+                   "every run (evaluate.py's own default is 4)")
     p.add_argument("--base", default=BASE, help=f"the base every run starts from; only the default ({BASE}) is "
                    "trained here when missing, another must be a finished run folder")
     args = p.parse_args()
     OUT, BASE = args.out, args.base
+    EVAL[:] = [f"--images_per_prompt={args.images_per_prompt}"]
     EXTRA[:] = ["--" + kv for kv in args.set] + ([f"--init_from={BASE}"] if args.base != p.get_default("base") else [])
     args.only = args.only or list(RUNS) + list(OBJECTIVES) * args.objectives
     unknown = [n for n in args.only if n not in ALL]
@@ -189,8 +200,10 @@ def main():
                              f"configs/tiny_base.py --out_dir={BASE} ...)")
         print(f"training the base: python train_sspo.py configs/tiny_base.py (log: {OUT}/base.log)", flush=True)
         sh([sys.executable, "train_sspo.py", "configs/tiny_base.py"], os.path.join(OUT, "base.log"), env)
-    if not os.path.exists(os.path.join(BASE, "eval", "scores.json")):
-        sh([sys.executable, "evaluate.py", BASE], os.path.join(OUT, "base.log"), env)
+    base_scores = os.path.join(BASE, "eval", "scores.json")
+    if (not os.path.exists(base_scores)
+            or json.load(open(base_scores))["protocol"]["images_per_prompt"] != args.images_per_prompt):
+        sh([sys.executable, "evaluate.py", BASE, *EVAL], os.path.join(OUT, "base.log"), env)
     t_base = time.time() - t_start
 
     env["OMP_NUM_THREADS"] = str(max(1, 2 // args.jobs))
@@ -224,7 +237,7 @@ def main():
     json.dump({"seeds": args.seeds, "results": results, "protocol": base["protocol"]},
               open(os.path.join(OUT, "results.json"), "w"), indent=1)
 
-    lines = [f"| method | judge, seen prompts | judge, held-out prompts | correct samples | win rate vs base | "
+    lines = ["| method | judge, seen prompts | judge, held-out prompts | correct samples | win rate vs base | "
              "train min / run |", "|---|---|---|---|---|---|",
              f"| data: the base distribution's images | {data_row['judge']:.3f} (all 48) | | {data_row['correct']:.3f} | | |",
              f"| base | {base['judge_seen_run']:.3f} | {base['judge_heldout_run']:.3f} | "
