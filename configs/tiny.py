@@ -4,7 +4,7 @@
 #   python train_sspo.py configs/tiny.py      # 2.1 min on 2 CPU cores once the base exists
 # effective batch: 1 process x batch_size 16 x grad_accum 1 = 16; 120 updates; a snapshot every 20 updates, so
 # the pool grows to theta_0 + 5 (the paper shows about 7). This is the shared budget of tiny_table.py: every
-# method there runs these steps on this data; batch 16 and 8 sampler steps per self-sample keep its 18
+# method there runs these steps on this data; batch 16 and 4 guided sampler steps per self-sample keep its 18
 # self-sampling runs within the 90 min the table may take.
 out_dir = "out/tiny_sspo"
 init_from = "out/tiny_base"
@@ -21,9 +21,10 @@ lr_schedule = "constant"
 warmup_steps = 10
 batch_size = 16
 max_steps = 120
-self_sample_steps = 8
-self_sample_guidance = 1.0  # the base's own distribution, as its evaluation samples it (configs/tiny_base.py)
-guidance = 1.0
+self_sample_steps = 4       # at guidance 1.25, 8 UNet forwards a self-sample
+self_sample_guidance = 1.25  # the policy's samples as its evaluation draws them (configs/tiny_base.py: why 1.25)
+guidance = 1.25
+sample_steps = 10
 eval_every = 40
 save_every = 40
 log_every = 10

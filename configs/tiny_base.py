@@ -6,8 +6,10 @@
 # Why these settings (docs/tiny_world.md): with SD1.5's schedule the noisiest training x_t still shows where the
 # shape is, so the model learns to read the place from x_t and ignores the position word (its samples' centroid
 # was (0.48, 0.48) for left, right, top and bottom alike); a zero terminal SNR with v-prediction makes the prompt the
-# only source of the place at t = 999. Guidance 1: the base samples the distribution it learned (guidance > 1
-# over-saturates colours at a zero terminal SNR). An EMA of the weights: +0.05 judge at the same budget.
+# only source of the place at t = 999. An EMA of the weights: +0.05 judge at the same budget. Guidance 1.25: at 1
+# its samples fall 0.09 below its data's judge (0.729 against 0.818, shapes most), at 1.25 they come within 0.03
+# (0.796, 45% correct against the data's 39%); 1.5 draws more correct renders than its data (50%), 3 over-saturates
+# colours at a zero terminal SNR (0.47). 10 DDIM steps: 4 to 50 steps give the same judge within 0.01.
 # Width (64, 128), 3.9M parameters: from the 1M-parameter (32, 64) UNet Diffusion-DPO lowered the judge at any
 # learning rate tried (it raised the loser's error faster than the winner's); from this one every method climbs.
 out_dir = "out/tiny_base"
@@ -18,7 +20,8 @@ unet_channels = (64, 128)
 train_text_encoder = True   # from scratch, a frozen random encoder is a weak condition
 prediction_type = "v_prediction"
 zero_snr = True
-guidance = 1.0
+guidance = 1.25
+sample_steps = 10
 ema_decay = 0.995
 batch_size = 32
 lr = 2e-3
