@@ -161,7 +161,7 @@ def build(cfg, sd15, device, tmp, from_cache=False):
     """-> P, everything a step needs: the model parts (model.load_model's dict), policy, reference, optimizer,
     reference pool, a batch source and the shapes. from_cache: the batches carry the VAE encoder's moments, as
     latents.py stores them and a latent_cache run's workers hand them over, instead of images."""
-    use_bf16 = device.type == "cuda" and cfg["mixed_precision"] == "bf16"
+    use_bf16 = device.type == "cuda" and cfg["mixed_precision"] != "no"
     frozen = torch.bfloat16 if use_bf16 else torch.float32
     if sd15:
         torch.manual_seed(cfg["seed"])
@@ -586,7 +586,7 @@ def main(argv):
           f"{torch.get_num_threads()} threads; batch {B}, resolution {cfg['resolution']}, K = {K} sampler steps, "
           f"guidance {cfg['self_sample_guidance']}, ref {cfg['ref_dtype']}, grad_checkpointing {cfg['grad_checkpointing']}, "
           f"{'latents from a latent cache' if args.latents else 'images VAE-encoded each step' if args.sd15 else 'pixel space'}, "
-          f"bf16 autocast {device.type == 'cuda' and cfg['mixed_precision'] == 'bf16'}; medians of {args.iters} after {args.warmup} warmup")
+          f"bf16 autocast {device.type == 'cuda' and cfg['mixed_precision'] != 'no'}; medians of {args.iters} after {args.warmup} warmup")
     with tempfile.TemporaryDirectory() as tmp:
         P = build(cfg, args.sd15, device, tmp, args.latents)
         print(f"UNet {sum(p.numel() for p in P['unet'].parameters()) / 1e6:.1f}M params, latents {tuple(P['shape'])}, "

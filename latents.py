@@ -90,7 +90,7 @@ def build(cfg, ds, src, folder, meta_path, rank, world, device, cuda):
     if src == "scratch" or (os.path.isdir(src) and not os.path.isdir(os.path.join(src, "vae"))):
         raise ValueError(f"init_from={src!r} has no VAE (a pixel-space model): there is nothing to cache")
     vae = AutoencoderKL.from_pretrained(src, subfolder="vae", local_files_only=model.check_model_path(src))
-    dtype = torch.bfloat16 if cuda and cfg["mixed_precision"] == "bf16" else torch.float32  # as train_sspo.py loads it
+    dtype = torch.bfloat16 if cuda and cfg["mixed_precision"] != "no" else torch.float32  # as train_sspo.py loads it
     vae = vae.to(device, dtype).eval().requires_grad_(False)
     meta = {**data.describe(cfg, len(ds), 2 if "image_l" in ds[0] else 1), **data.vae_id(vae)}
     if os.path.isfile(meta_path):  # go on with a cache of the same build; never mix two

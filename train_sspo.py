@@ -145,7 +145,7 @@ eta = 0.0                       # DDIM noise: 0 deterministic, 1 DDPM-like
 n_eval_images = 8               # images in the sample grid for real data (the tiny world draws all its 48 prompts)
 # system
 device = "auto"                 # 'auto' (cuda if available) | 'cpu' | 'cuda'
-mixed_precision = "bf16"        # 'bf16' autocast on CUDA with fp32 master weights | 'no'. CPU always runs fp32
+mixed_precision = "bf16"        # bf16 autocast, fp32 masters: 'bf16' on CUDA (frozen models bf16) | 'bf16_cpu' CPU too | 'no'
 seed = 0                        # model init, data order, noise: a run is a pure function of its config
 ddp_timeout = 1800              # seconds a collective waits for a rank that is gone before the run stops (gloo sees a
                                 # dead peer's closed socket at once; NCCL waits this long)
@@ -304,12 +304,12 @@ def prepare(cfg, rank, world_size, device):
                                    prediction_type=cfg["prediction_type"], zero_snr=cfg["zero_snr"],
                                    frames=cfg["frames"] if cfg["dataset"] == "tiny_video" else 0)
     ddp.barrier()
-    use_bf16 = device.type == "cuda" and cfg["mixed_precision"] == "bf16"
+    use_bf16 = device.type == "cuda" and cfg["mixed_precision"] != "no"  # frozen models in bf16
     m, unet, params, opt, ema = load_for_training(cfg, source, ds, device, use_bf16, master)
     # counts for the log: updates skipped for a non-finite loss or gradient; per epoch, what the data needed
-    r = dict(m=m, unet=unet, params=params, opt=opt, ema=ema, ds=ds, stream=stream, use_bf16=use_bf16, ckpt=None,
-             step=0, data_pos=(0, 0), tallies={"skipped_updates": 0, "data": dict.fromkeys(data.DATA_TALLIES, 0)},
-             pool=None, ref_unet=None)
+    r = dict(m=m, unet=unet, params=params, opt=opt, ema=ema, ds=ds, stream=stream, ckpt=None, step=0,
+             data_pos=(0, 0), tallies={"skipped_updates": 0, "data": dict.fromkeys(data.DATA_TALLIES, 0)},
+             pool=None, ref_unet=None, autocast=use_bf16 or cfg["mixed_precision"] == "bf16_cpu")
     if resume:
         r["ckpt"], r["step"], r["data_pos"], r["tallies"] = checkpoint.load_state(
             latest, cfg, world_size, unet, m["text_encoder"], ema, opt, r["tallies"], tidied, master)
@@ -323,7 +323,7 @@ def prepare(cfg, rank, world_size, device):
     model.speed_up([unet, None if cfg["lora_rank"] else r["ref_unet"], ema], cfg["channels_last"], cfg["compile_unet"])
     print0("config:", {k: v for k, v in cfg.items()})
     n = lambda ps: f"{sum(p.numel() for p in ps) / 1e6:.3g}M"
-    print0(f"{world_size} process(es) on {device}, bf16 autocast: {use_bf16}; UNet {n(unet.parameters())} params, "
+    print0(f"{world_size} process(es) on {device}, bf16 autocast: {r['autocast']}; UNet {n(unet.parameters())} params, "
            f"{n(params)} trained; effective batch {cfg['batch_size'] * cfg['grad_accum'] * world_size}; {len(ds)} "
            f"examples; random stream {stream} ({'fine-tuning' if stream else 'pretraining'})")
     if master and data.tiny_world(cfg["dataset"]):  # what the judge gives the data itself: the ceiling and the base
@@ -346,7 +346,7 @@ def main(cfg):
     # gradients as views into DDP's all-reduce buckets: one copy of the UNet's gradients, not two (3.4 GB on SD1.5)
     ddp_unet = DDP(unet, device_ids=[device.index] if device.type == "cuda" else None,
                    gradient_as_bucket_view=True) if world_size > 1 else unet
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if r["use_bf16"] else nullcontext()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if r["autocast"] else nullcontext()
     sched, T = m["scheduler"], m["scheduler"].config.num_train_timesteps
     sched.alphas_cumprod = sched.alphas_cumprod.to(device)  # read at every step: moved once
     latent_shape = model.latent_shape(m, cfg["resolution"], cfg["frames"])  # (C, H, W) or (C, F, H, W) for clips

@@ -376,3 +376,22 @@ def test_help_lists_every_key(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert all(f"--{k}={v!r}" in out for k, v in config.defaults().items()), out
+
+
+def test_bf16_cpu_autocasts_policy_and_reference_alike(tmp_path, run, base):
+    """mixed_precision='bf16_cpu' trains under CPU autocast with every model in fp32: the first DPO update sees the
+    policy equal to its reference (loss exactly log 2, as in fp32; with a bf16 reference it is not), and it trains
+    other weights than fp32 does."""
+    weights = {}
+    for mp, ref_dtype in (("bf16_cpu", "float32"), ("no", "float32"), ("bf16_cpu", "bfloat16")):
+        out = str(tmp_path / f"{mp}_{ref_dtype}")
+        p = run(FAST + [f"--out_dir={out}", f"--init_from={base}", "--method=dpo", "--tiny_mode=pairs",
+                        "--max_steps=2", f"--mixed_precision={mp}", f"--ref_dtype={ref_dtype}"])
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert f"bf16 autocast: {mp == 'bf16_cpu'};" in p.stdout
+        first = next(e for e in map(json.loads, open(os.path.join(out, "log.jsonl"))) if e["kind"] == "train")
+        assert first["step"] == 1
+        assert (abs(first["loss"] - np.log(2)) < 1e-6) == (ref_dtype == "float32"), (mp, ref_dtype, first["loss"])
+        weights[mp, ref_dtype] = unet_weights(out)
+    a, b = weights["bf16_cpu", "float32"], weights["no", "float32"]
+    assert any(not torch.equal(a[k], b[k]) for k in a)
