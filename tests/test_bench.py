@@ -31,6 +31,7 @@ def test_bench_tiny_prints_finite_ratios():
     # the floor is DPO's step plus K sampler forwards: SSPO's step cannot be far below it
     assert ratios["sspo step / floor"] > 0.5
     assert "target <= 1.15" in r.stdout and "cond+uncond in one of 2B" in r.stdout
+    assert "guided forward: fp32 -> bf16 autocast (CPU)" in r.stdout and "bf16 autocast True" in r.stdout
 
 
 def test_bench_sd15_on_cpu_is_a_one_line_error(monkeypatch):
