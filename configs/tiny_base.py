@@ -7,10 +7,10 @@
 # shape is, so the model learns to read the place from x_t and ignores the position word (its samples' centroid
 # was (0.48, 0.48) for left, right, top and bottom alike); a zero terminal SNR with v-prediction makes the prompt the
 # only source of the place at t = 999. An EMA of the weights: +0.05 judge at the same budget. Guidance 1.25: at 1
-# its samples fall 0.09 below its data's judge (0.729 against 0.818, shapes most), at 1.25 within 0.02 (0.802 at
-# these 5 steps, 47% correct against the data's 39%); 1.5 draws more correct renders than its data (50%), 3
-# over-saturates colours at a zero terminal SNR (0.47). 4 to 50 DDIM steps give the base's judge within 0.01 (fine-
-# tuned models 0.004-0.016 more at 5 than at 10); 5 halve the cost of every evaluation.
+# its samples fall 0.09 below its data's judge (0.729 against 0.818, shapes most), at 1.25 within 0.02 (0.803 at
+# these 10 steps, 48% correct against the data's 39%); 1.5 draws more correct renders than its data (50%), 3
+# over-saturates colours at a zero terminal SNR (0.47). 4 to 50 DDIM steps give the base's judge within 0.01, but
+# not a degraded model's: 5 steps hide most of SPIN's and SSR-off SSPO's losses (docs/tiny_world.md), so 10.
 # Width (64, 128), 3.9M parameters: from the 1M-parameter (32, 64) UNet Diffusion-DPO lowered the judge at any
 # learning rate tried (it raised the loser's error faster than the winner's); from this one every method climbs.
 out_dir = "out/tiny_base"
@@ -22,7 +22,7 @@ train_text_encoder = True   # from scratch, a frozen random encoder is a weak co
 prediction_type = "v_prediction"
 zero_snr = True
 guidance = 1.25
-sample_steps = 5
+sample_steps = 10
 ema_decay = 0.995
 batch_size = 32
 lr = 2e-3
