@@ -1,6 +1,6 @@
 # The tiny world's base model: SFT from scratch on the flawed base distribution (data.py), so that it draws the
 # prompts' shapes with the base distribution's mistakes, in about their proportions -- room for alignment to fix.
-#   python train_sspo.py configs/tiny_base.py          # 9.4 min on 2 CPU cores (judge 0.1 -> about 0.78)
+#   python train_sspo.py configs/tiny_base.py          # 10.6 min on 2 CPU cores (judge 0.1 -> about 0.78)
 # effective batch: 1 process x batch_size 32 x grad_accum 1 = 32; 1500 updates = 48k images, about one pass.
 # Under torchrun --nproc_per_node=2 set --batch_size=16 to keep the same global batch (and the same result).
 # Why these settings (docs/tiny_world.md): with SD1.5's schedule the noisiest training x_t still shows where the
