@@ -209,8 +209,8 @@ def build(cfg, sd15, device, tmp, from_cache=False):
     m["scheduler"].alphas_cumprod = m["scheduler"].alphas_cumprod.to(device)
     return dict(m=m, unet=unet, ref_unet=ref_unet, pool=pool, opt=opt, batches=batch_iter, shape=shape, B=B, encode=encode, tmp=tmp,
                 uncond=uncond, sched=m["scheduler"], device=device,
-                autocast=torch.autocast(device.type, dtype=torch.bfloat16)  # as train_sspo.py's loop
-                if use_bf16 or cfg["mixed_precision"] == "bf16_cpu" else nullcontext())
+                autocast=torch.autocast(device.type, dtype=torch.bfloat16) if config.bf16_autocast(cfg, device)
+                else nullcontext())
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -589,13 +589,12 @@ def main(argv):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg["seed"])
     K, B = cfg["self_sample_steps"], cfg["batch_size"]
-    bf16 = cfg["mixed_precision"] == "bf16_cpu" or device.type == "cuda" and cfg["mixed_precision"] != "no"
     name = "SD1.5-shaped UNet (random weights)" if args.sd15 else f"tiny world UNet {cfg['unet_channels']}"
     print(f"bench: {name} on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
           f"{torch.get_num_threads()} threads; batch {B}, resolution {cfg['resolution']}, K = {K} sampler steps, "
           f"guidance {cfg['self_sample_guidance']}, ref {cfg['ref_dtype']}, grad_checkpointing {cfg['grad_checkpointing']}, "
           f"{'latents from a latent cache' if args.latents else 'images VAE-encoded each step' if args.sd15 else 'pixel space'}, "
-          f"bf16 autocast {bf16}; medians of {args.iters} after {args.warmup} warmup")
+          f"bf16 autocast {config.bf16_autocast(cfg, device)}; medians of {args.iters} after {args.warmup} warmup")
     with tempfile.TemporaryDirectory() as tmp:
         P = build(cfg, args.sd15, device, tmp, args.latents)
         print(f"UNet {sum(p.numel() for p in P['unet'].parameters()) / 1e6:.1f}M params, latents {tuple(P['shape'])}, "

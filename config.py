@@ -43,6 +43,11 @@ CHOICES = {"dataset": ("tiny", "pickapic", "imagefolder", "tiny_video", "clipfol
            "prediction_type": ("epsilon", "v_prediction"), "compile_unet": ("off", "whole", "regional"), "device": ("auto", "cpu", "cuda"), "mixed_precision": ("bf16", "bf16_cpu", "no")}
 
 
+def bf16_autocast(cfg, device):
+    """Whether the training step runs under bf16 autocast: 'bf16' on CUDA, 'bf16_cpu' anywhere."""
+    return cfg["mixed_precision"] == "bf16_cpu" or device.type == "cuda" and cfg["mixed_precision"] != "no"
+
+
 def get_config(argv):
     """nanoGPT-style: the defaults, then config files (Python, executed), then --key=value; strict about names,
     types and choices, and about values that would train something else than asked."""

@@ -309,7 +309,7 @@ def prepare(cfg, rank, world_size, device):
     # counts for the log: updates skipped for a non-finite loss or gradient; per epoch, what the data needed
     r = dict(m=m, unet=unet, params=params, opt=opt, ema=ema, ds=ds, stream=stream, ckpt=None, step=0,
              data_pos=(0, 0), tallies={"skipped_updates": 0, "data": dict.fromkeys(data.DATA_TALLIES, 0)},
-             pool=None, ref_unet=None, autocast=use_bf16 or cfg["mixed_precision"] == "bf16_cpu")
+             pool=None, ref_unet=None, autocast=config.bf16_autocast(cfg, device))
     if resume:
         r["ckpt"], r["step"], r["data_pos"], r["tallies"] = checkpoint.load_state(
             latest, cfg, world_size, unet, m["text_encoder"], ema, opt, r["tallies"], tidied, master)
