@@ -182,7 +182,7 @@ def build(cfg, sd15, device, tmp, from_cache=False):
     pool = replay.ReferencePool(unet.state_dict(), "uniform", 0, cfg["pool_storage"], os.path.join(tmp, "pool"),
                                 cfg["seed"], ref_dtype)
     pool.push(unet.state_dict(), 1)  # two snapshots to swap between
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"], fused=True)
     shape = model.latent_shape(m, cfg["resolution"])
     B = cfg["batch_size"]
     if sd15:  # random images made once: the data phase is the host-to-device copy (the loop's workers decode ahead)
@@ -496,7 +496,7 @@ def short_run(P, cfg, steps, autocast):
     it ends with (a copy; the policy is put back). The comparison behind making a fast path the default."""
     unet, dev, B = P["unet"], P["device"], P["B"]
     start = {k: v.clone() for k, v in unet.state_dict().items()}
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"], fused=True)
     g = torch.Generator(dev).manual_seed(cfg["seed"])
     for _ in range(steps):
         x0 = torch.randn(B, *P["shape"], device=dev, generator=g)

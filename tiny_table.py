@@ -59,7 +59,7 @@ SLOW = ("SPIN-Diffusion", "SSPO", "Inversion-DPO")  # names starting with these 
 
 
 EXTRA = []  # --set
-EVAL = {}  # evaluate.py's protocol for the base and every run: --images_per_prompt, --dtype
+EVAL = {}  # evaluate.py's protocol for the base and every run: --images_per_prompt, --dtype, --steps
 
 
 def run_dir(name, seed):
@@ -193,11 +193,13 @@ def main():
     p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"), help="the sampler's dtype when "
                    "judging (evaluate.py --dtype): bfloat16 samples twice as fast on a CPU with native bf16 (AMX); on "
                    "the base it gave the judge of float32 within 0.001")
+    p.add_argument("--steps", type=int, default=10, help="DDIM steps when judging the base and every run (evaluate.py "
+                   "--steps), as the tiny configs sample: 5 judge the base alike but hide a degraded model's loss")
     p.add_argument("--base", default=BASE, help=f"the base every run starts from; only the default ({BASE}) is "
                    "trained here when missing, another must be a finished run folder")
     args = p.parse_args()
     OUT, BASE = args.out, args.base
-    EVAL.update(images_per_prompt=args.images_per_prompt, dtype=args.dtype)
+    EVAL.update(images_per_prompt=args.images_per_prompt, dtype=args.dtype, steps=args.steps)
     EXTRA[:] = ["--" + kv for kv in args.set] + ([f"--init_from={BASE}"] if args.base != p.get_default("base") else [])
     args.only = args.only or list(RUNS) + list(OBJECTIVES) * args.objectives
     unknown = [n for n in args.only if n not in ALL]

@@ -272,7 +272,7 @@ def load_for_training(cfg, source, ds, device, use_bf16, master):
     if cfg["grad_checkpointing"]:
         unet.enable_gradient_checkpointing()
     opt = torch.optim.AdamW(params, lr=cfg["lr"], betas=(cfg["adam_beta1"], cfg["adam_beta2"]),
-                            weight_decay=cfg["weight_decay"])
+                            weight_decay=cfg["weight_decay"], fused=True)  # one kernel for all tensors (CPU too)
     ema = copy.deepcopy(unet).requires_grad_(False) if cfg["ema_decay"] > 0 else None
     return m, unet, params, opt, ema
 
