@@ -1,7 +1,7 @@
 """
 Where a training step's time goes, per method, and how far SSPO is from its floor.
 
-    python bench.py                           # the tiny world (configs/tiny.py) on CPU: a minute or two on 2 cores
+    python bench.py                           # the tiny world (configs/tiny.py at its base's width) on CPU: minutes on 2 cores
     python bench.py --sd15                    # the SD1.5-shaped UNet (random weights, configs/sd15.py) on one GPU
     python bench.py --sd15 --compile          # the same with torch.compile'd UNets (compile time printed apart)
     python bench.py --sd15 --compile regional # each ResNet and transformer block compiled apart (compiles faster)
@@ -582,6 +582,8 @@ def main(argv):
     over += [f"--batch_size={args.batch_size}"] * bool(args.batch_size) + [f"--resolution={args.resolution}"] * bool(args.resolution)
     over += [f"--{kv}" for kv in args.set]
     cfg = config.get_config([args.config or ("configs/sd15.py" if args.sd15 else "configs/tiny.py"), *over])
+    if not args.sd15 and cfg["base_config"] and not any(kv.startswith("unet_channels=") for kv in args.set):
+        cfg["unet_channels"] = config.get_config([cfg["base_config"]])["unet_channels"]  # the width a fine-tune trains
     for k, why in NOT_TIMED.items():
         if cfg[k] != config.defaults()[k]:
             raise SystemExit(f"bench error: {k}={cfg[k]!r} (from the config or --set) is not applied here: {why}")

@@ -21,9 +21,9 @@ lr_schedule = "constant"
 warmup_steps = 10
 batch_size = 16
 max_steps = 120
-self_sample_steps = 4       # at guidance 1.25, 8 UNet forwards a self-sample
-self_sample_guidance = 1.25  # the policy's samples as its evaluation draws them (configs/tiny_base.py: why 1.25)
-guidance = 1.25
+self_sample_steps = 4       # at guidance 1.1, 8 UNet forwards a self-sample
+self_sample_guidance = 1.1   # the policy's samples as its evaluation draws them (configs/tiny_base.py: why 1.1)
+guidance = 1.1
 sample_steps = 10           # as configs/tiny_base.py (why 10): the base and every run are judged alike
 mixed_precision = "bf16_cpu"  # bf16 autocast on CPU too: sampling and the reference 2x faster with AMX (Xeon);
                               # the seed-0 judge of SFT, oracle and DPO as in float32 to 3 decimals
