@@ -32,6 +32,8 @@ def test_bench_tiny_prints_finite_ratios():
     assert ratios["sspo step / floor"] > 0.5
     assert "target <= 1.15" in r.stdout and "cond+uncond in one of 2B" in r.stdout
     assert "guided forward: fp32 -> bf16 autocast (CPU)" in r.stdout and "bf16 autocast True" in r.stdout
+    width = config.get_config([os.path.join(ROOT, "configs/tiny_base.py")])["unet_channels"]  # what the fine-tunes train
+    assert f"tiny world UNet {width}" in r.stdout and width != config.defaults()["unet_channels"]
 
 
 def test_bench_sd15_on_cpu_is_a_one_line_error(monkeypatch):
