@@ -1,7 +1,7 @@
 """
 Where a training step's time goes, per method, and how far SSPO is from its floor.
 
-    python bench.py                           # the tiny world (configs/tiny.py at its base's width) on CPU: minutes on 2 cores
+    python bench.py                           # the tiny world (configs/tiny.py, its base's width) on CPU: minutes
     python bench.py --sd15                    # the SD1.5-shaped UNet (random weights, configs/sd15.py) on one GPU
     python bench.py --sd15 --compile          # the same with torch.compile'd UNets (compile time printed apart)
     python bench.py --sd15 --compile regional # each ResNet and transformer block compiled apart (compiles faster)

@@ -3,7 +3,7 @@ The paper's table in miniature: base, SFT, Diffusion-DPO, SPIN-Diffusion, SSPO a
 from the same tiny base with the same optimizer steps and the same data, for several seeds, then judged.
 
     python tiny_table.py                       # the README table: 10 rows x 3 seeds, 2 at a time
-    python tiny_table.py --objectives          # + the other objectives' rows (DMPO, KTO, MaPO, ...): 27 min more
+    python tiny_table.py --objectives          # + the other objectives' rows (DMPO, KTO, MaPO, ...): about 30 min more
     python tiny_table.py --seeds 0 --only SSPO SFT --jobs 1
     python tiny_table.py --out out/quick --set max_steps=20      # --set KEY=VALUE: overrides for every run
     python tiny_table.py --base out/tiny_base4500 --out out/table4500   # runs from another (already trained) base
@@ -184,7 +184,7 @@ def main():
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--only", nargs="+", default=None, help=f"a subset of: {', '.join(ALL)}")
     p.add_argument("--objectives", action="store_true", help="add the other objectives' rows to the table: "
-                   f"{', '.join(OBJECTIVES)} (27 min more for 3 seeds on 2 cores)")
+                   f"{', '.join(OBJECTIVES)} (about 30 min more for 3 seeds on 2 cores)")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time; each gets 2 // jobs threads (at least 1)")
     p.add_argument("--out", default=OUT, help="where the runs and the table go")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides for every run")

@@ -1,7 +1,7 @@
 # SSPO on the tiny world: winners only, losers sampled by a snapshot drawn uniformly from the policy's history
 # (Random Checkpoint Replay), Self-Sampling Regularization by sign. Starts from the tiny base, which it trains
 # first with configs/tiny_base.py if out/tiny_base is missing.
-#   python train_sspo.py configs/tiny.py      # 1.8 min on 2 CPU cores once the base exists
+#   python train_sspo.py configs/tiny.py      # 1.7 min on 2 CPU cores once the base exists
 # effective batch: 1 process x batch_size 16 x grad_accum 1 = 16; 120 updates; a snapshot every 20 updates, so
 # the pool grows to theta_0 + 5 (the paper shows about 7). This is the shared budget of tiny_table.py: every
 # method there runs these steps on this data; batch 16 and 4 guided sampler steps per self-sample keep its 18
