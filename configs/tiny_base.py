@@ -8,7 +8,7 @@
 # was (0.48, 0.48) for left, right, top and bottom alike); a zero terminal SNR with v-prediction makes the prompt the
 # only source of the place at t = 999. An EMA of the weights: +0.05 judge at the same budget. Guidance 1.1: a
 # base of 1500 updates judged 0.729 at guidance 1 (data: 0.818), 0.803 at 1.25 with 47% correct renders (data: 39%);
-# the same trained with AdamW's fused kernel (rounding only) 0.747 and 0.815 with 53%: 1 draws too few right shapes,
+# the same trained with AdamW's fused kernel (rounding only) 0.753 and 0.821 with 53%: 1 draws too few right shapes,
 # 1.25 more correct renders than the data has; 1.1 sits inside both bounds (this base: 0.783, 47% correct); 3
 # over-saturates colours at a zero terminal SNR (0.47). 4 to 50 DDIM steps give the base's judge within 0.01, but
 # not a degraded model's: 5 steps hide most of SPIN's and SSR-off SSPO's losses (docs/tiny_world.md), so 10.
