@@ -21,9 +21,12 @@ from world import COLOURS, RADIUS, SHAPES
 # ---------------------------------------------------------------------------------------------------------------
 # the tiny video world: "a red circle moving left", "a blue square growing"
 
-MOVES = {"left": ((0.7, 0.5), (0.3, 0.5)), "right": ((0.3, 0.5), (0.7, 0.5)),  # centre (x, y) first -> last frame
-         "up": ((0.5, 0.7), (0.5, 0.3)), "down": ((0.5, 0.3), (0.5, 0.7))}
-SIZES = {"growing": (0.18, 0.34), "shrinking": (0.34, 0.18)}  # radius first -> last frame, the shape centred
+# Each motion starts where the shape comes from (entering the frame cut by its border) and opposite motions do not
+# share a segment: left and right, or growing and shrinking, over the same segment have the same mean over frames,
+# so a model's per-frame layers would get no gradient to tell the two words apart (docs/video.md).
+MOVES = {"left": ((0.8, 0.5), (0.4, 0.5)), "right": ((0.2, 0.5), (0.6, 0.5)),  # centre (x, y) first -> last frame
+         "up": ((0.5, 0.8), (0.5, 0.4)), "down": ((0.5, 0.2), (0.5, 0.6))}
+SIZES = {"growing": (0.14, 0.30), "shrinking": (0.36, 0.20)}  # radius first -> last frame, the shape centred
 MOTIONS = (*MOVES, *SIZES)
 WORDS = [*COLOURS, *SHAPES, "a", "moving", *MOTIONS]  # the tiny tokenizer's vocabulary (model.build_tokenizer)
 FLAWS = ("static", "direction", "jitter", "colour")  # what render_clip can get wrong, one at a time

@@ -61,12 +61,13 @@ def test_judge_takes_float_clips_in_minus_one_one():
 
 def test_tracks_go_where_the_prompt_says():
     """Hand-checkable, independent of the judge: a circle's first and last centroids are the named track's ends
-    (plus the clip's jitter of at most 0.03), and a growing shape's area rises every frame."""
+    (plus the clip's jitter of at most 0.03, and where it enters cut by the border, its centroid pulled inwards by
+    up to 0.03), and a growing shape's area rises every frame."""
     rng = np.random.default_rng(4)
     for motion, (a, b) in video.MOVES.items():
         clip = video.render_clip(("yellow", "circle", motion), 8, 16, rng)
         c = np.array([world.foreground_centroid(f) for f in clip]) + 0.5 / 16  # pixel k's centre is at k + 0.5
-        assert np.abs(c[0] - a).max() < 0.04 and np.abs(c[-1] - b).max() < 0.04, (motion, c[[0, -1]])
+        assert np.abs(c[0] - a).max() < 0.065 and np.abs(c[-1] - b).max() < 0.04, (motion, c[[0, -1]])
     for motion, sign in (("growing", 1), ("shrinking", -1)):
         area = video.render_clip(("yellow", "square", motion), 8, 16, rng).max(-1).astype(float).sum((1, 2))
         assert (sign * np.diff(area) > 0).all(), (motion, area)
