@@ -7,6 +7,7 @@ from the same tiny base with the same optimizer steps and the same data, for sev
     python tiny_table.py --seeds 0 --only SSPO SFT --jobs 1
     python tiny_table.py --out out/quick --set max_steps=20      # --set KEY=VALUE: overrides for every run
     python tiny_table.py --base out/tiny_base4500 --out out/table4500   # runs from another (already trained) base
+    python tiny_table.py --video               # the tiny video world: base, SFT, Diffusion-DPO, SSPO on clips
 
 Re-runnable: a run whose eval/scores.json exists is not trained again (delete out/table to start over). Writes
 out/table/table.md (printed too), results.json, samples.png (every method's samples on the same prompts and noise)
@@ -27,10 +28,13 @@ from PIL import Image, ImageDraw
 
 import data
 import model
+import video
 import world
 
 BASE = "out/tiny_base"
 OUT = "out/table"
+BASE_CONFIG = "configs/tiny_base.py"
+W = world  # the world's module: prompts, held-out combinations, judge (video for --video)
 # name -> (config, overrides). All share configs/tiny.py's budget; SFT, SPIN and SSPO read winners only, DPO pairs.
 RUNS = {
     "SFT, oracle": ("configs/tiny_sft.py", ["--tiny_mode=base", "--tiny_p_correct=1.0"]),  # correct renders only
@@ -55,6 +59,12 @@ OBJECTIVES = {
     "Inversion-DPO": ("configs/tiny_inversion_dpo.py", []),
 }
 ALL = {**RUNS, **OBJECTIVES}
+# --video: the tiny video world, each method on configs/tiny_video.py's budget (SFT and SSPO read winners only)
+VIDEO_RUNS = {
+    "SFT": ("configs/tiny_video.py", ["--method=sft"]),
+    "Diffusion-DPO": ("configs/tiny_video.py", ["--method=dpo"]),
+    "SSPO": ("configs/tiny_video.py", []),
+}
 SLOW = ("SPIN-Diffusion", "SSPO", "Inversion-DPO")  # names starting with these sample or invert: scheduled first
 
 
@@ -98,7 +108,7 @@ def train_and_eval(name, seed, env):
         timing["eval_s"] = time.time() - t1
         json.dump(timing, open(timing_path, "w"))
         return timing
-    config, overrides = ALL[name]
+    config, overrides = (VIDEO_RUNS if W is video else ALL)[name]
     log = os.path.join(d, "run.log")
     t0 = time.time()
     resume = ["--init_from=resume"] if os.path.exists(os.path.join(d, "ckpt.pt")) else []
@@ -125,21 +135,31 @@ def mean_std(xs):
 @torch.no_grad()
 def samples_picture(names, seed, path, protocol, n=16):
     """One row per method (its run of `seed`): the first n//2 seen and all held-out prompts, one noise draw shared
-    by every row, each tile labelled with its judge score."""
-    prompts = [world.prompt_of(c) for c in world.TRAIN_COMBOS[:n - len(world.HELD_OUT)] + world.HELD_OUT]
+    by every row, each tile labelled with its judge score. Clips (--video): 3 seen and 3 held-out prompts, a row of
+    frames per method and prompt, and samples.gif."""
+    if W is video:
+        prompts = [W.prompt_of(c) for c in W.TRAIN_COMBOS[:3] + W.HELD_OUT[:3]]
+    else:
+        prompts = [W.prompt_of(c) for c in W.TRAIN_COMBOS[:n - len(W.HELD_OUT)] + W.HELD_OUT]
     rows, labels = [], []
     for d in [BASE] + [run_dir(name, seed) for name in names]:
         m = model.load_model(d)
         m["unet"].eval()
         u = m["unet"].config
-        noise = torch.randn((len(prompts), u.in_channels, u.sample_size, u.sample_size),
-                            generator=torch.Generator().manual_seed(0))
+        shape = model.latent_shape(m, u.sample_size, 8 if W is video else 0)  # the video world's 8 frames
+        noise = torch.randn((len(prompts), *shape), generator=torch.Generator().manual_seed(0))
         cond = model.encode_prompts(m, prompts)
         uncond = model.encode_prompts(m, [""])
         x = model.latents_to_images(m["vae"], model.ddim_sample(m["unet"], m["scheduler"], cond, uncond, noise,
                                                                 protocol["steps"], protocol["guidance"]))
         rows.append(x)
-        labels += [f"{world.judge(img, p)[0]:.2f}" for img, p in zip(x, prompts)]
+        labels += [f"{W.judge(img, p)[0]:.2f}" for img, p in zip(x, prompts)]
+    if W is video:
+        names = ["base", *names]
+        video.save_clip_strip(torch.cat(rows), path, [f"{names[i // len(prompts)]}: {prompts[i % len(prompts)]} "
+                                                      f"{lab}" for i, lab in enumerate(labels)])
+        video.save_gif(torch.cat(rows), path[:-4] + ".gif")
+        return
     data.save_grid(torch.cat(rows), path, labels, cols=len(prompts), tile=48)
     grid = Image.open(path)  # method names down the left side
     img = Image.new("RGB", (grid.width + 130, grid.height), (40, 40, 40))
@@ -179,7 +199,7 @@ def curves_picture(curves, path, key="judge_seen"):
 
 
 def main():
-    global OUT, BASE
+    global OUT, BASE, BASE_CONFIG, W
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--only", nargs="+", default=None, help=f"a subset of: {', '.join(ALL)}")
@@ -188,8 +208,11 @@ def main():
     p.add_argument("--jobs", type=int, default=2, help="runs at a time; each gets 2 // jobs threads (at least 1)")
     p.add_argument("--out", default=OUT, help="where the runs and the table go")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides for every run")
-    p.add_argument("--images_per_prompt", type=int, default=8, help="images judged per prompt, for the base and "
-                   "every run (evaluate.py's own default is 4)")
+    p.add_argument("--video", action="store_true", help="the tiny video world: base (configs/tiny_video_base.py), "
+                   f"{', '.join(VIDEO_RUNS)} (configs/tiny_video.py); --out, --base default to out/video_table and "
+                   "out/tiny_video_base")
+    p.add_argument("--images_per_prompt", type=int, default=0, help="images (clips) judged per prompt, for the base "
+                   "and every run: default 8 (clips: 4; evaluate.py's own default is 4)")
     p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"), help="the sampler's dtype when "
                    "judging (evaluate.py --dtype): bfloat16 samples twice as fast on a CPU with native bf16 (AMX); on "
                    "the base it gave the judge of float32 within 0.001")
@@ -198,22 +221,31 @@ def main():
     p.add_argument("--base", default=BASE, help=f"the base every run starts from; only the default ({BASE}) is "
                    "trained here when missing, another must be a finished run folder")
     args = p.parse_args()
+    default_base = p.get_default("base")
+    if args.video:
+        W, BASE_CONFIG, default_base = video, "configs/tiny_video_base.py", "out/tiny_video_base"
+        args.out = "out/video_table" if args.out == p.get_default("out") else args.out
+        args.base = default_base if args.base == p.get_default("base") else args.base
     OUT, BASE = args.out, args.base
-    EVAL.update(images_per_prompt=args.images_per_prompt, dtype=args.dtype, steps=args.steps)
-    EXTRA[:] = ["--" + kv for kv in args.set] + ([f"--init_from={BASE}"] if args.base != p.get_default("base") else [])
-    args.only = args.only or list(RUNS) + list(OBJECTIVES) * args.objectives
-    unknown = [n for n in args.only if n not in ALL]
+    EVAL.update(images_per_prompt=args.images_per_prompt or (4 if args.video else 8), dtype=args.dtype,
+                steps=args.steps)
+    EXTRA[:] = ["--" + kv for kv in args.set] + ([f"--init_from={BASE}"] if BASE != default_base else [])
+    if args.video and args.objectives:
+        raise SystemExit("error: --objectives: the video table has the methods' rows only (--only to choose)")
+    known = VIDEO_RUNS if args.video else ALL
+    args.only = args.only or list(VIDEO_RUNS if args.video else RUNS) + list(OBJECTIVES) * args.objectives
+    unknown = [n for n in args.only if n not in known]
     if unknown:
-        raise SystemExit(f"error: unknown run {unknown}; known: {', '.join(ALL)}")
+        raise SystemExit(f"error: unknown run {unknown}; known: {', '.join(known)}")
     os.makedirs(OUT, exist_ok=True)
     t_start = time.time()
     env = dict(os.environ)
     if not os.path.exists(os.path.join(BASE, "ckpt.pt")):
-        if BASE != p.get_default("base"):
+        if BASE != default_base:
             raise SystemExit(f"error: --base {BASE}: no ckpt.pt there; train it first (python train_sspo.py "
-                             f"configs/tiny_base.py --out_dir={BASE} ...)")
-        print(f"training the base: python train_sspo.py configs/tiny_base.py (log: {OUT}/base.log)", flush=True)
-        sh([sys.executable, "train_sspo.py", "configs/tiny_base.py"], os.path.join(OUT, "base.log"), env)
+                             f"{BASE_CONFIG} --out_dir={BASE} ...)")
+        print(f"training the base: python train_sspo.py {BASE_CONFIG} (log: {OUT}/base.log)", flush=True)
+        sh([sys.executable, "train_sspo.py", BASE_CONFIG], os.path.join(OUT, "base.log"), env)
     base_scores = os.path.join(BASE, "eval", "scores.json")
     if not os.path.exists(base_scores) or not judged_as_asked(base_scores):
         sh([sys.executable, "evaluate.py", BASE, *eval_args()], os.path.join(OUT, "base.log"), env)
@@ -252,7 +284,8 @@ def main():
 
     lines = ["| method | judge, seen prompts | judge, held-out prompts | correct samples | win rate vs base | "
              "train min / run |", "|---|---|---|---|---|---|",
-             f"| data: the base distribution's images | {data_row['judge']:.3f} (all 48) | | {data_row['correct']:.3f} | | |",
+             f"| data: the base distribution's {'clips' if W is video else 'images'} | {data_row['judge']:.3f} (all "
+             f"{len(W.ALL_COMBOS)}) | | {data_row['correct']:.3f} | | |",
              f"| base | {base['judge_seen_run']:.3f} | {base['judge_heldout_run']:.3f} | "
              f"{base['breakdown']['run']['correct']:.3f} | - | - |"]
     for name in args.only:
@@ -260,7 +293,8 @@ def main():
         lines.append(f"| {name} | {mean_std(r['judge_seen'])} | {mean_std(r['judge_heldout'])} | "
                      f"{mean_std(r['correct'])} | {mean_std(r['win_rate'])} | {np.mean(r['train_min']):.1f} |")
     total = (time.time() - t_start) / 60
-    lines.append(f"\nmean ± std over seeds {args.seeds}; judge of {base['protocol']['images_per_prompt']} images per "
+    lines.append(f"\nmean ± std over seeds {args.seeds}; judge of {base['protocol']['images_per_prompt']} "
+                 f"{'clips' if W is video else 'images'} per "
                  f"prompt ({base['protocol']['steps']} DDIM steps, guidance {base['protocol']['guidance']}, "
                  f"{base['protocol']['dtype']}, seed "
                  f"{base['protocol']['seed']}); base trained in this call: {t_base / 60:.1f} min; this call took "
