@@ -53,9 +53,10 @@ def parse_video_prompt(prompt):
     return w[1], w[2], w[-1]
 
 
-def track(motion, frames):
-    """-> centres (F, 2) and radii (F,) of the shape in each frame, as fractions of the side: linear in time."""
-    t = np.linspace(0, 1, frames)[:, None]
+def track(motion, frames, at=None):
+    """-> centres (F, 2) and radii (F,) of the shape in each frame, as fractions of the side: linear in time, the
+    frames evenly spaced from the first moment to the last, or at the moments `at` (F,) in [0, 1]."""
+    t = (np.linspace(0, 1, frames) if at is None else np.asarray(at, dtype=np.float64))[:, None]
     (a, b), (r0, r1) = MOVES.get(motion, ((0.5, 0.5), (0.5, 0.5))), SIZES.get(motion, (RADIUS, RADIUS))
     return (1 - t) * np.array(a) + t * np.array(b), ((1 - t) * r0 + t * r1)[:, 0]
 
@@ -64,14 +65,15 @@ def render_clip(combo, frames=8, resolution=16, rng=None, flaw=None):
     """Draw `combo` as a uint8 (F, R, R, 3) clip, each frame drawn like world.render. rng shifts the whole track a
     little and scales the shape (world.render's jitter, once per clip); `flaw` makes one thing wrong: static (every
     frame the same moment of the track), direction (another motion), jitter (each frame's centre off its track by
-    up to 0.12 of the side: no coherent path), colour."""
+    up to 0.12 of the side: no coherent path), colour. A one-frame clip is a random moment of the motion: the frames
+    as images that a video base first learns to draw (configs/tiny_video_frames.py)."""
     rng = rng if rng is not None else np.random.default_rng(0)
     colour, shape, motion = combo
     if flaw == "colour":
         colour = rng.choice([c for c in COLOURS if c != colour])
     if flaw == "direction":
         motion = rng.choice([m for m in MOTIONS if m != motion])
-    centres, radii = track(motion, frames)
+    centres, radii = track(motion, frames, rng.uniform(size=1) if frames == 1 else None)
     centres, radii = centres + rng.uniform(-0.03, 0.03, 2), radii * rng.uniform(0.95, 1.05)
     if flaw == "static":
         k = rng.integers(frames)
@@ -138,7 +140,8 @@ def judge_clip(clip, prompt):
     centroid sits still in the middle, gets no credit for being smooth. Every part is clipped to [0, 1]. `travel`
     (how much the clip moves or changes size at all, 1 = a fifth of the side, or area x 1.8) tells kind_of_clip a
     static clip from a wrong direction; it is not in the score. Frames without foreground score 0 and leave the
-    track; fewer than 2 with foreground: all 0. clip: uint8 (F, R, R, 3), or float (3, F, R, R) in [-1, 1] (a
+    track; fewer than 2 with foreground: all 0. A one-frame clip is judged by its picture alone (its movement parts
+    0). clip: uint8 (F, R, R, 3), or float (3, F, R, R) in [-1, 1] (a
     tensor or a float array). Returns (score, parts)."""
     colour, shape, motion = parse_video_prompt(prompt)
     x = torch.as_tensor(clip)
@@ -155,6 +158,8 @@ def judge_clip(clip, prompt):
         p = world.judge(im, as_image)[1]
         frame_parts.append((p["colour"], float(np.clip(_shape_score(w, shape), 0, 1)), p["clean"]))
         cs.append(world._centroid(w) / R), areas.append(w.mean()), idx.append(f)
+    if F == 1 and idx:
+        return float(np.mean(frame_parts[0])), dict(ZERO, **dict(zip(("colour", "shape", "clean"), frame_parts[0])))
     if len(idx) < 2:
         return 0.0, dict(ZERO)
     cs, idx = np.array(cs), np.array(idx, dtype=np.float64)
