@@ -141,8 +141,8 @@ def judge_clip(clip, prompt):
     (how much the clip moves or changes size at all, 1 = a fifth of the side, or area x 1.8) tells kind_of_clip a
     static clip from a wrong direction; it is not in the score. Frames without foreground score 0 and leave the
     track; fewer than 2 with foreground: all 0. A one-frame clip is judged by its picture alone (its movement parts
-    0). clip: uint8 (F, R, R, 3), or float (3, F, R, R) in [-1, 1] (a
-    tensor or a float array). Returns (score, parts)."""
+    0). clip: uint8 (F, R, R, 3), or float (3, F, R, R) in [-1, 1] (a tensor or a float array). Returns (score,
+    parts)."""
     colour, shape, motion = parse_video_prompt(prompt)
     x = torch.as_tensor(clip)
     x = x.numpy() if x.dtype == torch.uint8 else clip_to_uint8(x)
