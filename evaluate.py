@@ -199,17 +199,24 @@ def tiny_details(images, prompts, W=world):
         out.append({"parts": parts, "kind": W.kind_of(parts)})
         if W is world:
             out[-1].update(centroid=world.foreground_centroid(im), position=world.parse_prompt(q)[2])
+        else:
+            out[-1].update(motion=W.parse_prompt(q)[2])
     return out
 
 
 def tiny_breakdown(details, W=world):
     """What a set of tiny-world images (clips) gets wrong: the mean of each judge part, the share of each kind of
-    sample, and for images the mean centroid (x, y) of the shapes per position word (None if all empty)."""
+    sample, and the mean centroid (x, y) of the shapes per position word (clips: their mean displacement (x, y) and
+    change of log area per motion word; None if all empty)."""
     out = {p: float(np.mean([d["parts"][p] for d in details])) for p in W.PARTS}
     out.update({k: float(np.mean([d["kind"] == k for d in details])) for k in W.KINDS})
     for w in world.POSITIONS if W is world else ():
         c = [d["centroid"] for d in details if d["position"] == w and d["centroid"] is not None]
         out[f"at_{w}"] = [round(float(v), 3) for v in np.mean(c, 0)] if c else None
+    for w in video.MOTIONS if W is video else ():
+        c = [[d["parts"][p] for p in ("net_x", "net_y", "grow")] for d in details
+             if d["motion"] == w and d["kind"] != "empty"]
+        out[f"moves_{w}"] = [round(float(v), 3) for v in np.mean(c, 0)] if c else None
     return out
 
 
@@ -496,12 +503,20 @@ def write_results(args, cfg, step, protocol, weights, metrics, skipped, groups, 
 
 def breakdown_table(breakdown, W=world):
     """Markdown: the judge, its parts and the kinds of samples per model ('data': the base distribution's images for
-    the same prompts), then for images where the shapes land per position word."""
+    the same prompts), then where the shapes land per position word (clips: how they move per motion word)."""
     parts, kinds = ("judge", *W.PARTS), W.KINDS
     lines = ["\n| model | " + " | ".join(parts) + " | " + " | ".join(kinds) + " |", "|---|" + "---|" * (len(parts) + len(kinds))]
     for k, b in breakdown.items():
         lines.append(f"| {k} | " + " | ".join(f"{b[p]:.2f}" for p in parts) + " | "
                      + " | ".join(f"{b[c]:.0%}" for c in kinds) + " |")
+    if W is video:
+        lines += ["\nhow the shapes move, per motion word: the fitted displacement over the clip (x, y), fractions of "
+                  "the side, y down, and the change of log area (the data's row: what the words ask)",
+                  "\n| model | " + " | ".join(video.MOTIONS) + " |", "|---|" + "---|" * len(video.MOTIONS)]
+        for k, b in breakdown.items():
+            cell = "({:+.2f}, {:+.2f}) {:+.2f}".format
+            lines.append(f"| {k} | " + " | ".join("-" if b[f"moves_{w}"] is None else cell(*b[f"moves_{w}"])
+                                                 for w in video.MOTIONS) + " |")
     if W is not world:
         return "\n".join(lines)
     lines += ["\nmean (x, y) of the shapes, per position word (left (0.28, 0.5), right (0.72, 0.5), top (0.5, 0.28), "

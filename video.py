@@ -121,7 +121,8 @@ def _fit_net(y, idx, frames):
     return (t @ (y - y.mean(0))) / (t @ t) * (frames - 1)
 
 
-ZERO = {"colour": 0.0, "shape": 0.0, "clean": 0.0, "motion": 0.0, "smooth": 0.0, "travel": 0.0}
+ZERO = {"colour": 0.0, "shape": 0.0, "clean": 0.0, "motion": 0.0, "smooth": 0.0, "travel": 0.0, "net_x": 0.0,
+        "net_y": 0.0, "grow": 0.0}
 
 
 def judge_clip(clip, prompt):
@@ -139,10 +140,11 @@ def judge_clip(clip, prompt):
     A product, so a perfect picture that does not move (or moves wrongly) scores at most 0.5, and noise, whose
     centroid sits still in the middle, gets no credit for being smooth. Every part is clipped to [0, 1]. `travel`
     (how much the clip moves or changes size at all, 1 = a fifth of the side, or area x 1.8) tells kind_of_clip a
-    static clip from a wrong direction; it is not in the score. Frames without foreground score 0 and leave the
-    track; fewer than 2 with foreground: all 0. A one-frame clip is judged by its picture alone (its movement parts
-    0). clip: uint8 (F, R, R, 3), or float (3, F, R, R) in [-1, 1] (a tensor or a float array). Returns (score,
-    parts)."""
+    static clip from a wrong direction; it is not in the score, nor are net_x, net_y (net, y down) and grow (g),
+    unclipped, for evaluate.py's table of how the shapes move per motion word. Frames without foreground score 0
+    and leave the track; fewer than 2 with foreground: all 0. A one-frame clip is judged by its picture alone (its
+    movement parts 0). clip: uint8 (F, R, R, 3), or float (3, F, R, R) in [-1, 1] (a tensor or a float array).
+    Returns (score, parts)."""
     colour, shape, motion = parse_video_prompt(prompt)
     x = torch.as_tensor(clip)
     x = x.numpy() if x.dtype == torch.uint8 else clip_to_uint8(x)
@@ -177,6 +179,7 @@ def judge_clip(clip, prompt):
     parts = {k: float(np.clip(v, 0, 1)) for k, v in {
         "colour": colour_, "shape": shape_, "clean": clean_, "motion": s_motion,
         "smooth": 1 - max(wobble - 0.02, 0) / 0.05, "travel": max(np.linalg.norm(net) / 0.2, abs(g) / 0.6)}.items()}
+    parts.update(net_x=float(net[0]), net_y=float(net[1]), grow=float(g))
     score = np.mean([parts[k] for k in ("colour", "shape", "clean")]) * (parts["motion"] + parts["smooth"]) / 2
     return float(score), parts
 

@@ -51,6 +51,18 @@ def test_judge_of_noise_empty_and_wrong_shape():
         assert video.kind_of_clip(parts) == "wrong shape" and score < 0.75, (motion, parts)
 
 
+def test_judge_reports_how_the_shape_moves():
+    # the fitted displacement and change of log area (evaluate.py's table per motion word) of correct clips are the
+    # tracks' (video.MOVES, SIZES), whatever the clip's small shift and scale
+    rng = np.random.default_rng(4)
+    for motion in video.MOTIONS:
+        combo = ("red", "square", motion)
+        parts = video.judge_clip(video.render_clip(combo, 8, 16, rng), video.prompt_of(combo))[1]
+        (a, b), want = video.MOVES.get(motion, ((0.5, 0.5), (0.5, 0.5))), {"growing": 1, "shrinking": -1}
+        assert np.allclose([parts["net_x"], parts["net_y"]], np.subtract(b, a), atol=0.06), (motion, parts)
+        assert parts["grow"] * want.get(motion, 0) > 0.9 or motion in video.MOVES, (motion, parts)
+
+
 def test_judge_takes_float_clips_in_minus_one_one():
     x = video.render_clip(("green", "triangle", "growing"), 8, 16, np.random.default_rng(3))
     t = video.clip_to_tensor(x)

@@ -115,6 +115,7 @@ def test_tiny_video_model_trains_whole_resumes_exactly_and_evaluates(tmp_path, r
     assert len(scores["per_image"]) == len(video.ALL_COMBOS) and "win_rate_vs_base" in scores
     assert set(video.PARTS) | set(video.KINDS) <= set(scores["breakdown"]["run"]) and "data" in scores["breakdown"]
     assert scores["breakdown"]["data"]["judge"] > 0.5  # the base distribution's clips: 40% correct, the rest flawed
+    assert scores["breakdown"]["data"]["moves_left"][0] < -0.2 < 0.2 < scores["breakdown"]["data"]["moves_right"][0]
     for f in ("grid.png", "grid.gif", "side_by_side.png", "side_by_side.gif"):
         assert os.path.isfile(os.path.join(one, "eval", f)), f
 
