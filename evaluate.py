@@ -513,8 +513,8 @@ def breakdown_table(breakdown, W=world):
         lines += ["\nhow the shapes move, per motion word: the fitted displacement over the clip (x, y), fractions of "
                   "the side, y down, and the change of log area (the data's row: what the words ask)",
                   "\n| model | " + " | ".join(video.MOTIONS) + " |", "|---|" + "---|" * len(video.MOTIONS)]
+        cell = "({:+.2f}, {:+.2f}) {:+.2f}".format
         for k, b in breakdown.items():
-            cell = "({:+.2f}, {:+.2f}) {:+.2f}".format
             lines.append(f"| {k} | " + " | ".join("-" if b[f"moves_{w}"] is None else cell(*b[f"moves_{w}"])
                                                  for w in video.MOTIONS) + " |")
     if W is not world:
