@@ -53,10 +53,10 @@ def parse_video_prompt(prompt):
     return w[1], w[2], w[-1]
 
 
-def track(motion, frames, at=None):
+def track(motion, frames):
     """-> centres (F, 2) and radii (F,) of the shape in each frame, as fractions of the side: linear in time, the
-    frames evenly spaced from the first moment to the last, or at the moments `at` (F,) in [0, 1]."""
-    t = (np.linspace(0, 1, frames) if at is None else np.asarray(at, dtype=np.float64))[:, None]
+    frames evenly spaced from the first moment to the last (one frame: the first moment)."""
+    t = np.linspace(0, 1, frames)[:, None]
     (a, b), (r0, r1) = MOVES.get(motion, ((0.5, 0.5), (0.5, 0.5))), SIZES.get(motion, (RADIUS, RADIUS))
     return (1 - t) * np.array(a) + t * np.array(b), ((1 - t) * r0 + t * r1)[:, 0]
 
@@ -65,15 +65,16 @@ def render_clip(combo, frames=8, resolution=16, rng=None, flaw=None):
     """Draw `combo` as a uint8 (F, R, R, 3) clip, each frame drawn like world.render. rng shifts the whole track a
     little and scales the shape (world.render's jitter, once per clip); `flaw` makes one thing wrong: static (every
     frame the same moment of the track), direction (another motion), jitter (each frame's centre off its track by
-    up to 0.12 of the side: no coherent path), colour. A one-frame clip is a random moment of the motion: the frames
-    as images that a video base first learns to draw (configs/tiny_video_frames.py)."""
+    up to 0.12 of the side: no coherent path), colour. A one-frame clip is the motion's first moment, where the shape
+    starts: the frames as images that a video base first learns to draw (configs/tiny_video_frames.py; a random
+    moment would smear the place the motion word sets along its track, docs/video.md)."""
     rng = rng if rng is not None else np.random.default_rng(0)
     colour, shape, motion = combo
     if flaw == "colour":
         colour = rng.choice([c for c in COLOURS if c != colour])
     if flaw == "direction":
         motion = rng.choice([m for m in MOTIONS if m != motion])
-    centres, radii = track(motion, frames, rng.uniform(size=1) if frames == 1 else None)
+    centres, radii = track(motion, frames)
     centres, radii = centres + rng.uniform(-0.03, 0.03, 2), radii * rng.uniform(0.95, 1.05)
     if flaw == "static":
         k = rng.integers(frames)

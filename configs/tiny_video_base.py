@@ -3,10 +3,10 @@
 # SFT on the flawed base distribution of clips (video.py), so that it draws the prompts' moving shapes with the base
 # distribution's mistakes -- room for alignment to fix.
 #   python train_sspo.py configs/tiny_video_base.py   # 19 min on 2 CPU cores (29 with the first stage): judge
-#                                                      # 0.17 -> 0.43; 14% correct clips (data: 36%)
+#                                                      # 0.13 -> 0.58; 43% correct clips (data: 36%)
 # effective batch: 1 process x batch_size 16 x grad_accum 1 = 16 clips of 8 frames; 800 updates (12.8k clips).
-# Trained in one stage from scratch, 1200 updates of clips took as long and drew half as many correct clips (7%):
-# 64 single frames an update teach the picture faster than 16 clips of 8 alike frames (docs/video.md).
+# Trained in one stage from scratch, 1200 updates of clips took as long and drew 7% correct clips; from a first stage
+# on random moments instead of first frames, 14% (docs/video.md).
 # Settings as configs/tiny_base.py (v-prediction with a zero terminal SNR, so that only the prompt tells the
 # place and the direction at t = 999; guidance 1; an EMA). seed 100: a run from a trained model draws the
 # fine-tuning stream, and the fine-tunes on this base (seeds 0, 1, 2) must not replay its clips.
