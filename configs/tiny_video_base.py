@@ -2,9 +2,10 @@
 # tiny_video_frames.py, which it trains first if out/tiny_video_frames is missing: the pictures from single frames),
 # SFT on the flawed base distribution of clips (video.py), so that it draws the prompts' moving shapes with the base
 # distribution's mistakes -- room for alignment to fix.
-#   python train_sspo.py configs/tiny_video_base.py   # 19-21 min on 2 CPU cores (29-32 with the first stage): judge
-#                                                      # 0.13 -> 0.58; 43% correct clips (data: 36%)
-# effective batch: 1 process x batch_size 16 x grad_accum 1 = 16 clips of 8 frames; 800 updates (12.8k clips).
+#   python train_sspo.py configs/tiny_video_base.py   # 14-21 min on 2 CPU cores (21-32 with the first stage): judge
+#                                                      # 0.13-0.15 -> 0.58; 38-43% correct clips (data: 36%)
+# effective batch: 1 process x batch_size 16 x grad_accum 1 = 16 clips of 8 frames; 800 updates (12.8k clips): half
+# as many clips (fewer updates or smaller batches) drew 5-14% correct clips.
 # Trained in one stage from scratch, 1200 updates of clips took as long and drew 7% correct clips; from a first stage
 # on random moments instead of first frames, 14% (docs/video.md).
 # Settings as configs/tiny_base.py (v-prediction with a zero terminal SNR, so that only the prompt tells the

@@ -3,7 +3,7 @@
 # motion starts, so the motion word sets a place the per-frame layers learn to draw; a random moment smears it along
 # the track and the word is not read in 600 updates, docs/video.md), as AnimateDiff's motion modules are trained on
 # an image model. Then configs/tiny_video_base.py trains the motion.
-#   python train_sspo.py configs/tiny_video_frames.py     # 10-11 min on 2 CPU cores: picture's judge 0.08 -> 0.62
+#   python train_sspo.py configs/tiny_video_frames.py     # 7-11 min on 2 CPU cores: picture's judge 0.08 -> 0.60-0.62
 # effective batch: 1 process x batch_size 64 x grad_accum 1 = 64 frames; 600 updates (38k frames): 64 independent
 # frames teach the picture more than 8 clips of 8 alike, at the same cost.
 # The eval judges a one-frame clip by its picture alone (video.judge_clip; a translation's first frame is a shape
