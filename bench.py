@@ -220,7 +220,7 @@ def train_step(method, P, cfg, lap, step=0):
     """One micro-batch of `method` and an optimizer update; lap(name) closes a phase."""
     m, dev, B, T = P["m"], P["device"], P["B"], P["m"]["scheduler"].config.num_train_timesteps
     batch, _ = next(P["batches"])
-    eps, t, drop, x_T, vae_noise, eta_noise = data.step_randomness({**cfg, "method": method}, step, 0, 0, 1,
+    eps, t, drop, x_T, vae_noise, eta_noise, _ = data.step_randomness({**cfg, "method": method}, step, 0, 0, 1,
                                                                           (B, *P["shape"]), T)
     eps, t, x_T = eps.to(dev), t.to(dev), x_T.to(dev)
     # images (or, with --latents, the VAE's moments) of the winners, and of the losers for DPO

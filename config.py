@@ -35,7 +35,7 @@ def defaults():
 CHOICES = {"dataset": ("tiny", "pickapic", "imagefolder", "tiny_video", "clipfolder"), "tiny_mode": ("base", "pairs"),
            "trained_modules": ("all", "motion"),
            "method": tuple(losses.OBJECTIVES),
-           "noising": ("forward", "ddim_inversion"), "ssr": ("sign", "indicator", "off"), "ref_policy": ("uniform", "first", "last"),
+           "noising": ("forward", "ddim_inversion"), "ssr": ("sign", "indicator", "off", "oracle"), "ref_policy": ("uniform", "first", "last"),
            "ref_redraw": ("stretch", "step"), "pool_storage": ("memory", "disk"), "ref_dtype": ("float32", "bfloat16"),
            "lr_schedule": ("constant", "cosine"),
            "bad_data": ("skip", "stop"), "nonfinite": ("skip", "stop"),
@@ -130,6 +130,11 @@ def get_config(argv):
         raise SystemExit(f"config error: sdpo_safeguard is for method 'dpo', 'sspo' or 'dmpo', not {cfg['method']!r}")
     if cfg["noising"] != "forward" and cfg["method"] == "sft":
         raise SystemExit("config error: noising='ddim_inversion' is for the preference methods, not sft")
+    if cfg["ssr"] == "oracle" and cfg["dataset"] not in data.SYNTHETIC:
+        raise SystemExit(f"config error: ssr='oracle' flips by the tiny worlds' judge; dataset={cfg['dataset']!r} has none")
+    if cfg["ssr_draws"] < 0 or not 1 <= cfg["ssr_t_max"] <= 1000 or cfg["ssr_margin"] < 0:
+        raise SystemExit(f"config error: ssr_draws must be >= 0, ssr_t_max in [1, 1000] and ssr_margin >= 0, got "
+                         f"{cfg['ssr_draws']}, {cfg['ssr_t_max']}, {cfg['ssr_margin']}")
     if not 0 <= cfg["sdpo_mu"] <= 1:
         raise SystemExit(f"config error: sdpo_mu must be in [0, 1], got {cfg['sdpo_mu']}")
     if not 0 < cfg["dmpo_alpha"] < 1:

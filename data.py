@@ -579,9 +579,10 @@ def micro_batches(ds, cfg, rank, world, epoch, start, stream=0):
 
 
 def step_randomness(cfg, step, micro, rank, world, shape, num_timesteps, stream=0):
-    """Noise, timesteps, caption-dropout draws, the self-sampler's x_T, the VAE's latent noise (winner, loser) and
-    the self-sampler's per-step noise (K, B, ...; None unless SSPO samples with self_sample_eta > 0) of one
-    micro-step, a pure function of (seed, step, micro, stream).
+    """Noise, timesteps, caption-dropout draws, the self-sampler's x_T, the VAE's latent noise (winner, loser),
+    the self-sampler's per-step noise (K, B, ...; None unless SSPO samples with self_sample_eta > 0) and SSR's own
+    (eps (K, B, ...), t (K, B)) draws (None unless ssr_draws > 0) of one micro-step, a pure function of (seed, step,
+    micro, stream).
     Drawn for the whole global micro-batch and dealt like DistributedSampler deals examples (rank r takes rows
     r, r + world, ...): each example gets the same draws whatever the number of processes, and resume is exact."""
     # SeedSequence pads its entropy with zeros to 4 words: stream 0 is [seed, step, micro] as before streams existed
@@ -593,10 +594,13 @@ def step_randomness(cfg, step, micro, rank, world, shape, num_timesteps, stream=
     drop = (torch.rand(n, generator=g) < cfg["caption_dropout"])[rank::world]
     x_T = torch.randn((n, *shape[1:]), generator=g)[rank::world]
     vae_noise = torch.randn((2, n, *shape[1:]), generator=g)[:, rank::world]
-    eta_noise = None
+    eta_noise = crit = None
     if cfg["method"] == "sspo" and cfg["self_sample_eta"] > 0:  # drawn last: the draws above do not depend on it
         eta_noise = torch.randn((cfg["self_sample_steps"], n, *shape[1:]), generator=g)[:, rank::world]
-    return eps, t, drop, x_T, vae_noise, eta_noise
+    if cfg["method"] == "sspo" and cfg["ssr_draws"] > 0:  # SSR's own (eps, t) draws, after all the others
+        crit = (torch.randn((cfg["ssr_draws"], n, *shape[1:]), generator=g)[:, rank::world],
+                torch.randint(0, cfg["ssr_t_max"], (cfg["ssr_draws"], n), generator=g)[:, rank::world])
+    return eps, t, drop, x_T, vae_noise, eta_noise, crit
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -12,9 +12,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 
-def sft_loss(err_w):
-    """Supervised fine-tuning: plain eps-MSE on the (winning) images. Also how a base model is pretrained."""
-    return err_w.mean(), {}
+def sft_loss(err_w, ref_err_w=None):
+    """Supervised fine-tuning: plain eps-MSE on the (winning) images. Also how a base model is pretrained.
+    ref_err_w (measurement only, log_theta0): theta_0's errors on the same draws, logged as d_w = err_w - ref_err_w,
+    how far SFT has lowered the winners' error below the base's (the number SSPO's d_w is read against)."""
+    stats = {} if ref_err_w is None else {"d_w": (err_w - ref_err_w).mean().detach(), "ref_err_w": ref_err_w.mean()}
+    return err_w.mean(), stats
 
 
 def dpo_loss(err_w, err_l, ref_err_w, ref_err_l, beta):
@@ -26,7 +29,16 @@ def dpo_loss(err_w, err_l, ref_err_w, ref_err_l, beta):
     return -F.logsigmoid(z).mean(), {k: v.detach() for k, v in stats.items()}
 
 
-def sspo_loss(err_w, err_s, ref_err_w, ref_err_s, beta, ssr="sign"):
+def ssr_sign(err_w, ref_err_w, margin=0.0):
+    """SSR's criterion (SSPO.md 4): s = sign(ref_err_w - err_w) per sample, detached: +1 when the policy fits the
+    winner better than the reference does. margin > 0 (not in the paper): |ref_err_w - err_w| below margin x ref_err_w
+    counts as a tie (s = 0), so a difference within the noise of one (eps, t) draw decides nothing."""
+    d = (ref_err_w - err_w).detach()
+    s = torch.sign(d)
+    return torch.where(d.abs() < margin * ref_err_w.detach(), torch.zeros_like(s), s) if margin > 0 else s
+
+
+def sspo_loss(err_w, err_s, ref_err_w, ref_err_s, beta, ssr="sign", s=None, judge_ok=None):
     """SSPO (SSPO.md 4): Diffusion-DPO between the winner and the reference's own sample, with Self-Sampling
     Regularization. s = sign(ref_err_w - err_w), per sample, detached: +1 when the policy already fits the winner
     better than the reference does, so the reference's sample is judged a loser (plain DPO); otherwise the sample
@@ -34,12 +46,26 @@ def sspo_loss(err_w, err_s, ref_err_w, ref_err_s, beta, ssr="sign"):
       ssr="sign" (v1):      m = s: at -1 both errors are pushed down; a tie (s = 0) keeps the winner term only
       ssr="indicator" (v2): m = 1 if s = +1 else 0: the winner term alone
       ssr="off" (ablation): m = 1: every self-sample is a loser (SPIN-Diffusion with ref = last)
-    The loss's form is reconstructed from the paper's reviews (SSPO.md 4), not quoted from an equation."""
-    s = torch.sign(ref_err_w - err_w).detach()
-    m = {"sign": s, "indicator": (s > 0).float(), "off": torch.ones_like(s)}[ssr]
-    z = -0.5 * beta * ((err_w - ref_err_w) - m * (err_s - ref_err_s))
-    stats = {"implicit_acc": (z > 0).float().mean(), "ssr_switched": (m != 1).float().mean(),
-             "err_w": err_w.mean(), "err_s": err_s.mean(), "ref_err_w": ref_err_w.mean(), "ref_err_s": ref_err_s.mean()}
+      ssr="oracle":         m = s as for "sign", but s = -1 where the judge finds the self-sample at least as good as
+                            the winner (judge_ok), else +1: the upper bound of the SSR idea (tiny worlds only)
+    s: the criterion computed elsewhere (ssr_sign on other (eps, t) draws); None: ssr_sign of these errors.
+    The loss's form is reconstructed from the paper's reviews (SSPO.md 4), not quoted from an equation.
+    Stats: flip_rate (s = -1) and tie_rate (s = 0) apart; pref_acc, whether the policy gained more on the winner
+    than on the sample (D_w < D_s), which does not depend on SSR, unlike implicit_acc (z > 0 on SSR's logit);
+    ssr_agree, the share of samples where SSR's choice (s <= 0: not a loser) is the judge's, given judge_ok."""
+    if ssr == "oracle":
+        s = torch.where(judge_ok, -1.0, 1.0).to(err_w.dtype)
+    elif s is None:
+        s = ssr_sign(err_w, ref_err_w)
+    m = {"sign": s, "oracle": s, "indicator": (s > 0).float(), "off": torch.ones_like(s)}[ssr]
+    d_w, d_s = err_w - ref_err_w, err_s - ref_err_s
+    z = -0.5 * beta * (d_w - m * d_s)
+    stats = {"implicit_acc": (z > 0).float().mean(), "pref_acc": (d_w < d_s).float().mean(),
+             "flip_rate": (s < 0).float().mean(), "tie_rate": (s == 0).float().mean(), "d_w": d_w.mean(),
+             "d_s": d_s.mean(), "err_w": err_w.mean(), "err_s": err_s.mean(), "ref_err_w": ref_err_w.mean(),
+             "ref_err_s": ref_err_s.mean()}
+    if judge_ok is not None:
+        stats["ssr_agree"] = ((s <= 0) == judge_ok).float().mean()
     return -F.logsigmoid(z).mean(), {k: v.detach() for k, v in stats.items()}
 
 
@@ -136,9 +162,11 @@ def sdpo_scale(pred_w, pred_l, target_w, target_l, mu):
 # losers or self-samples ("l"), the reference's ("ref_w", "ref_l"), the timesteps ("t") and the schedule's length
 # ("T"); c is the config. Adding an objective is one pure function above and one line here.
 OBJECTIVES = {
-    "sft": lambda e, c: sft_loss(e["w"]),
+    "sft": lambda e, c: sft_loss(e["w"], e.get("ref_w")),
     "dpo": lambda e, c: dpo_loss(e["w"], e["l"], e["ref_w"], e["ref_l"], c["beta"]),
-    "sspo": lambda e, c: sspo_loss(e["w"], e["l"], e["ref_w"], e["ref_l"], c["beta"], c["ssr"]),
+    "sspo": lambda e, c: sspo_loss(e["w"], e["l"], e["ref_w"], e["ref_l"], c["beta"], c["ssr"],  # SSR's criterion on
+                                   ssr_sign(e.get("crit_w", e["w"]), e.get("crit_ref_w", e["ref_w"]), c["ssr_margin"]),
+                                   e.get("judge_ok")),  # its own (eps, t) draws if ssr_draws, the judge if oracle
     "dmpo": lambda e, c: dmpo_loss(e["w"], e["l"], e["ref_w"], e["ref_l"], c["beta"], c["dmpo_alpha"]),
     "kto": lambda e, c: kto_loss(torch.cat([e["w"], e["l"]]), torch.cat([e["ref_w"], e["ref_l"]]),  # unpaired:
                                  torch.arange(2 * len(e["w"]), device=e["w"].device) < len(e["w"]), c["beta"]),

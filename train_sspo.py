@@ -52,6 +52,9 @@ eval_every = 200                # optimizer steps between evals (loss, judge, sa
 save_every = 200                # optimizer steps between checkpoints; the last step always saves
 log_every = 10                  # optimizer steps between log lines: the logged update's stats (mean over its
                                 # micro-batches and ranks), and s/step over the stretch (evals and saves included)
+log_theta0 = False              # SFT (other methods ignore it): also log the winners' error of a frozen theta_0 on the
+                                # same draws (d_w; a no-grad forward an update), what a preference method's d_w is read
+                                # against
 # data
 dataset = "tiny"                # 'tiny' (synthetic world, world.py) | 'pickapic' (parquet shards) | 'imagefolder'
                                 # | video: 'tiny_video' (synthetic clips, video.py) | 'clipfolder' (metadata.jsonl)
@@ -103,7 +106,13 @@ noising = "forward"             # x_t: 'forward' (random eps, DDPM) | 'ddim_inve
                                 # DDIM inversion of each image by the reference; costs inversion_steps forwards/image)
 inversion_steps = 20            # DDIM steps from x0 to t (Inversion-DPO's code: 40)
 inversion_guidance = 1.0        # guidance during inversion (Inversion-DPO's SDXL code: 2.0; 1.0 inverts most exactly)
-ssr = "sign"                    # SSPO's Self-Sampling Regularization: 'sign' (v1) | 'indicator' (v2) | 'off'
+ssr = "sign"                    # SSPO's Self-Sampling Regularization: 'sign' (v1) | 'indicator' (v2) | 'off' |
+                                # 'oracle' (tiny worlds: flip where the judge finds the self-sample at least as good
+                                # as its winner, not by the errors; the upper bound of the SSR idea)
+ssr_draws = 0                   # (eps, t) draws whose winner errors SSR's criterion averages: 0 = the loss's own draw
+                                # (the paper); K > 0: K draws of their own, 2K no-grad forwards an update
+ssr_t_max = 1000                # those K draws' timesteps are below this (SSR by the fine detail only: e.g. 300)
+ssr_margin = 0.0                # |ref_err_w - err_w| below ssr_margin x ref_err_w is a tie (s = 0): 0 = the hard sign
 ref_policy = "uniform"          # SSPO reference draw: 'uniform' over all snapshots (RCR) | 'first' | 'last' (SPIN)
 ref_redraw = "stretch"          # new reference every ckpt_every updates ('stretch'; not stated in the paper) | 'step'
 ckpt_every = 30                 # updates between snapshots pushed into the reference pool (paper: 30)
@@ -313,7 +322,7 @@ def prepare(cfg, rank, world_size, device):
     if resume:
         r["ckpt"], r["step"], r["data_pos"], r["tallies"] = checkpoint.load_state(
             latest, cfg, world_size, unet, m["text_encoder"], ema, opt, r["tallies"], tidied, master)
-    if cfg["method"] in losses.REF_METHODS:
+    if cfg["method"] in losses.REF_METHODS or cfg["log_theta0"] and cfg["method"] == "sft":  # SFT: for the log alone
         r["pool"], r["ref_unet"] = replay.make_reference(cfg, unet, out, master, r["ckpt"], latest)
     if resume:  # a kill may have come after a new checkpoint but before the old ones went
         ddp.together(master, checkpoint.drop_old_checkpoints, cfg, r["pool"])
@@ -355,6 +364,7 @@ def main(cfg):
     encode = model.PromptCache(m, 0 if cfg["train_text_encoder"] else cfg["text_cache"],  # frozen: once a prompt
                                cfg["resolution"])
     batches = data.micro_batches(ds, cfg, rank, world_size, *data_pos, stream)
+    judge = getattr(ds, "judge_batch", None)  # the tiny worlds judge each self-sample against its winner (the log)
     start_step, first_eval = step, None
     bar = tqdm(total=cfg["max_steps"], initial=step, disable=not master, desc="train", dynamic_ncols=True)
     t_last = time.time()
@@ -385,18 +395,20 @@ def main(cfg):
                 # every rank draws the same snapshot: the draw is a function of (seed, step) only
                 ref_index = pool.draw(step if cfg["ref_redraw"] == "step" else step - step % cfg["ckpt_every"])
                 ref_step = pool.load_into(ref_index, ref_unet)
-        stats_sum = {"loss": 0.0, **({"t_sample": 0.0} if cfg["method"] == "sspo" else {})}
+        stats_sum = {"loss": 0.0, **({"t_sample": 0.0} if cfg["method"] == "sspo" else {}),
+                     **(dict.fromkeys(("judge_w", "judge_s", "judge_s_ok"), 0.0) if judge and cfg["method"] == "sspo" else {})}
         update_prompts = []
         for micro in range(cfg["grad_accum"]):
             batch, pos = next(batches)
+            judge_ok = None
             if pos[0] != data_pos[0]:  # a new epoch: what the one before needed
                 data.report_data(tallies, data_pos[0], device)
             data_pos = pos
             data.tally_data(tallies["data"], batch, m["tokenizer"], cfg["bad_data"])
             update_prompts += batch["prompt"]
             B = len(batch["prompt"])
-            eps, t, drop, x_T, vae_noise, eta_noise = data.step_randomness(cfg, step, micro, rank, world_size,
-                                                                           (B, *latent_shape), T, stream)
+            eps, t, drop, x_T, vae_noise, eta_noise, crit = data.step_randomness(cfg, step, micro, rank, world_size,
+                                                                                 (B, *latent_shape), T, stream)
             eps, t = eps.to(device), t.to(device)
             x0_w = model.to_latents(m["vae"], batch, "w", device, vae_noise[0])  # (B, C, H, W)
             ctx = encode(["" if d else p for p, d in zip(batch["prompt"], drop.tolist())])  # (B, 77, D)
@@ -410,12 +422,22 @@ def main(cfg):
                                              cfg["self_sample_guidance"], cfg["self_sample_eta"],
                                              None if eta_noise is None else eta_noise.to(device))
                 stats_sum["t_sample"] += time.time() - t0
+                if judge is not None:  # the tiny worlds: is the self-sample at least as good as its winner?
+                    j_w = torch.as_tensor(judge(batch["image_w"], batch["prompt"]))
+                    j_s = torch.as_tensor(judge(model.latents_to_images(m["vae"], x0_l).cpu(), batch["prompt"]))
+                    judge_ok = (j_s >= j_w - ds.tie_margin).to(device)  # above, or within the pairs' tie margin
+                    stats_sum["judge_w"] += j_w.double().mean() / cfg["grad_accum"]
+                    stats_sum["judge_s"] += j_s.double().mean() / cfg["grad_accum"]
+                    stats_sum["judge_s_ok"] += judge_ok.double().mean().cpu() / cfg["grad_accum"]
             # DDP syncs gradients on the last micro-step only
             sync = nullcontext() if world_size == 1 or micro == cfg["grad_accum"] - 1 else ddp_unet.no_sync()
             with sync, autocast:
                 e = {"t": t, "T": T}  # the per-sample errors the objective reads (losses.OBJECTIVES)
                 if cfg["method"] == "sft":
                     e["w"] = model.denoising_error(ddp_unet, sched, x0_w, eps, t, ctx)
+                    if ref_unet is not None:  # log_theta0: measurement only
+                        with torch.no_grad():
+                            e["ref_w"] = model.denoising_error(ref_unet, sched, x0_w, eps, t, ctx)
                 else:  # winners first; winner and loser share the noise, the timestep and the (dropped) prompt
                     x0, e2, t2, c2 = torch.cat([x0_w, x0_l]), torch.cat([eps, eps]), torch.cat([t, t]), torch.cat([ctx, ctx])
                     if cfg["noising"] == "ddim_inversion":  # Inversion-DPO: x_t (and the eps it implies) from the
@@ -432,6 +454,14 @@ def main(cfg):
                     if ref_unet is not None:
                         with torch.no_grad():
                             e["ref_w"], e["ref_l"] = model.denoising_error(ref_unet, sched, x0, e2, t2, c2).chunk(2)
+                    if crit is not None:  # SSR's criterion on draws of its own: the winners' errors, averaged
+                        with torch.no_grad():
+                            x0k, ck = x0_w.repeat(cfg["ssr_draws"], *[1] * (x0_w.dim() - 1)), ctx.repeat(cfg["ssr_draws"], 1, 1)
+                            ek, tk = crit[0].flatten(0, 1).to(device), crit[1].flatten().to(device)
+                            e["crit_w"] = model.denoising_error(unet, sched, x0k, ek, tk, ck).view(-1, B).mean(0)
+                            e["crit_ref_w"] = model.denoising_error(ref_unet, sched, x0k, ek, tk, ck).view(-1, B).mean(0)
+                    if judge_ok is not None:
+                        e["judge_ok"] = judge_ok
                 loss, stats = losses.OBJECTIVES[cfg["method"]](e, cfg)
                 if cfg["sdpo_safeguard"]:
                     stats["sdpo_lambda"] = lam

@@ -220,6 +220,11 @@ class TinyWorld(torch.utils.data.Dataset):
         """x: what render draws (uint8), or an item's float tensor."""
         return judge(to_uint8(x) if torch.is_tensor(x) else x, prompt)[0]
 
+    def judge_batch(self, images, prompts):
+        """The judge of each image (float tensors in [-1, 1], as items hold them and the sampler draws them) against
+        its prompt -> float64 array: how the training loop reaches the judge (the log's self-sample scores)."""
+        return np.array([self.judge(x, p) for x, p in zip(images, prompts)])
+
     def as_tensor(self, x):
         return to_tensor(x)
 

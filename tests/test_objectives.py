@@ -248,7 +248,7 @@ SHORT = FAST + ["--max_steps=2", "--tiny_mode=pairs", "--self_sample_steps=2", "
     # Inversion-DPO's config plus the safeguard
     ("configs/tiny_inversion_dpo.py", ["--inversion_steps=2", "--sdpo_safeguard=True"], ["sdpo_lambda"]),
     # SSPO with the safeguard on its self-sample branch
-    ("configs/tiny.py", ["--sdpo_safeguard=True"], ["sdpo_lambda", "ssr_switched"]),
+    ("configs/tiny.py", ["--sdpo_safeguard=True"], ["sdpo_lambda", "flip_rate"]),
 ])
 def test_each_objective_trains(tmp_path, run, base, config, extra, logged):
     """The entry script in a subprocess, as a user runs it."""

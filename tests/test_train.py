@@ -116,18 +116,22 @@ def test_lr_schedule():
 def test_step_randomness_is_dealt_like_the_sampler():
     """Two ranks' draws, interleaved, are the one-process draws of the same global batch (the self-sampler's
     per-step noise included), and drawing that noise last leaves the others as they were."""
-    cfg = dict(config.defaults(), caption_dropout=0.5, method="sspo", self_sample_eta=0.5, self_sample_steps=3)
-    one = data.step_randomness(cfg, 3, 0, 0, 1, (8, 3, 4, 4), 1000)
-    r0 = data.step_randomness(cfg, 3, 0, 0, 2, (4, 3, 4, 4), 1000)
-    r1 = data.step_randomness(cfg, 3, 0, 1, 2, (4, 3, 4, 4), 1000)
-    assert one[5].shape == (3, 8, 3, 4, 4)
+    cfg = dict(config.defaults(), caption_dropout=0.5, method="sspo", self_sample_eta=0.5, self_sample_steps=3,
+               ssr_draws=2, ssr_t_max=300)
+    flat = lambda r: [*r[:6], *r[6]]  # SSR's draws: (eps, t)
+    one = flat(data.step_randomness(cfg, 3, 0, 0, 1, (8, 3, 4, 4), 1000))
+    r0 = flat(data.step_randomness(cfg, 3, 0, 0, 2, (4, 3, 4, 4), 1000))
+    r1 = flat(data.step_randomness(cfg, 3, 0, 1, 2, (4, 3, 4, 4), 1000))
+    assert one[5].shape == (3, 8, 3, 4, 4) and one[6].shape == (2, 8, 3, 4, 4) and one[7].shape == (2, 8)
+    assert one[7].max() < 300
     for i, (a, b, full) in enumerate(zip(r0, r1, one)):
-        k = 1 if i >= 4 else 0  # the examples' axis; vae_noise has (winner, loser) before it, eta_noise the steps
+        k = 1 if i >= 4 else 0  # the examples' axis; vae_noise has (winner, loser) before it, the rest steps or draws
         assert torch.equal(torch.stack([a, b], k + 1).flatten(k, k + 1), full), i
     other = data.step_randomness(cfg, 4, 0, 0, 1, (8, 3, 4, 4), 1000)
     assert not torch.equal(one[0], other[0])
-    no_eta = data.step_randomness(dict(cfg, self_sample_eta=0.0), 3, 0, 0, 1, (8, 3, 4, 4), 1000)
-    assert no_eta[5] is None and all(torch.equal(a, b) for a, b in zip(no_eta[:5], one[:5]))
+    # drawing the per-step noise and SSR's draws last leaves the others as they were
+    plain = data.step_randomness(dict(cfg, self_sample_eta=0.0, ssr_draws=0), 3, 0, 0, 1, (8, 3, 4, 4), 1000)
+    assert plain[5] is None and plain[6] is None and all(torch.equal(a, b) for a, b in zip(plain[:5], one[:5]))
 
 
 def test_fine_tuning_never_replays_the_pretraining_stream():
