@@ -305,9 +305,15 @@ def test_torchrun_restarts_resume_and_ranks_agree_on_skipping(tmp_path):
     assert time.time() - t0 < 180
     w1, w2 = load(os.path.join(one, "ckpt.pt")), load(os.path.join(two, "ckpt.pt"))
     assert w1["tallies"]["skipped_updates"] == w2["tallies"]["skipped_updates"] == 1
+    # the control, a real difference: the same updates with the NaN one not skipped (as a rank that stepped alone would)
+    three = str(tmp_path / "three")
+    code, text = fork_main(args + [f"--out_dir={three}", "--batch_size=8"])
+    assert code == 0, text[-3000:]
+    w3 = load(os.path.join(three, "ckpt.pt"))
     # float tolerance from the lr of its updates (conftest.ddp_bound; the skipped one's counted too: still a bound)
     d = max((w1["unet"][k] - w2["unet"][k]).abs().max().item() for k in w1["unet"])
-    assert d < ddp_bound(args), (d, ddp_bound(args))
+    d13 = max((w1["unet"][k] - w3["unet"][k]).abs().max().item() for k in w1["unet"])
+    assert d < ddp_bound(args) < d13, (d, ddp_bound(args), d13)
 
 
 def test_a_dead_rank_stops_the_other_promptly_without_torchrun(tmp_path):

@@ -43,21 +43,29 @@ def test_lora_trains_the_adapter_only(tmp_path, run, base, method):
 
 
 def test_pool_snapshots_are_adapters(tmp_path, run, base):
-    """A disk pool's snapshot is the adapter: its bytes are the adapter's parameter count x 4 (fp32) plus a small
-    header, a few percent of the tiny UNet's (SD1.5 at rank 8: 3.2M of 859.5M parameters)."""
+    """A disk pool's snapshot is the adapter as it was when pushed: theta_0's is the adapter at its start (B = 0, the
+    adapters off), the push at step 2 holds the values of the step-2 checkpoint's adapter, tensor for tensor. Its bytes
+    are the adapter's parameter count x 4 (fp32) plus a small header, a few percent of the tiny UNet's (SD1.5 at rank
+    8: 3.2M of 859.5M parameters)."""
     out = str(tmp_path / "run")
     p = run(LORA + [f"--out_dir={out}", f"--init_from={base}", "--method=sspo", "--pool_storage=disk",
-                    "--ckpt_every=2"])
+                    "--ckpt_every=2", "--save_every=2", "--keep_checkpoints=3"])
     assert p.returncode == 0, p.stderr[-3000:]
     ckpt = load(os.path.join(out, "ckpt.pt"))
     n, full = lora_params(ckpt), sum(t.numel() for t in load_file(os.path.join(base, "unet",
                                                                                "diffusion_pytorch_model.safetensors")).values())
     files = sorted(os.listdir(os.path.join(out, "pool")))
-    assert len(files) == 2  # theta_0 and the push of step 2 (a push happens before an update: none at the end)
+    assert files == ["snapshot_00000000.safetensors", "snapshot_00000002.safetensors"]  # no push at the end
     for f in files:
         size = os.path.getsize(os.path.join(out, "pool", f))
         assert 4 * n <= size < 4 * n + 32 * 1024, (f, size, n)
     assert n < full / 20
+    theta_0, pushed = (load_file(os.path.join(out, "pool", f)) for f in files)
+    at_2 = load(os.path.join(out, "ckpt_00000002.pt"))["unet"]
+    assert pushed.keys() == at_2.keys() == ckpt["unet"].keys()
+    assert all(torch.equal(pushed[k], at_2[k]) for k in at_2)
+    assert not all(torch.equal(pushed[k], ckpt["unet"][k]) for k in at_2)  # the adapter moved on after the push
+    assert all(v.abs().max() == 0 for k, v in theta_0.items() if ".lora_B." in k)
 
 
 def test_killed_lora_sspo_resumes_to_the_same_adapter(tmp_path):
@@ -156,9 +164,14 @@ def test_lora_sspo_under_ddp_equals_one_process(tmp_path, run, base):
     assert run(args + [f"--out_dir={one}", "--batch_size=8"]).returncode == 0
     p = run(args + [f"--out_dir={two}", "--batch_size=4"], torchrun=2)
     assert p.returncode == 0, p.stderr[-3000:] + p.stdout[-3000:]
-    w1, w2 = (load(os.path.join(d, "ckpt.pt"))["unet"] for d in (one, two))
-    d = max((w1[k] - w2[k]).abs().max().item() for k in w1)
-    assert d < ddp_bound(args), d  # float tolerance from the lr of its updates (conftest.ddp_bound)
+    # the control, a real difference: one process whose reference is redrawn every other update instead (a rank that
+    # kept another snapshot would differ so)
+    three = str(tmp_path / "three")
+    assert run(args + [f"--out_dir={three}", "--batch_size=8", "--ckpt_every=2"]).returncode == 0
+    w1, w2, w3 = (load(os.path.join(d, "ckpt.pt"))["unet"] for d in (one, two, three))
+    d12 = max((w1[k] - w2[k]).abs().max().item() for k in w1)
+    d13 = max((w1[k] - w3[k]).abs().max().item() for k in w1)
+    assert d12 < ddp_bound(args) < d13, (d12, ddp_bound(args), d13)  # float tolerance from the lr (conftest.ddp_bound)
 
 
 def test_lora_with_gradient_checkpointing_trains_the_same_adapter(tmp_path, run, base):
