@@ -15,6 +15,7 @@ and curves.png (judge against step, mean over seeds). Each run is `python train_
 --out_dir=...` then `python evaluate.py RUN`; its log is out/table/NAME_sS/run.log.
 """
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -41,8 +42,10 @@ RUNS = {
     "SFT": ("configs/tiny_sft.py", []),
     "SFT, base data": ("configs/tiny_sft.py", ["--tiny_mode=base"]),  # control: fine-tuning as such, no preference
     "Diffusion-DPO": ("configs/tiny_dpo.py", []),
+    "Diffusion-KTO": ("configs/tiny_kto.py", []),
     "SPIN-Diffusion": ("configs/tiny_spin.py", []),
     "SSPO": ("configs/tiny.py", []),
+    "SSPO, oracle SSR": ("configs/tiny.py", ["--ssr=oracle"]),  # flips by the judge: the upper bound of SSR
     "SSPO, ref = first": ("configs/tiny.py", ["--ref_policy=first"]),
     "SSPO, ref = last": ("configs/tiny.py", ["--ref_policy=last"]),
     "SSPO, SSR indicator": ("configs/tiny.py", ["--ssr=indicator"]),
@@ -51,7 +54,6 @@ RUNS = {
 # --objectives: the other preference objectives of the literature (losses.py), same budget, pairs
 OBJECTIVES = {
     "DMPO": ("configs/tiny_dmpo.py", []),
-    "Diffusion-KTO": ("configs/tiny_kto.py", []),
     "MaPO": ("configs/tiny_mapo.py", []),
     "SEE-DPO": ("configs/tiny_see_dpo.py", []),
     "DPO-C&M": ("configs/tiny_dpo_cm.py", []),
@@ -67,14 +69,52 @@ VIDEO_RUNS = {
 }
 SLOW = ("SPIN-Diffusion", "SSPO", "Inversion-DPO")  # names starting with these sample or invert: scheduled first
 
+# The tuning stage: each tuned method gets a grid of the same size over its own knobs (6 points: the learning rate for
+# all, beta too for the preference methods; SFT, which has no beta, gets six learning rates). Every point is trained
+# on the validation seed (one: a run of SSPO costs 15 min on one core of a 2-core machine) and judged on the seen
+# prompts only; the table then runs each method at its best point on
+# fresh seeds (--seeds) and reports seen and held-out prompts. A row without a grid runs at the chosen point of the
+# row it follows: SSPO's ablations at SSPO's, the SFT controls at SFT's, the other objectives at Diffusion-DPO's
+# learning rate (with their own beta: the scale of each objective's logit is its own).
+TUNE_SEEDS = [100]
+GRIDS = {
+    "SFT": {"lr": [1e-5, 2e-5, 3e-5, 6e-5, 1e-4, 3e-4]},
+    "Diffusion-DPO": {"lr": [3e-5, 1e-4, 3e-4], "beta": [100.0, 1000.0]},
+    "Diffusion-KTO": {"lr": [3e-5, 1e-4, 3e-4], "beta": [20.0, 200.0]},  # no 1/2 in its logit, and unpaired
+    "SPIN-Diffusion": {"lr": [3e-5, 1e-4, 3e-4], "beta": [100.0, 1000.0]},
+    "SSPO": {"lr": [3e-5, 1e-4, 3e-4], "beta": [100.0, 1000.0]},
+}
+FOLLOWS = {"SFT, oracle": "SFT", "SFT, base data": "SFT", **{n: "SSPO" for n in RUNS if n.startswith("SSPO, ")},
+           **{n: "Diffusion-DPO:lr" for n in OBJECTIVES}}
+VIDEO_TUNE_SEEDS = [100]
+VIDEO_GRIDS = {  # smaller: a video run costs 4-8x an image run; the learning rate alone, three points each
+    "SFT": {"lr": [3e-5, 1e-4, 3e-4]},
+    "Diffusion-DPO": {"lr": [3e-5, 1e-4, 3e-4]},
+    "SSPO": {"lr": [3e-5, 1e-4, 3e-4]},
+}
 
+
+def grid_points(grid):
+    """{key: values} -> [{key: value}], every combination."""
+    return [dict(zip(grid, vs)) for vs in itertools.product(*grid.values())]
+
+
+def point_tag(point):
+    return "_".join(f"{k}{v:.0e}" if v < 1e-3 else f"{k}{v:g}" for k, v in point.items())
+
+
+def point_args(point):
+    return [f"--{k}={v!r}" for k, v in point.items()]
+
+
+LOGGED = ("loss", "d_w", "d_l", "d_s", "pref_acc", "implicit_acc", "flip_rate", "tie_rate", "judge_s_ok", "ssr_agree")
 EXTRA = []  # --set
 EVAL = {}  # evaluate.py's protocol for the base and every run: --images_per_prompt, --dtype, --steps
 
 
-def run_dir(name, seed):
+def run_dir(name, seed, point=None, stage=""):
     slug = name.lower().replace(", ", "_").replace(" = ", "_").replace(" ", "_").replace("-", "").replace("&", "")
-    return os.path.join(OUT, f"{slug}_s{seed}")
+    return os.path.join(OUT, stage, "_".join([slug, *([point_tag(point)] if point else []), f"s{seed}"]))
 
 
 def sh(cmd, log, env):
@@ -94,9 +134,10 @@ def judged_as_asked(scores_path):
     return all(protocol[k] == v for k, v in EVAL.items())
 
 
-def train_and_eval(name, seed, env):
-    """-> wall seconds of training and of evaluation; skips what is already done."""
-    d = run_dir(name, seed)
+def train_and_eval(name, seed, env, point=None, stage=""):
+    """-> wall seconds of training and of evaluation; skips what is already done. point: {key: value} overrides of
+    the tuning grid, applied after the row's own."""
+    d = run_dir(name, seed, point, stage)
     os.makedirs(d, exist_ok=True)
     timing_path, scores = os.path.join(d, "time.json"), os.path.join(d, "eval", "scores.json")
     if os.path.exists(scores) and os.path.exists(timing_path):
@@ -112,14 +153,50 @@ def train_and_eval(name, seed, env):
     log = os.path.join(d, "run.log")
     t0 = time.time()
     resume = ["--init_from=resume"] if os.path.exists(os.path.join(d, "ckpt.pt")) else []
-    sh([sys.executable, "train_sspo.py", config, f"--seed={seed}", f"--out_dir={d}", *overrides, *EXTRA, *resume], log, env)
+    sh([sys.executable, "train_sspo.py", config, f"--seed={seed}", f"--out_dir={d}", *overrides,
+        *point_args(point or {}), *EXTRA, *resume], log, env)
     t1 = time.time()
     sh([sys.executable, "evaluate.py", d, *eval_args()], log, env)
     timing = {"train_s": t1 - t0, "eval_s": time.time() - t1}
     json.dump(timing, open(timing_path, "w"))
-    print(f"  {name}, seed {seed}: trained in {timing['train_s'] / 60:.1f} min, evaluated in {timing['eval_s']:.0f} s",
-          flush=True)
+    print(f"  {name}{' at ' + point_tag(point) if point else ''}, seed {seed}: trained in {timing['train_s'] / 60:.1f} "
+          f"min, evaluated in {timing['eval_s']:.0f} s", flush=True)
     return timing
+
+
+def tune(names, grids, seeds, jobs, env):
+    """The tuning stage: every point of each grid on the validation seeds -> ({name: chosen point}, markdown): the
+    point with the best mean judge on seen prompts (held-out prompts are not looked at)."""
+    todo = [(n, s, p) for n in names if n in grids for p in grid_points(grids[n]) for s in seeds]
+    todo.sort(key=lambda j: not j[0].startswith(SLOW))
+    print(f"tuning: {len(todo)} runs on validation seeds {seeds}", flush=True)
+    with ThreadPoolExecutor(jobs) as pool:
+        list(pool.map(lambda j: train_and_eval(j[0], j[1], env, j[2], "tune"), todo))
+    chosen, lines = {}, []
+    for n in names:
+        if n not in grids:
+            continue
+        rows = []
+        for p in grid_points(grids[n]):
+            sc = [json.load(open(os.path.join(run_dir(n, s, p, "tune"), "eval", "scores.json"))) for s in seeds]
+            rows.append((p, np.mean([x["judge_seen_run"] for x in sc]), np.mean([x["judge_heldout_run"] for x in sc])))
+        best = max(rows, key=lambda r: r[1])[0]
+        chosen[n] = best
+        lines += [f"**{n}** (chosen: {point_tag(best)})", "", "| " + " | ".join(grids[n]) + " | judge, seen (chooses) | "
+                  "judge, held-out (not used) |", "|" + "---|" * (len(grids[n]) + 2)]
+        lines += [f"| {' | '.join(f'{v:g}' for v in p.values())} | {js:.3f}{' **chosen**' * (p == best)} | {jh:.3f} |"
+                  for p, js, jh in rows] + [""]
+    return chosen, "\n".join(lines)
+
+
+def point_of(name, chosen):
+    """The overrides a table row runs with: its own chosen point, or that of the row it follows."""
+    if name in chosen:
+        return chosen[name]
+    follows, _, key = FOLLOWS.get(name, "").partition(":")
+    if follows not in chosen:
+        return None
+    return {key: chosen[follows][key]} if key else dict(chosen[follows])
 
 
 def win_rate(run, base):
@@ -133,7 +210,7 @@ def mean_std(xs):
 
 
 @torch.no_grad()
-def samples_picture(names, seed, path, protocol, n=16):
+def samples_picture(names, seed, path, protocol, points, n=16):
     """One row per method (its run of `seed`): the first n//2 seen and all held-out prompts, one noise draw shared
     by every row, each tile labelled with its judge score. Clips (--video): 3 seen and 3 held-out prompts, a row of
     frames per method and prompt, and samples.gif."""
@@ -142,7 +219,7 @@ def samples_picture(names, seed, path, protocol, n=16):
     else:
         prompts = [W.prompt_of(c) for c in W.TRAIN_COMBOS[:n - len(W.HELD_OUT)] + W.HELD_OUT]
     rows, labels = [], []
-    for d in [BASE] + [run_dir(name, seed) for name in names]:
+    for d in [BASE] + [run_dir(name, seed, points[name]) for name in names]:
         m = model.load_model(d)
         m["unet"].eval()
         u = m["unet"].config
@@ -213,13 +290,15 @@ def main():
                    "out/tiny_video_base")
     p.add_argument("--images_per_prompt", type=int, default=0, help="images (clips) judged per prompt, for the base "
                    "and every run: default 8 (clips: 4; evaluate.py's own default is 4)")
-    p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"), help="the sampler's dtype when "
-                   "judging (evaluate.py --dtype): bfloat16 samples twice as fast on a CPU with native bf16 (AMX); on "
-                   "the base it gave the judge of float32 within 0.001")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="the sampler's dtype when "
+                   "judging (evaluate.py --dtype): bfloat16 samples twice as fast on a CPU with native bf16 (AMX), 30x "
+                   "slower on one without (AVX2); on the base it gave the judge of float32 within 0.001")
     p.add_argument("--steps", type=int, default=10, help="DDIM steps when judging the base and every run (evaluate.py "
                    "--steps), as the tiny configs sample: 5 judge the base alike but hide a degraded model's loss")
     p.add_argument("--base", default=BASE, help=f"the base every run starts from; only the default ({BASE}) is "
                    "trained here when missing, another must be a finished run folder")
+    p.add_argument("--tune_seeds", type=int, nargs="*", default=None, help="the validation seeds of the tuning stage "
+                   f"(default {TUNE_SEEDS}; video {VIDEO_TUNE_SEEDS}); none: no tuning, every row at its config's point")
     args = p.parse_args()
     default_base = p.get_default("base")
     if args.video:
@@ -252,22 +331,35 @@ def main():
     t_base = time.time() - t_start
 
     env["OMP_NUM_THREADS"] = str(max(1, 2 // args.jobs))
+    grids, tune_seeds = (VIDEO_GRIDS, VIDEO_TUNE_SEEDS) if args.video else (GRIDS, TUNE_SEEDS)
+    tune_seeds = tune_seeds if args.tune_seeds is None else args.tune_seeds
+    if set(tune_seeds) & set(args.seeds):
+        raise SystemExit(f"error: the table's seeds {args.seeds} must be fresh: not the validation seeds {tune_seeds}")
+    chosen, tuning = {}, ""
+    if tune_seeds:
+        tuned = [n for n in known if n in grids and (n in args.only or any(
+            FOLLOWS.get(o, "").partition(":")[0] == n for o in args.only))]
+        chosen, tuning = tune(tuned, grids, tune_seeds, args.jobs, env)
+        open(os.path.join(OUT, "tuning.md"), "w").write(tuning)
+        print(f"\nthe tuning stage (mean over validation seeds {tune_seeds}):\n\n{tuning}", flush=True)
+    points = {n: point_of(n, chosen) for n in args.only}
     jobs = sorted(((n, s) for n in args.only for s in args.seeds), key=lambda j: not j[0].startswith(SLOW))
     print(f"{len(jobs)} runs, {args.jobs} at a time, {env['OMP_NUM_THREADS']} thread(s) each", flush=True)
     with ThreadPoolExecutor(args.jobs) as pool:
-        timings = dict(zip(jobs, pool.map(lambda j: train_and_eval(*j, env), jobs)))
+        timings = dict(zip(jobs, pool.map(lambda j: train_and_eval(*j, env, points[j[0]]), jobs)))
 
     base = json.load(open(os.path.join(BASE, "eval", "scores.json")))
     data_row = base["breakdown"]["data"]  # the base distribution's images: what the base was trained to draw
     results = {"base": {"judge_seen": [base["judge_seen_run"]], "judge_heldout": [base["judge_heldout_run"]],
                         "correct": [base["breakdown"]["run"]["correct"]]},
                "data": {"judge": [data_row["judge"]], "correct": [data_row["correct"]]}}
-    curves = {}
+    curves, logged = {}, {}
     for name in args.only:
-        r = results[name] = {"judge_seen": [], "judge_heldout": [], "correct": [], "win_rate": [], "train_min": []}
-        per_step = {}
+        r = results[name] = {"judge_seen": [], "judge_heldout": [], "correct": [], "win_rate": [], "train_min": [],
+                             "point": points[name]}
+        per_step, per_update = {}, {}
         for s in args.seeds:
-            d = run_dir(name, s)
+            d = run_dir(name, s, points[name])
             sc = json.load(open(os.path.join(d, "eval", "scores.json")))
             r["judge_seen"].append(sc["judge_seen_run"])
             r["judge_heldout"].append(sc["judge_heldout_run"])
@@ -278,20 +370,32 @@ def main():
                 e = json.loads(line)
                 if e["kind"] == "eval":
                     per_step.setdefault(e["step"], []).append(e["judge_seen"])
+                for k in LOGGED if e["kind"] == "train" else ():
+                    if k in e:
+                        per_update.setdefault(k, []).append(e[k])
+        logged[name] = {k: float(np.mean(v)) for k, v in per_update.items()}
         curves[name] = [(k, float(np.mean(v))) for k, v in sorted(per_step.items())]
-    json.dump({"seeds": args.seeds, "results": results, "protocol": base["protocol"]},
-              open(os.path.join(OUT, "results.json"), "w"), indent=1)
+    json.dump({"seeds": args.seeds, "tune_seeds": tune_seeds, "results": results, "logged": logged,
+               "protocol": base["protocol"]}, open(os.path.join(OUT, "results.json"), "w"), indent=1)
 
-    lines = ["| method | judge, seen prompts | judge, held-out prompts | correct samples | win rate vs base | "
-             "train min / run |", "|---|---|---|---|---|---|",
-             f"| data: the base distribution's {'clips' if W is video else 'images'} | {data_row['judge']:.3f} (all "
+    lines = ["| method | point | judge, seen prompts | judge, held-out prompts | correct samples | win rate vs base | "
+             "train min / run |", "|---|---|---|---|---|---|---|",
+             f"| data: the base distribution's {'clips' if W is video else 'images'} | | {data_row['judge']:.3f} (all "
              f"{len(W.ALL_COMBOS)}) | | {data_row['correct']:.3f} | | |",
-             f"| base | {base['judge_seen_run']:.3f} | {base['judge_heldout_run']:.3f} | "
+             f"| base | | {base['judge_seen_run']:.3f} | {base['judge_heldout_run']:.3f} | "
              f"{base['breakdown']['run']['correct']:.3f} | - | - |"]
     for name in args.only:
         r = results[name]
-        lines.append(f"| {name} | {mean_std(r['judge_seen'])} | {mean_std(r['judge_heldout'])} | "
+        tag = point_tag(r["point"]).replace("_", ", ") if r["point"] else "config's"
+        lines.append(f"| {name} | {tag} | {mean_std(r['judge_seen'])} | {mean_std(r['judge_heldout'])} | "
                      f"{mean_std(r['correct'])} | {mean_std(r['win_rate'])} | {np.mean(r['train_min']):.1f} |")
+    keys = [k for k in LOGGED if any(k in v for v in logged.values())]
+    lines += ["", "What the logs say (mean over every logged update and seed; d_w, d_l: policy minus reference error on "
+              "the winners and on the losers or self-samples; pref_acc: d_w < d_l; flip_rate, tie_rate: SSR's s = -1, "
+              "s = 0; judge_s_ok: self-samples the judge finds at least as good as their winner; ssr_agree: SSR's "
+              "choice is the judge's):", "", "| method | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    lines += [f"| {n} | " + " | ".join(f"{logged[n][k]:.4g}" if k in logged[n] else "" for k in keys) + " |"
+              for n in args.only if logged[n]]
     total = (time.time() - t_start) / 60
     lines.append(f"\nmean ± std over seeds {args.seeds}; judge of {base['protocol']['images_per_prompt']} "
                  f"{'clips' if W is video else 'images'} per "
@@ -299,10 +403,11 @@ def main():
                  f"{base['protocol']['dtype']}, seed "
                  f"{base['protocol']['seed']}); base trained in this call: {t_base / 60:.1f} min; this call took "
                  f"{total:.1f} min (runs already done are not redone)")
-    table = "\n".join(lines)
+    table = "\n".join(lines) + (f"\n\nThe tuning stage (mean over validation seeds {tune_seeds}):\n\n{tuning}" if tuning
+                                  else "")
     print("\n" + table)
     open(os.path.join(OUT, "table.md"), "w").write(table + "\n")
-    samples_picture(args.only, args.seeds[0], os.path.join(OUT, "samples.png"), base["protocol"])
+    samples_picture(args.only, args.seeds[0], os.path.join(OUT, "samples.png"), base["protocol"], points)
     curves_picture(curves, os.path.join(OUT, "curves.png"))
     print(f"wrote {OUT}/table.md, results.json, samples.png, curves.png")
 
