@@ -181,12 +181,12 @@ def save_checkpoint(cfg, unet, ema, text_encoder, opt, step, data_pos, pool, tal
     loadable. unet/ first: wherever a checkpoint exists, a unet/ to load it into exists too."""
     out = cfg["out_dir"]
     trained = {"unet": ema or unet, **({"text_encoder": text_encoder} if cfg["train_text_encoder"] else {})}
-    if cfg["lora_rank"]:  # unet/ is the frozen base, written at the start: only the adapter changes
+    if model.has_adapters(unet):  # unet/ is the frozen base, written at the start: only the adapter changes
         trained = {}
         write_folder(os.path.join(out, model.LORA_DIR), lambda d: model.save_lora(unet, d), point="lora")
     for name, module in trained.items():
         write_folder(os.path.join(out, name), module.save_pretrained, point=name)
-    if model.is_video(unet) and not cfg["lora_rank"]:  # the temporal layers alone, as AnimateDiff ships them
+    if model.is_video(unet) and not model.has_adapters(unet):  # the temporal layers alone, as AnimateDiff ships them
         write_folder(os.path.join(out, "motion_adapter"), (ema or unet).save_motion_modules, point="motion_adapter")
     ckpt = {"unet": model.trained_state(unet, cfg), "ema": ema.state_dict() if ema else None,
             "text_encoder": text_encoder.state_dict() if cfg["train_text_encoder"] else None, "optimizer": opt.state_dict(),

@@ -1,15 +1,17 @@
 """
 Training data and what a step draws: real data (Pick-a-Pic v2 parquet shards, image folders with metadata.jsonl in
-the diffusers convention, and their VAE latent cache, which latents.py builds), the tiny world's (world.py), the
-order of the examples and the noise of each micro-step (one random stream for pretraining, another for
-fine-tuning), and pictures of samples.
-Every dataset yields {"prompt": str, "image_w": (3, R, R) float in [-1, 1]} and, for pairs, "image_l"; a latent
-cache yields "latent_w" / "latent_l" instead.
+the diffusers convention, clip folders of frames or video files, and the VAE latent cache that latents.py builds),
+the tiny worlds' (tiny/world.py, tiny/video.py), the order of the examples and the noise of each micro-step (one
+random stream for pretraining, another for fine-tuning), what the data needed, and pictures of samples.
+Every dataset yields {"prompt": str, "image_w": (3, R, R) float in [-1, 1]} ((3, F, R, R) for clips) and, for pairs,
+"image_l"; a latent cache yields "latent_w" / "latent_l" instead. A dataset with a judge (the tiny worlds) also
+offers judge_batch(images, prompts), eval_prompts() and tie_margin: how the training loop reaches the judge.
 """
 import collections
 import glob
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -23,10 +25,10 @@ from tqdm import tqdm
 
 import checkpoint
 import ddp
+import diffusion
 import losses
-import video
-import world
-from world import to_uint8
+from tiny import video, world
+from tiny.world import to_uint8
 
 def save_grid(images, path, labels=None, cols=8, tile=64):
     """Save (N, 3, H, W) images in [-1, 1] as one PNG, tiles upscaled to at least `tile` px (nearest, so small
@@ -81,6 +83,39 @@ def save_comparison(columns, prompts, labels, path, tile=64, blocks=1):
             draw.text((xy[0] + 2, xy[1] + side), labels[k][i], fill=(230, 230, 230))
     img.save(path)
 
+
+
+
+def _tiles(clips, tile):
+    """(N, 3, F, R, R) in [-1, 1] -> uint8 (N, F, S, S, 3), upscaled (nearest) to S >= tile px."""
+    x = video.clip_to_uint8(torch.as_tensor(clips))
+    k = max(1, -(-tile // x.shape[2]))
+    return x.repeat(k, axis=2).repeat(k, axis=3)
+
+
+def save_clip_strip(clips, path, labels=None, tile=48):
+    """One PNG, one row per clip: its frames left to right, an optional label under each row."""
+    x = _tiles(clips, tile)
+    n, F, S = x.shape[:3]
+    strip = 12 if labels else 0
+    img = Image.new("RGB", (F * (S + 2), n * (S + strip + 2)), (40, 40, 40))
+    draw = ImageDraw.Draw(img)
+    for i, f in itertools.product(range(n), range(F)):
+        img.paste(Image.fromarray(x[i, f]), (f * (S + 2) + 1, i * (S + strip + 2) + 1))
+    for i, label in enumerate(labels or []):
+        draw.text((3, i * (S + strip + 2) + S + 1), label, fill=(230, 230, 230))
+    img.save(path)
+
+
+def save_gif(clips, path, tile=48, fps=8):
+    """An animated GIF of the clips side by side, looping: frame f shows every clip's frame f."""
+    x = _tiles(clips, tile)
+    n, F, S = x.shape[:3]
+    row = np.full((F, S, n * (S + 2), 3), 40, np.uint8)
+    for i in range(n):
+        row[:, :, i * (S + 2) + 1:i * (S + 2) + 1 + S] = x[i]
+    frames = [Image.fromarray(f) for f in row]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -373,11 +408,119 @@ class SkipBad(torch.utils.data.Dataset):
         raise ValueError(f"no readable example in the dataset; the first: {errors[0]}")
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Real clips: root/metadata.jsonl as ImageFolder's, each file_name a folder of frames or a video file (PyAV).
+# A clip is float (3, F, H, W) in [-1, 1]: the per-sample layout of diffusers' AnimateDiff UNetMotionModel.
+
+FRAME_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+VIDEO_EXTS = (".mp4", ".webm", ".avi", ".mov", ".mkv", ".m4v", ".gif")
+
+
+def decode_video(path, need, stride=1):
+    """The first `need` frames of a video file, every stride-th kept -> (list of PIL RGB images, frames decoded:
+    `need`, or all of a shorter video). ValueError for a file PyAV cannot decode; ImportError without PyAV, which
+    SkipBad must not swallow as one bad clip."""
+    try:
+        import av
+    except ImportError:
+        raise ImportError(f"{path}: reading video files needs PyAV: pip install av") from None
+    out, n = [], 0
+    try:
+        with av.open(path) as container:
+            for frame in container.decode(video=0):
+                if n % stride == 0:
+                    out.append(frame.to_image().convert("RGB"))
+                n += 1
+                if n == need:
+                    break
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise ValueError(f"{path}: cannot decode video ({type(e).__name__}: {e})") from None
+    return out, n
+
+
+def _bmp(im):
+    buf = io.BytesIO()
+    im.save(buf, "BMP")
+    return buf.getvalue()
+
+
+def load_clip(path, resolution, frames, stride=1, flip=False):
+    """A frame folder (its images sorted by name) or a video file -> (3, F, R, R) float in [-1, 1]: frames 0,
+    stride, 2 stride, ..., each resized and center-cropped by load_image, all with the same flip. ValueError
+    naming the file for a clip too short, a corrupt frame or video."""
+    need = (frames - 1) * stride + 1
+    if os.path.isdir(path):
+        files = sorted(f for f in os.listdir(path) if f.lower().endswith(FRAME_EXTS))
+        n, srcs, names = len(files), [os.path.join(path, f) for f in files[:need:stride]], [None] * frames
+    else:  # a BMP round trip is lossless, so video frames go through load_image exactly as image files do
+        images, n = decode_video(path, need, stride)
+        srcs, names = [_bmp(im) for im in images], [f"{path} frame {k * stride}" for k in range(frames)]
+    if n < need:
+        raise ValueError(f"{path}: {n} frames, needs {need} (frames={frames}, stride={stride})")
+    return torch.stack([load_image(s, resolution, (None, flip), name) for s, name in zip(srcs, names)], dim=1)
+
+
+def why_not_a_clip(path):
+    """None for a folder of frame images or a video file (by extension), else what is wrong (read_metadata)."""
+    if not (os.path.isdir(path) or path.lower().endswith(VIDEO_EXTS)):
+        return f"is neither a folder of frames nor a video file ({', '.join(VIDEO_EXTS)})"
+
+
+class ClipFolder(torch.utils.data.Dataset):
+    """ImageFolder for clips: root/metadata.jsonl, one JSON object a line with `file_name` (a folder of frame
+    images or a video file, relative to root) and `text`, and `loser_file_name` on every line or none (pairs, unless
+    losers=False). Everything cheap is checked here; a clip too short or corrupt fails when loaded, with a
+    ValueError naming it, which SkipBad skips and counts."""
+
+    def __init__(self, root, resolution, frames=8, stride=1, random_flip=True, seed=0, losers=True):
+        self.resolution, self.frames, self.stride, self.random_flip, self.seed, self.losers, self.epoch = \
+            resolution, frames, stride, random_flip, seed, losers, 0
+        self.rows, self.paired = read_metadata(root, "a clip folder", why_not_a_clip)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        i = range(len(self))[i]
+        text, *files = self.rows[i]
+        _, flip = draw_aug(np.random.default_rng([self.seed, self.epoch, i]), False, self.random_flip)
+        pair = self.paired and self.losers  # one flip for every frame of both clips (draw_aug says why)
+        clips = [load_clip(p, self.resolution, self.frames, self.stride, flip) for p in (files if pair else files[:1])]
+        return {"prompt": text, "image_w": clips[0], **({"image_l": clips[1]} if pair else {})}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The VAE latent cache of a real dataset (built by latents.py): the encoder's moments of every image, stored once.
 # Layout and why: latents.py's docstring.
 
 SHARD = 256  # examples a shard: 64 MB at 512 px in bf16 with pairs and flips
+
+
+def check_config(cfg):
+    """SystemExit, before any work, for what the config's dataset cannot give."""
+    synthetic = {"tiny": world, "tiny_video": video}.get(cfg["dataset"])
+    if synthetic and cfg["data_path"]:
+        raise SystemExit(f"config error: data_path={cfg['data_path']!r} is set but dataset={cfg['dataset']!r} draws its own "
+                         f"{'clips' if cfg['dataset'] == 'tiny_video' else 'images'} (dataset='pickapic', 'imagefolder' "
+                         "or 'clipfolder' to read it)")
+    if not synthetic and not cfg["data_path"]:
+        raise SystemExit(f"config error: dataset={cfg['dataset']!r} needs data_path")
+    if not synthetic and not os.path.exists(cfg["data_path"]):
+        raise SystemExit(f"config error: data_path {cfg['data_path']!r} does not exist")
+    known = video.FLAWS if cfg["dataset"] == "tiny_video" else world.ALL_FLAWS
+    bad = [f for f in cfg["tiny_flaws"] if f not in known]
+    if bad:
+        raise SystemExit(f"config error: tiny_flaws has {bad}; the {'video ' * (known is video.FLAWS)}world's "
+                         f"flaws: {', '.join(known)}")
+    if cfg["ssr"] == "oracle" and not synthetic:
+        raise SystemExit(f"config error: ssr='oracle' flips by the tiny worlds' judge; dataset={cfg['dataset']!r} has none")
+    if cfg["latent_cache"]:
+        check_latent_config(cfg)
 
 
 def check_latent_config(cfg):
@@ -531,7 +674,7 @@ def make_dataset(cfg, stream=0):
         return video.TinyVideoWorld(cfg["tiny_mode"], cfg["tiny_size"], cfg["resolution"], cfg["frames"],
                                     cfg["tiny_p_correct"], cfg["seed"], flaws=cfg["tiny_flaws"], stream=stream)
     if cfg["dataset"] == "clipfolder":
-        return SkipBad(video.ClipFolder(cfg["data_path"], cfg["resolution"], cfg["frames"], cfg["frame_stride"],
+        return SkipBad(ClipFolder(cfg["data_path"], cfg["resolution"], cfg["frames"], cfg["frame_stride"],
                                         cfg["random_flip"], cfg["seed"], losers=cfg["method"] in losses.PAIR_METHODS))
     if cfg["latent_cache"]:
         ds = CachedLatents(cfg["latent_cache"], cfg["seed"], cfg["random_flip"])
@@ -578,11 +721,22 @@ def micro_batches(ds, cfg, rank, world, epoch, start, stream=0):
         epoch, start = epoch + 1, 0
 
 
-def step_randomness(cfg, step, micro, rank, world, shape, num_timesteps, stream=0):
+def counted(batches, tallies, epoch, tokenizer, bad_data, device):
+    """micro_batches, counting what each micro-batch's data needed (tally_data) and reporting each epoch when the
+    next one starts (report_data); `epoch` is the one the first micro-batch belongs to."""
+    for batch, pos in batches:
+        if pos[0] != epoch:  # a new epoch: what the one before needed
+            report_data(tallies, epoch, device)
+            epoch = pos[0]
+        tally_data(tallies["data"], batch, tokenizer, bad_data)
+        yield batch, pos
+
+
+def step_randomness(cfg, step, micro, rank, world, shape, num_timesteps, stream=0, device=None):
     """Noise, timesteps, caption-dropout draws, the self-sampler's x_T, the VAE's latent noise (winner, loser),
     the self-sampler's per-step noise (K, B, ...; None unless SSPO samples with self_sample_eta > 0) and SSR's own
     (eps (K, B, ...), t (K, B)) draws (None unless ssr_draws > 0) of one micro-step, a pure function of (seed, step,
-    micro, stream).
+    micro, stream), on `device` if given.
     Drawn for the whole global micro-batch and dealt like DistributedSampler deals examples (rank r takes rows
     r, r + world, ...): each example gets the same draws whatever the number of processes, and resume is exact."""
     # SeedSequence pads its entropy with zeros to 4 words: stream 0 is [seed, step, micro] as before streams existed
@@ -590,7 +744,7 @@ def step_randomness(cfg, step, micro, rank, world, shape, num_timesteps, stream=
     g = torch.Generator().manual_seed(int(key))
     n = world * shape[0]
     eps = torch.randn((n, *shape[1:]), generator=g)[rank::world]
-    t = torch.randint(0, num_timesteps, (n,), generator=g)[rank::world]
+    t = diffusion.sample_timesteps(n, num_timesteps, g)[rank::world]
     drop = (torch.rand(n, generator=g) < cfg["caption_dropout"])[rank::world]
     x_T = torch.randn((n, *shape[1:]), generator=g)[rank::world]
     vae_noise = torch.randn((2, n, *shape[1:]), generator=g)[:, rank::world]
@@ -599,7 +753,11 @@ def step_randomness(cfg, step, micro, rank, world, shape, num_timesteps, stream=
         eta_noise = torch.randn((cfg["self_sample_steps"], n, *shape[1:]), generator=g)[:, rank::world]
     if cfg["method"] == "sspo" and cfg["ssr_draws"] > 0:  # SSR's own (eps, t) draws, after all the others
         crit = (torch.randn((cfg["ssr_draws"], n, *shape[1:]), generator=g)[:, rank::world],
-                torch.randint(0, cfg["ssr_t_max"], (cfg["ssr_draws"], n), generator=g)[:, rank::world])
+                diffusion.sample_timesteps((cfg["ssr_draws"], n), cfg["ssr_t_max"], g)[:, rank::world])
+    if device is not None:  # drop stays on the CPU: it picks prompts
+        eps, t, x_T, vae_noise = (x.to(device) for x in (eps, t, x_T, vae_noise))
+        eta_noise = None if eta_noise is None else eta_noise.to(device)
+        crit = None if crit is None else (crit[0].to(device), crit[1].to(device))
     return eps, t, drop, x_T, vae_noise, eta_noise, crit
 
 

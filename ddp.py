@@ -42,6 +42,14 @@ def teardown():
         dist.destroy_process_group()
 
 
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def barrier():
     if dist.is_initialized():
         dist.barrier()
@@ -54,6 +62,30 @@ def all_mean(values, device):
     t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return dict(zip(values, (t / dist.get_world_size()).tolist()))
+
+
+def accumulate(sums, values, n):
+    """sums[k] += values[k] / n, as float64 tensors read only at log time: a .item() here would wait for the GPU every
+    micro-step (the same numbers as Python floats, bit for bit)."""
+    for k, v in values.items():
+        sums[k] = sums.get(k, 0.0) + torch.as_tensor(v).detach().double() / n
+
+
+def all_finite(loss, grad_norm, device):
+    """Whether the loss and the gradient norm are finite on every rank: the one host-device sync of an update (every
+    rank steps or none does: a NaN on one rank's batch must not split the replicas)."""
+    finite = (torch.isfinite(torch.as_tensor(loss, device=device)) & torch.isfinite(grad_norm)).float()
+    if dist.is_initialized():
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
+
+
+def average_grads(module):
+    """Average a module's gradients over ranks, as DDP does for the module it wraps (a trained text encoder)."""
+    if dist.is_initialized():
+        for p in module.parameters():
+            dist.all_reduce(p.grad)
+            p.grad /= dist.get_world_size()
 
 
 def together(run_here, fn, *args):

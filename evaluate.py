@@ -36,12 +36,12 @@ from tqdm import tqdm
 
 import config
 import data
+import diffusion
 import model
 import scorers
 from checkpoint import read_checkpoint
 from ddp import print0, setup, teardown
-import video
-import world
+from tiny import video, world
 
 PAPER = {"steps": 50, "guidance": 7.5, "images_per_prompt": 1}  # SSPO.md 7 (the paper's pipeline: PNDM; ours: DDIM)
 PAPER_METRICS = "pickscore,hpsv2,aesthetic,clip,imagereward"
@@ -161,15 +161,15 @@ def draw_noise(sizes, shape, seed):
 
 @torch.no_grad()
 def generate(m, prompts, noise, protocol, batch_size, desc):
-    """-> uint8 (N, H, W, 3) images ((N, F, H, W, 3) clips): DDIM with classifier-free guidance (model.ddim_sample),
-    eta 0."""
+    """-> uint8 (N, H, W, 3) images ((N, F, H, W, 3) clips): DDIM with classifier-free guidance
+    (diffusion.ddim_sample), eta 0."""
     device, out = m["unet"].device, []
     resolution = noise.shape[-1] * model.vae_factor(m)  # SDXL's time ids: the image size sampled
     uncond = model.encode_prompts(m, [""], resolution)
     for i in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=dist.is_initialized() and dist.get_rank() > 0):
         cond = model.encode_prompts(m, prompts[i:i + batch_size], resolution)
-        x = model.ddim_sample(m["unet"], m["scheduler"], cond, uncond, noise[i:i + batch_size].to(device),
-                              protocol["steps"], protocol["guidance"])
+        x = diffusion.ddim_sample(model.net(m["unet"]), m["scheduler"], cond, uncond,
+                                  noise[i:i + batch_size].to(device), protocol["steps"], protocol["guidance"])
         out.append((video.clip_to_uint8 if x.dim() == 5 else world.to_uint8)(model.latents_to_images(m["vae"], x)))
     return np.concatenate(out) if out else np.zeros((0, 1, 1, 3), np.uint8)
 
@@ -178,7 +178,7 @@ def reference_clips(root, resolution, cfg):
     """--references: (its texts, its clips as uint8 (N, F, H, W, 3)) at the sampled resolution and the run's frames
     and stride, centre-cropped like the training data, never flipped. A clip that cannot be read stops here."""
     try:
-        ds = video.ClipFolder(root, resolution, cfg["frames"], cfg["frame_stride"], random_flip=False, losers=False)
+        ds = data.ClipFolder(root, resolution, cfg["frames"], cfg["frame_stride"], random_flip=False, losers=False)
         with tqdm(range(len(ds)), desc="reading references") as bar:  # closed before an error's line
             items = [ds[i] for i in bar]
     except (OSError, ValueError) as e:
@@ -344,7 +344,7 @@ def evaluate(args, weights, metrics, rank, world_size, device):
                 # UNet's with --dtype=float32) run in TF32 there
                 "tf32": device.type == "cuda"}
     try:
-        model.check_sampler_steps(m["scheduler"], protocol["steps"], "--steps")
+        diffusion.check_sampler_steps(m["scheduler"], protocol["steps"], "--steps")
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     prompts = [q for qs in groups.values() for q in qs for _ in range(ipp)]
@@ -376,7 +376,7 @@ def evaluate(args, weights, metrics, rank, world_size, device):
         base_run = os.path.isfile(os.path.join(args.base, "ckpt.pt"))
         models["base"] = load_run(args.base, device, dtype)[0] if base_run else load_model(args.base, device, dtype)
         try:  # its schedule may differ from the run's (another steps_offset): before any sampling
-            model.check_sampler_steps(models["base"]["scheduler"], protocol["steps"], "--steps")
+            diffusion.check_sampler_steps(models["base"]["scheduler"], protocol["steps"], "--steps")
         except ValueError as e:
             raise SystemExit(f"error: {args.base}: {e}")
     if args.base:  # the same noise for both: the same latent shape (under 'paper', the same default size too)
@@ -469,14 +469,14 @@ def write_results(args, cfg, step, protocol, weights, metrics, skipped, groups, 
     labels = [f"{scores['run'][done[0]][i]:.2f}" for i in idx]
     tiles = {k: thumbs(np.stack([shown[k][i] for i in idx])) for k in shown}
     if tiles["run"].dim() == 5:  # clips: a row of frames each, and GIFs (base and run alternate side by side)
-        video.save_clip_strip(tiles["run"], os.path.join(out, "grid.png"), [f"{prompts[i]}: {lab}" for i, lab in
+        data.save_clip_strip(tiles["run"], os.path.join(out, "grid.png"), [f"{prompts[i]}: {lab}" for i, lab in
                                                                             zip(idx, labels)])
-        video.save_gif(tiles["run"][:16], os.path.join(out, "grid.gif"))
+        data.save_gif(tiles["run"][:16], os.path.join(out, "grid.gif"))
         if args.base:
             pairs = torch.stack([tiles[k] for k in ("base", "run")], 1).flatten(0, 1)  # base, run, base, run, ...
-            video.save_clip_strip(pairs, os.path.join(out, "side_by_side.png"),
+            data.save_clip_strip(pairs, os.path.join(out, "side_by_side.png"),
                                   [f"{k} {scores[k][done[0]][i]:.2f}: {prompts[i]}" for i in idx for k in ("base", "run")])
-            video.save_gif(pairs[:16], os.path.join(out, "side_by_side.gif"))
+            data.save_gif(pairs[:16], os.path.join(out, "side_by_side.gif"))
     else:
         data.save_grid(tiles["run"], os.path.join(out, "grid.png"), labels)
     if args.base and tiles["run"].dim() == 4:  # a row per prompt: base | run on the same noise, each with its score

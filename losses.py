@@ -141,22 +141,6 @@ def dpo_cm_loss(err_w, err_l, ref_err_w, ref_err_l, t, beta, t_range):
     return (keep * -F.logsigmoid(z)).mean(), {k: v.detach() for k, v in stats.items()}
 
 
-def sdpo_scale(pred_w, pred_l, target_w, target_l, mu):
-    """Diffusion-SDPO's safeguard (Fu et al. 2025, arXiv 2511.03317): one scale lambda in [0, 1] per micro-batch for
-    the loser branch's gradient. With g_w, g_l the output-space gradients of the winner's and loser's mean errors
-    (w.r.t. the UNet's predicted noise), the update -g_w + lambda g_l keeps the winner's error from rising to first
-    order, with margin mu, when lambda <= (1 - mu) |g_w|^2 / <g_l, g_w>; so lambda is that bound clipped to
-    [0, 1] when <g_l, g_w> > 0, else 1. As in the authors' code the gradients are those of the plain errors, not
-    weighted by the loss's per-sample sigmoid factors. Returns a detached scalar tensor."""
-    pw, pl = pred_w.detach().float().requires_grad_(True), pred_l.detach().float().requires_grad_(True)
-    with torch.enable_grad():
-        g_w, = torch.autograd.grad((pw - target_w.float()).pow(2).mean(), pw)
-        g_l, = torch.autograd.grad((pl - target_l.float()).pow(2).mean(), pl)
-    inner = (g_w * g_l).sum()
-    lam = ((1 - mu) * g_w.pow(2).sum() / inner).clamp(0, 1)
-    return torch.where(inner > 0, lam, torch.ones_like(lam)).detach()  # no Python `if` on a GPU value: no sync
-
-
 # -----------------------------------------------------------------------------------------------------------------
 # method -> its loss, all called alike: e holds the policy's per-sample errors on the winners ("w") and on the
 # losers or self-samples ("l"), the reference's ("ref_w", "ref_l"), the timesteps ("t") and the schedule's length

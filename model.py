@@ -1,9 +1,9 @@
 """
 The Stable Diffusion parts, through diffusers/transformers classes only: load them from a hub id or a folder in
 the SD1.5 layout (unet/ vae/ text_encoder/ tokenizer/ scheduler/) or SDXL's (+ text_encoder_2/ tokenizer_2/),
-encode prompts and images, noise, and a plain-torch DDIM sampler with classifier-free guidance that training
-(self-sampling) and evaluation share. A model without vae/ works in pixel space: that is the tiny world's model,
-built by `build_tiny_model`.
+save a run folder that the pipelines load, encode prompts and images, hand the UNet to diffusion.py as a network
+(net), and own LoRA: the adapters, what a run trains, its reference without a second UNet. A model without vae/
+works in pixel space: that is the tiny worlds' model (tiny/build.py).
 
 SDXL conditions its UNet on more than the text's hidden states: the pooled embedding of its second text encoder
 and six "time ids" (original size, crop offset, target size). Here they ride in the context tensor as one extra
@@ -14,6 +14,7 @@ A video model is AnimateDiff's: SD1.5's UNet with a MotionAdapter's temporal lay
 It denoises clips (B, C, F, H, W) with the same errors, losses and sampler (it folds the frames into its batch
 itself); the VAE encodes and decodes a clip's frames as images.
 """
+import copy
 import json
 import os
 import warnings
@@ -25,7 +26,9 @@ from diffusers import AutoencoderKL, DDIMScheduler, MotionAdapter, UNet2DConditi
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+import diffusion
 
 # the libraries' per-file progress bars and their hint to install accelerate would bury our own progress bar
 for _lib in (diffusers, transformers):
@@ -54,7 +57,9 @@ def check_model_path(path):
     first = path.split("/")[0]
     if not local and (path.startswith((".", "/", "~")) or os.path.exists(path) or ("/" in path and os.path.isdir(first))):
         raise FileNotFoundError(f"model folder {path!r} does not exist (expected an SD-layout folder or a hub id"
-                                + (f"; {first}/ is a folder here, so this is not read as a hub id)" if os.path.isdir(first) else ")"))
+                                + (f"; {first}/ is a folder here, so this is not read as a hub id" if os.path.isdir(first)
+                                   else "") + "; a run folder of train_sspo.py is one: train it first, e.g. the tiny "
+                                "base with python train_sspo.py configs/tiny_base.py)")
     if local:
         missing = [p for p in PARTS if not os.path.isdir(os.path.join(path, p))]
         if missing:
@@ -166,9 +171,13 @@ def check_scheduler(scheduler, where):
                          "'v_prediction'")
 
 
-def save_frozen_parts(m, out_dir):
+def save_frozen_parts(m, out_dir, cfg=None, write_folder=None):
     """Write everything but the UNet (text encoders, tokenizers, scheduler, vae) so out_dir is an SD-layout folder
-    that StableDiffusionPipeline (StableDiffusionXLPipeline for SDXL) loads."""
+    that StableDiffusionPipeline (StableDiffusionXLPipeline for SDXL) loads. A LoRA run (cfg's lora_rank) trains an
+    adapter only: its unet/ is the base, written here once, before the adapters are added, by write_folder(folder,
+    save) (checkpoint.write_folder: whole or not at all); each checkpoint then writes lora/."""
+    if cfg and cfg["lora_rank"]:
+        write_folder(os.path.join(out_dir, "unet"), m["unet"].save_pretrained, point="unet")
     for k in ("text_encoder", "tokenizer", "scheduler", "vae", *SDXL_PARTS):
         if m.get(k) is not None:
             m[k].save_pretrained(os.path.join(out_dir, k))
@@ -199,6 +208,58 @@ def save_frozen_parts(m, out_dir):
 # of our own, so that StableDiffusionPipeline.load_lora_weights reads what we save
 
 LORA_DIR, LORA_FILE = "lora", "pytorch_lora_weights.safetensors"  # where a run folder keeps its adapter
+
+
+def check_config(cfg):
+    """SystemExit for what LoRA here does not do, refused rather than silently trained otherwise."""
+    if cfg["lora_rank"] < 0 or cfg["lora_alpha"] < 0:
+        raise SystemExit(f"config error: lora_rank and lora_alpha must be >= 0 (lora_rank 0: full fine-tuning; "
+                         f"lora_alpha 0: = lora_rank), got {cfg['lora_rank']} and {cfg['lora_alpha']}")
+    if not cfg["lora_rank"]:
+        return
+    for key, bad, why in (("ema_decay", cfg["ema_decay"] > 0, "an EMA of the adapter is not implemented"),
+                          ("train_text_encoder", cfg["train_text_encoder"], "the adapters are on the UNet only"),
+                          ("compile_unet", cfg["compile_unet"] != "off", "switching adapters would recompile")):
+        if bad:
+            raise SystemExit(f"config error: lora_rank={cfg['lora_rank']} with {key}={cfg[key]!r}: {why}")
+    if not cfg["lora_targets"] or not all(type(n) is str and n for n in cfg["lora_targets"]):
+        raise SystemExit(f"config error: lora_targets must be module names like ('to_q', 'to_k'), got "
+                         f"{cfg['lora_targets']!r}")
+
+
+def has_adapters(unet):
+    """Whether the UNet trains a LoRA adapter (trainable gave it one): its checkpoints and pool hold the adapter."""
+    return "default" in (getattr(unet, "peft_config", None) or {})
+
+
+def trainable(unet, cfg):
+    """Freeze what a run does not train -> the parameters it trains: the whole UNet; an AnimateDiff UNet's motion
+    modules (trained_modules='motion'); or, with lora_rank > 0, a new LoRA adapter alone (and, for SSPO, a second
+    one that holds its reference's snapshot: LoraReference)."""
+    if cfg["lora_rank"]:
+        return add_lora(unet, cfg, ("default", "ref") if cfg["method"] == "sspo" else ("default",))
+    if cfg["trained_modules"] == "motion":
+        return train_motion_only(unet)
+    return list(unet.parameters())
+
+
+def reference(unet, dtype=torch.float32):
+    """The reference a run compares its policy with (replay.py copies snapshots into it): a frozen copy of the UNet
+    in `dtype`; for a LoRA run the policy's own UNet with its adapters off or swapped (LoraReference): no second
+    UNet."""
+    if has_adapters(unet):
+        return LoraReference(unet)
+    return copy.deepcopy(unet).to(dtype).eval().requires_grad_(False)
+
+
+def ema_copy(unet):
+    return copy.deepcopy(unet).requires_grad_(False)
+
+
+@torch.no_grad()
+def ema_update(ema, unet, decay):
+    """ema <- decay ema + (1 - decay) unet, every tensor in one kernel."""
+    torch._foreach_lerp_(list(ema.parameters()), list(unet.parameters()), 1 - decay)
 
 
 def add_lora(unet, cfg, names=("default",)):
@@ -359,6 +420,16 @@ def unet_output(unet, x, t, context):
     return unet(x, t, encoder_hidden_states=context[:, :-1], added_cond_kwargs=added).sample
 
 
+def net(unet):
+    """The UNet as diffusion.py calls a network: net(x_t, t, context) -> its raw output (eps or v) in float32. x_t
+    and the context are cast to the UNet's dtype (a bf16 reference takes bf16 inputs; autocast handles the policy).
+    `unet` may be wrapped (DDP, LoraReference)."""
+    def f(x, t, context):
+        dtype = next(unet.parameters()).dtype
+        return unet_output(unet, x.to(dtype), t, context.to(dtype)).float()
+    return f
+
+
 class PromptCache:
     """encode_prompts for a frozen text encoder, each distinct prompt encoded once: its context row (77 or 78, D) is
     kept on the encoder's device, in its dtype, for up to `capacity` prompts (the oldest go first); 0 turns the
@@ -442,145 +513,6 @@ def latents_to_images(vae, x):
     return x.float().clamp(-1, 1)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# noising and sampling
-
-def _per_sample(a, x):
-    """(B,) -> (B, 1, 1, ...) to broadcast over the rest of x's dimensions (C, H, W; C, F, H, W for clips)."""
-    return a.view(-1, *[1] * (x.dim() - 1))
-
-
-def add_noise(alphas_cumprod, x0, eps, t):
-    """DDPM forward process: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps."""
-    a = _per_sample(alphas_cumprod.to(x0.device)[t], x0)
-    return a.sqrt() * x0 + (1 - a).sqrt() * eps
-
-
-def prediction_target(scheduler, x0, eps, t):
-    """What the UNet learns to predict at x_t: the noise eps (SD1.5, prediction_type 'epsilon'), or the velocity
-    v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 ('v_prediction': SD2-v, SDXL-v, zero-terminal-SNR models, where
-    eps is not recoverable at abar = 0; Salimans & Ho 2022)."""
-    if scheduler.config.prediction_type == "epsilon":
-        return eps
-    a = _per_sample(scheduler.alphas_cumprod.to(x0.device, torch.float32)[t], x0)
-    return a.sqrt() * eps - (1 - a).sqrt() * x0
-
-
-def eps_and_x0(scheduler, x, out, a):
-    """The UNet's output `out` at x (noise level abar = a, a tensor that broadcasts) -> (eps, x0) it implies."""
-    if scheduler.config.prediction_type == "epsilon":
-        return out, (x - (1 - a).sqrt() * out) / a.sqrt()
-    return a.sqrt() * out + (1 - a).sqrt() * x, a.sqrt() * x - (1 - a).sqrt() * out
-
-
-def denoising_error(unet, scheduler, x0, eps, t, context, return_pred=False):
-    """Per-sample mean over all but the batch dimension of (target - unet(x_t))^2 in float32: shape (B,). Mean, not
-    sum (SSPO.md 1). The target is the model's own (prediction_target: eps, or v). return_pred: also
-    (prediction, target), float32 of x0's shape (the Diffusion-SDPO safeguard needs them)."""
-    dtype = next(unet.parameters()).dtype  # a bf16 reference takes bf16 inputs; autocast handles the policy
-    x_t = add_noise(scheduler.alphas_cumprod, x0, eps, t)
-    pred = unet_output(unet, x_t.to(dtype), t, context.to(dtype)).float()
-    target = prediction_target(scheduler, x0.float(), eps.float(), t)
-    err = (pred - target).pow(2).mean(dim=tuple(range(1, pred.dim())))
-    return (err, pred, target) if return_pred else err
-
-
-def timesteps(scheduler, steps):
-    """The `steps` timesteps a sampler visits, highest first, by the scheduler's timestep_spacing as diffusers'
-    DDIMScheduler.set_timesteps spaces them: 'leading' + steps_offset (SD1.5), 'trailing' (starts at T - 1: what a
-    zero-terminal-SNR model needs, Lin et al. 2023) or 'linspace'."""
-    cfg, T = scheduler.config, scheduler.config.num_train_timesteps
-    if cfg.timestep_spacing == "trailing":
-        ts = torch.arange(T, 0, -T / steps).round().long() - 1
-    elif cfg.timestep_spacing == "linspace":
-        ts = torch.linspace(0, T - 1, steps, dtype=torch.float64).round().long().flip(0)
-    else:
-        ts = (torch.arange(steps) * (T // steps)).flip(0) + cfg.steps_offset
-    return ts
-
-
-def check_sampler_steps(scheduler, steps, name="steps"):
-    """ValueError unless ddim_sample can take `steps` steps on this schedule (SD1.5's: 1 to 999, not 1000)."""
-    T = scheduler.config.num_train_timesteps
-    if not 1 <= steps <= T or int(timesteps(scheduler, steps)[0]) >= T:
-        raise ValueError(f"{name}={steps} does not fit the scheduler's {T} timesteps: DDIM's first timestep, "
-                         f"(steps - 1) x ({T} // steps) + steps_offset {scheduler.config.steps_offset}, must be below {T}")
-
-
-@torch.no_grad()
-def ddim_sample(unet, scheduler, cond, uncond, noise, steps=20, guidance=7.5, eta=0.0, step_noise=None):
-    """DDIM (Song et al. 2021, eq. 12), the same update as diffusers' DDIMScheduler.step (tested against it),
-    with classifier-free guidance: cond and uncond in one batched forward. cond (B, 77, D), uncond (1 or B, 77, D)
-    (SDXL: 78 rows, encode_prompts),
-    noise (B, C, H, W) = x_T; step_noise (steps, B, C, H, W), the noise each step adds when eta > 0, drawn by the
-    caller (so that it can deal it over processes). Returns x_0 in the model's space (latents, or pixels), float32."""
-    if eta > 0 and (step_noise is None or step_noise.shape != (steps, *noise.shape)):
-        raise ValueError(f"eta > 0 needs step_noise of shape {(steps, *noise.shape)}, got "
-                         f"{None if step_noise is None else tuple(step_noise.shape)}")
-    cfg = scheduler.config
-    abar = scheduler.alphas_cumprod.to(noise.device, torch.float32)
-    ratio = cfg.num_train_timesteps // steps  # diffusers' DDIM steps back by T // steps whatever the spacing
-    ts = timesteps(scheduler, steps).to(noise.device)
-    final_abar = torch.tensor(1.0, device=noise.device) if cfg.set_alpha_to_one else abar[0]
-    B = noise.shape[0]
-    dtype = next(unet.parameters()).dtype
-    context = (torch.cat([uncond.expand(B, -1, -1), cond]) if guidance != 1.0 else cond).to(dtype)
-    # abar of each step and of the one after it, looked up before the loop: a Python `if` on a GPU tensor inside it
-    # would wait for the GPU at every step (a host-device sync); these are the same values, bit for bit
-    prev = ts - ratio
-    a_ts, a_prevs = abar[ts], torch.where(prev >= 0, abar[prev.clamp(min=0)], final_abar)
-    x = noise.float()
-    for i, (t, a_t, a_prev) in enumerate(zip(ts, a_ts, a_prevs)):
-        if guidance != 1.0:
-            e_u, e_c = unet_output(unet, torch.cat([x, x]).to(dtype), t, context).float().chunk(2)
-            out = e_u + guidance * (e_c - e_u)  # guidance on the raw output, eps or v, as diffusers' pipelines
-        else:
-            out = unet_output(unet, x.to(dtype), t, context).float()
-        eps, x0 = eps_and_x0(scheduler, x, out, a_t)
-        if cfg.clip_sample:
-            x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
-        var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
-        std = eta * var.sqrt()
-        x = a_prev.sqrt() * x0 + (1 - a_prev - std ** 2).sqrt() * eps
-        if eta > 0:
-            x = x + std * step_noise[i].to(x.device)
-    return x
-
-
-@torch.no_grad()
-def ddim_invert(unet, scheduler, x0, t, context, uncond=None, steps=20, guidance=1.0):
-    """Deterministic DDIM inversion (Inversion-DPO): the update of `ddim_sample` at eta = 0 run backwards, from the
-    clean x0 (abar = 1) up to each sample's own timestep t (B,), in `steps` steps on the grid round(k t / steps),
-    k = 1..steps. As usual for inversion, eps is evaluated at the step's target timestep on the current x (exact
-    in the limit of small steps); a v-prediction is turned into eps at the current x's level, as diffusers'
-    DDIMInverseScheduler does. No x0 clipping: clipping is not invertible. Returns (x_t, eps_t): x_t float32
-    (B, C, H, W) and the noise it implies, eps_t = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t), so that
-    add_noise(x0, eps_t, t) == x_t and denoising_error can train on it unchanged.
-    Cost: steps UNet forwards per image (2x with guidance != 1), no gradients."""
-    abar = scheduler.alphas_cumprod.to(x0.device, torch.float32)
-    dtype = next(unet.parameters()).dtype
-    B = x0.shape[0]
-    if guidance != 1.0:
-        context = torch.cat([uncond.expand(B, -1, -1), context])
-    context = context.to(dtype)
-    x = x0.float()
-    a_cur = torch.ones(B, device=x0.device)  # the clean image: abar = 1
-    for k in range(1, steps + 1):
-        s = torch.round(t.float() * k / steps).long()  # (B,) each sample's next grid point
-        if guidance != 1.0:
-            e_u, e_c = unet_output(unet, torch.cat([x, x]).to(dtype), torch.cat([s, s]), context).float().chunk(2)
-            out = e_u + guidance * (e_c - e_u)
-        else:
-            out = unet_output(unet, x.to(dtype), s, context).float()
-        a_next = abar[s]
-        ac, an = _per_sample(a_cur, x), _per_sample(a_next, x)
-        eps, x0_hat = eps_and_x0(scheduler, x, out, ac)
-        x = an.sqrt() * x0_hat + (1 - an).sqrt() * eps
-        a_cur = a_next
-    a_t = _per_sample(abar[t], x)
-    return x, (x - a_t.sqrt() * x0.float()) / (1 - a_t).sqrt()
-
-
 REGIONS = (ResnetBlock2D, Transformer2DModel)  # what compile_unet='regional' compiles, each on its own
 
 
@@ -590,6 +522,7 @@ def speed_up(unets, channels_last=False, compile_unet="off"):
     one graph; 'regional': each ResNet and transformer block apart, as diffusers' compile_repeated_blocks does:
     blocks of one class and shape share their code, so it compiles in a fraction of the time but cannot fuse across
     blocks. None entries are skipped; the EMA copy (third) is not compiled."""
+    unets = [u if isinstance(u, torch.nn.Module) else None for u in unets]  # a LoraReference is the policy's UNet
     for u in unets:
         if u is not None and channels_last:
             u.to(memory_format=torch.channels_last)
@@ -608,7 +541,7 @@ def check_model_fits(cfg, m):
     for a video model."""
     T = m["scheduler"].config.num_train_timesteps
     for k in ("sample_steps", "self_sample_steps"):
-        check_sampler_steps(m["scheduler"], cfg[k], k)
+        diffusion.check_sampler_steps(m["scheduler"], cfg[k], k)
     if cfg["inversion_steps"] > T:
         raise ValueError(f"inversion_steps={cfg['inversion_steps']} is more than the scheduler's {T} timesteps")
     f = vae_factor(m) * 2 ** (len(m["unet"].config.block_out_channels) - 1)  # the UNet halves the side too
@@ -625,111 +558,3 @@ def check_model_fits(cfg, m):
     if m.get("text_encoder_2") is not None and cfg["train_text_encoder"]:
         raise ValueError("train_text_encoder=True trains one text encoder; an SDXL model has two (not implemented: "
                          "SDXL fine-tuning keeps both frozen)")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# a tiny random model in the SD1.5 folder layout (the tiny world's model, and the SD path's test model)
-
-def _bytes_to_unicode():
-    # the byte -> printable-character table of GPT-2/CLIP BPE
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
-def _bpe(toks, ranks):
-    """Byte-pair encoding of one word's symbols with the merges learned so far: merge the pair of lowest rank until
-    none applies (what CLIPTokenizer does)."""
-    while len(toks) > 1:
-        pairs = [(ranks.get((a, b), len(ranks)), i) for i, (a, b) in enumerate(zip(toks, toks[1:]))]
-        rank, i = min(pairs)
-        if rank == len(ranks):
-            break
-        toks = toks[:i] + [toks[i] + toks[i + 1]] + toks[i + 2:]
-    return toks
-
-
-def build_tokenizer(words, out_dir):
-    """A real CLIPTokenizer whose BPE knows `words` whole (any other text falls back to single bytes).
-    Same special tokens, lower-casing and 77-token padding as SD1.5's; a few hundred ids instead of 49,408.
-    Each word gets merges after all earlier ones, applied to what the earlier merges already make of it (BPE
-    always takes the lowest-ranked pair: a merge learned for "right", r i, would otherwise split "triangle")."""
-    base = _bytes_to_unicode()
-    vocab, ranks = base + [c + "</w>" for c in base], {}
-    for w in sorted(set(words)):
-        toks = _bpe(list(w[:-1]) + [w[-1] + "</w>"], ranks)
-        while len(toks) > 1:  # merge left to right: re d</w> -> red</w>
-            ranks.setdefault((toks[0], toks[1]), len(ranks))
-            if toks[0] + toks[1] not in vocab:
-                vocab.append(toks[0] + toks[1])
-            toks = [toks[0] + toks[1]] + toks[2:]
-    merges = [f"{a} {b}" for a, b in ranks]  # in rank order: dicts keep insertion order
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    os.makedirs(out_dir, exist_ok=True)
-    tmp_vocab, tmp_merges = os.path.join(out_dir, "_vocab.json"), os.path.join(out_dir, "_merges.txt")
-    with open(tmp_vocab, "w") as f:
-        json.dump({t: i for i, t in enumerate(vocab)}, f)
-    with open(tmp_merges, "w") as f:
-        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")  # the loader skips the first line
-    tok = CLIPTokenizer(tmp_vocab, tmp_merges, pad_token="<|endoftext|>", model_max_length=77)
-    os.remove(tmp_vocab), os.remove(tmp_merges)
-    tok.save_pretrained(out_dir)
-    return tok
-
-
-def build_tiny_model(out_dir, words, resolution=16, channels=(32, 64), text_dim=32, with_vae=False, seed=0,
-                     schedule="scaled_linear", prediction_type="epsilon", zero_snr=False, sdxl=False, frames=0):
-    """Save a random SD-layout model to out_dir. Pixel space (no vae/) unless with_vae: then a tiny AutoencoderKL
-    with 4 latent channels and a downsampling factor of 2. zero_snr: betas rescaled to a zero terminal SNR, sampled
-    from t = T - 1 ('trailing'), which needs prediction_type='v_prediction' (Lin et al. 2023). sdxl: SDXL's layout
-    and conditioning (a second text encoder with a projection, a UNet with addition_embed_type='text_time'), for
-    tests. frames > 0: an AnimateDiff UNetMotionModel (the UNet + a tiny MotionAdapter with temporal attention over
-    up to 32 frames), the tiny video world's model. Loaded back only through `load_model`."""
-    torch.manual_seed(seed)
-    tok = build_tokenizer(words, os.path.join(out_dir, "tokenizer"))
-    text_cfg = CLIPTextConfig(
-        vocab_size=len(tok), hidden_size=text_dim, intermediate_size=2 * text_dim, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, projection_dim=text_dim)
-    text_encoder = CLIPTextModel(text_cfg)
-    xl = {}
-    if sdxl:  # SDXL's added conditions: 6 time ids of 8 Fourier features each + the pooled text (its 256 x 6 + 1280)
-        xl = dict(addition_embed_type="text_time", addition_time_embed_dim=8,
-                  projection_class_embeddings_input_dim=8 * N_TIME_IDS + text_dim)
-    vae = None
-    in_ch, size = 3, resolution
-    if with_vae:
-        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
-                            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                            layers_per_block=1, norm_num_groups=8, sample_size=resolution)
-        in_ch, size = 4, resolution // 2
-    unet = UNet2DConditionModel(
-        sample_size=size, in_channels=in_ch, out_channels=in_ch, layers_per_block=1,
-        block_out_channels=tuple(channels), norm_num_groups=8, cross_attention_dim=text_dim * (1 + sdxl),
-        attention_head_dim=8, **xl,
-        # attention only below full resolution: at 16x16 a full-resolution attention block costs ~3x the step
-        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(channels) - 1),
-        up_block_types=("CrossAttnUpBlock2D",) * (len(channels) - 1) + ("UpBlock2D",))
-    # SD1.5's schedule by default; a pixel-space model also clips its predicted x0 to the image range
-    betas = {"scaled_linear": (0.00085, 0.012), "linear": (1e-4, 0.02), "squaredcos_cap_v2": (1e-4, 0.02)}[schedule]
-    sched = DDIMScheduler(beta_start=betas[0], beta_end=betas[1], beta_schedule=schedule, clip_sample=not with_vae,
-                          set_alpha_to_one=False, steps_offset=0 if zero_snr else 1, prediction_type=prediction_type,
-                          rescale_betas_zero_snr=zero_snr, timestep_spacing="trailing" if zero_snr else "leading")
-    check_scheduler(sched, out_dir)
-    if frames:
-        adapter = MotionAdapter(block_out_channels=tuple(channels), motion_layers_per_block=1, motion_norm_num_groups=8,
-                                motion_num_attention_heads=4, motion_max_seq_length=32)
-        unet = UNetMotionModel.from_unet2d(unet, adapter)
-    m = {"unet": unet, "text_encoder": text_encoder, "tokenizer": tok, "scheduler": sched, "vae": vae}
-    if sdxl:
-        m["text_encoder_2"], m["tokenizer_2"] = CLIPTextModelWithProjection(text_cfg), tok
-    if frames:
-        unet.save_motion_modules(os.path.join(out_dir, "motion_adapter"))
-    unet.save_pretrained(os.path.join(out_dir, "unet"))
-    save_frozen_parts(m, out_dir)
-    return out_dir

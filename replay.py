@@ -15,7 +15,6 @@ uniformly, so every snapshot of the whole history is drawn with probability 1/(n
 Every random choice is a pure function of (seed, step) or (seed, push number): all DDP ranks draw the same snapshot
 without talking to each other, and a resumed run draws what the uninterrupted run would have drawn.
 """
-import copy
 import os
 
 import numpy as np
@@ -134,10 +133,7 @@ def make_reference(cfg, unet, out, master, ckpt=None, path=None):
     a snapshot in its 'ref' adapter (model.LoraReference), and the pool holds adapters only (ref_dtype: their
     storage; the reference computes with the policy's weights)."""
     ref_dtype = torch.bfloat16 if cfg["ref_dtype"] == "bfloat16" else torch.float32
-    if cfg["lora_rank"]:
-        ref_unet = model.LoraReference(unet)
-    else:
-        ref_unet = copy.deepcopy(unet).to(ref_dtype).eval().requires_grad_(False)
+    ref_unet = model.reference(unet, ref_dtype)
     pool = ddp.together(True, ReferencePool, None if ckpt else model.trained_state(unet, cfg),  # a disk pool writes theta_0
                         cfg["ref_policy"] if cfg["method"] == "sspo" else "first", cfg["pool_capacity"],
                         cfg["pool_storage"], os.path.join(out, "pool"), cfg["seed"], ref_dtype, master)

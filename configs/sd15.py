@@ -4,7 +4,7 @@
 # effective batch: 8 GPUs x batch_size 16 x grad_accum 16 = 2048 (SSPO.md 6; Diffusion-DPO used 16 x 1 x 128).
 # Per-GPU batch 16, not 1: on an H100 an SSPO micro-batch of 1 takes 1.28 s and one of 16 takes 3.07 s (the UNet
 # is launch-bound at small batches); the real loop at 16 peaked at 24.8 GiB on one GPU (README, Performance;
-# bench.py's SSPO step then freed its gradients after each update: 21.6 GiB; it now holds them, as training does).
+# dev/bench.py's SSPO step then freed its gradients after each update: 21.6 GiB; it now holds them, as training does).
 # A smaller GPU: lower batch_size and raise grad_accum by the same factor (the update is the same mean).
 # lr: 1e-8 per sample x 2048 = 2.048e-5, constant after warmup, as Diffusion-DPO's launcher
 # time: not measured end to end. Self-sampling costs 2 x self_sample_steps UNet forwards per example on top of
@@ -33,7 +33,7 @@ max_steps = 210
 lr = 2.048e-5
 lr_schedule = "constant"
 warmup_steps = 10                   # Diffusion-DPO warms up its constant lr; the length is ours (210 updates here)
-grad_checkpointing = True           # H100, batch 16 (bench.py): off, the policy fwd+bwd is x1.54 (SFT) and x1.27
+grad_checkpointing = True           # H100, batch 16 (dev/bench.py): off, the policy fwd+bwd is x1.54 (SFT) and x1.27
                                     # (DPO) faster but saves 3% of an SSPO step, and its peak goes 21.6 -> 52.7 GiB
 mixed_precision = "bf16"            # autocast; the optimizer keeps fp32 master weights
 guidance = 7.5

@@ -38,7 +38,7 @@ max_steps = 210
 lr = 1e-4
 lr_schedule = "constant"
 warmup_steps = 10
-grad_checkpointing = True           # off: ~+29.5 GiB at batch 16 (bench.py's policy fwd+bwd at 2B=32: 51.0 vs 21.5)
+grad_checkpointing = True           # off: ~+29.5 GiB at batch 16 (dev/bench.py's policy fwd+bwd at 2B=32: 51.0 vs 21.5)
 mixed_precision = "bf16"
 guidance = 7.5
 sample_steps = 50

@@ -1,15 +1,14 @@
 # SSPO on the tiny world: winners only, losers sampled by a snapshot drawn uniformly from the policy's history
-# (Random Checkpoint Replay), Self-Sampling Regularization by sign. Starts from the tiny base, which it trains
-# first with configs/tiny_base.py if out/tiny_base is missing.
-#   python train_sspo.py configs/tiny.py      # 2.5-8 min on 2 CPU cores once the base exists (an update: 2-6 s)
+# (Random Checkpoint Replay), Self-Sampling Regularization by sign. Starts from the tiny base (configs/tiny_base.py).
+#   python train_sspo.py configs/tiny_base.py && python train_sspo.py configs/tiny.py
+#   # the base, then SSPO: 2.5-8 min on 2 CPU cores (an update: 2-6 s)
 # effective batch: 1 process x batch_size 16 x grad_accum 1 = 16; 120 updates; a snapshot every 15 updates, so the
 # pool grows to theta_0 + 7 (the paper shows about 7). Self-samples are drawn as the judge draws (10 DDIM steps at
-# guidance 1.1). This is the shared budget of tiny_table.py: every method there runs these steps on this data, at
+# guidance 1.1). This is the shared budget of tiny/table.py: every method there runs these steps on this data, at
 # its own learning rate and beta, chosen by the table's tuning stage (docs/tiny_world.md); lr and beta here are
 # SSPO's chosen point.
 out_dir = "out/tiny_sspo"
 init_from = "out/tiny_base"
-base_config = "configs/tiny_base.py"
 dataset = "tiny"
 tiny_mode = "pairs"        # SSPO reads only image_w, the judge's preferred image of each pair
 method = "sspo"
@@ -17,7 +16,7 @@ ssr = "sign"
 ref_policy = "uniform"
 ckpt_every = 15
 beta = 1000.0
-lr = 3e-5                  # SSPO's point of the tuning stage (tiny_table.py)
+lr = 3e-5                  # SSPO's point of the tuning stage (tiny/table.py)
 lr_schedule = "constant"
 warmup_steps = 10
 batch_size = 16

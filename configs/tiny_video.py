@@ -1,15 +1,15 @@
 # SSPO on the tiny video world: winners only (clips), losers sampled by a snapshot drawn uniformly from the policy's
-# history (Random Checkpoint Replay), Self-Sampling Regularization by sign. Starts from the tiny video base, which
-# it trains first with configs/tiny_video_base.py if out/tiny_video_base is missing (which first trains
-# configs/tiny_video_frames.py).
-#   python train_sspo.py configs/tiny_video.py    # fresh clone: 42 min on 2 CPU cores, 11 + 21 for the base, 9
-#                                                 # SSPO: judge 0.57 -> 0.64 seen prompts, 0.44 -> 0.59 held-out
+# history (Random Checkpoint Replay), Self-Sampling Regularization by sign. Starts from the tiny video base, trained
+# in two stages (configs/tiny_video_frames.py, then configs/tiny_video_base.py):
+#   python train_sspo.py configs/tiny_video_frames.py && python train_sspo.py configs/tiny_video_base.py \
+#       && python train_sspo.py configs/tiny_video.py
+#   # fresh clone: 42 min on 2 CPU cores, 11 + 21 for the base, 9 for SSPO: judge 0.57 -> 0.64 seen prompts,
+#   # 0.44 -> 0.59 held-out
 #   --method=sft | --method=dpo | --ref_policy=last --ssr=off (SPIN-Diffusion): the baselines on the same budget
 # effective batch: 1 process x batch_size 8 x grad_accum 1 = 8 clips of 8 frames; 100 updates; a snapshot every 20.
 # The whole UNet is trained, as the base was (trained_modules="motion" trains AnimateDiff's temporal layers only).
 out_dir = "out/tiny_video_sspo"
 init_from = "out/tiny_video_base"
-base_config = "configs/tiny_video_base.py"
 dataset = "tiny_video"
 tiny_mode = "pairs"        # SSPO reads only image_w, the judge's preferred clip of each pair
 frames = 8

@@ -1,6 +1,6 @@
 # The tiny video world's base model, second stage: the motion. From the first stage's model (configs/
-# tiny_video_frames.py, which it trains first if out/tiny_video_frames is missing: the pictures from single frames),
-# SFT on the flawed base distribution of clips (video.py), so that it draws the prompts' moving shapes with the base
+# tiny_video_frames.py, trained before it: the pictures from single frames),
+# SFT on the flawed base distribution of clips (tiny/video.py), so that it draws the prompts' moving shapes with the base
 # distribution's mistakes -- room for alignment to fix.
 #   python train_sspo.py configs/tiny_video_base.py   # 14-21 min on 2 CPU cores (21-32 with the first stage): judge
 #                                                      # 0.13-0.15 -> 0.58; 38-43% correct clips (data: 36%)
@@ -13,7 +13,6 @@
 # fine-tuning stream, and the fine-tunes on this base (seeds 0, 1, 2) must not replay its clips.
 out_dir = "out/tiny_video_base"
 init_from = "out/tiny_video_frames"
-base_config = "configs/tiny_video_frames.py"
 seed = 100
 dataset = "tiny_video"
 tiny_mode = "base"

@@ -35,7 +35,7 @@ def ddp_bound(args):
 # the project once, before any tensor work has started a thread pool (its one other thread is numpy's OpenBLAS pool,
 # which re-initializes after a fork), and forks a fresh process for each run
 _forks = multiprocessing.get_context("forkserver")
-_forks.set_forkserver_preload(["train_sspo", "evaluate", "bench", "conftest"])
+_forks.set_forkserver_preload(["train_sspo", "evaluate", "dev.bench", "conftest"])
 
 
 def _script_main(script, args, env, stdout, stderr, fsize):

@@ -8,7 +8,7 @@ import sys
 
 from PIL import Image
 
-import world
+from tiny import world
 from conftest import FAST, ROOT, run_script
 
 
@@ -79,13 +79,13 @@ import torch
 
 import config
 import evaluate as ev
-import model
 from test_scorers import save_tiny_scorers
+from tiny import build
 
 
 def fake_run(path, dataset="imagefolder", seed=0, step=7):
     """A tiny SD-layout model (with a VAE) plus the ckpt.pt fields evaluate.py reads: a run directory, no training."""
-    model.build_tiny_model(path, world.WORDS, with_vae=True, seed=seed)
+    build.build_tiny_model(path, world.WORDS, with_vae=True, seed=seed)
     cfg = dict(config.defaults(), dataset=dataset, data_path="unused", method="sspo")
     torch.save({"config": cfg, "step": step}, os.path.join(path, "ckpt.pt"))
     return path
@@ -98,7 +98,7 @@ def paper_setup(tmp_path_factory):
     weights["aesthetic"] = str(d / "scorers" / "missing_head.pth")  # not there: skipped, never a crash
     with open(d / "prompts.txt", "w") as f:
         f.write("a red circle on the left\n\na blue square at the top\na photo of a cat\nsunset\na green thing\n")
-    run, base = fake_run(str(d / "run")), model.build_tiny_model(str(d / "base"), world.WORDS, with_vae=True, seed=1)
+    run, base = fake_run(str(d / "run")), build.build_tiny_model(str(d / "base"), world.WORDS, with_vae=True, seed=1)
     args = [run, "--base", base, "--prompts", str(d / "prompts.txt"), "--steps=2", "--batch_size=2",
             "--weights", *[f"{k}={v}" for k, v in weights.items()]]
     return d, args, weights

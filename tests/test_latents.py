@@ -16,7 +16,8 @@ import data
 import latents
 import model
 import train_sspo
-import world
+from tiny import build
+from tiny import world
 from conftest import FAST
 from test_faults import bad_shard
 
@@ -41,7 +42,7 @@ def write_pairs(root, n=N, paired=True):
 def sd_world(tmp_path_factory):
     """-> (a tiny SD-layout model with a VAE, an imagefolder of pairs)."""
     root = tmp_path_factory.mktemp("latents")
-    sd = model.build_tiny_model(str(root / "sd"), world.WORDS, resolution=16, with_vae=True)
+    sd = build.build_tiny_model(str(root / "sd"), world.WORDS, resolution=16, with_vae=True)
     return sd, write_pairs(str(root / "pairs"))
 
 
@@ -156,15 +157,15 @@ def test_a_cache_is_used_only_for_what_it_was_built_for(sd_world, tmp_path):
     finally:
         with open(os.path.join(sd_world[1], "metadata.jsonl"), "rb+") as f:
             f.truncate(os.path.getsize(f.name) - 1)
-    other = model.build_tiny_model(str(tmp_path / "other"), world.WORDS, resolution=16, with_vae=True, seed=1)
+    other = build.build_tiny_model(str(tmp_path / "other"), world.WORDS, resolution=16, with_vae=True, seed=1)
     ds = data.make_dataset(cfg())
     with pytest.raises(ValueError, match="built with another VAE"):
         ds.check_vae(model.load_model(other)["vae"])
     ds.check_vae(model.load_model(sd_world[0])["vae"])
     with pytest.raises(SystemExit, match="random_crop=False"):
-        cfg("--random_crop=True")
+        data.check_config(cfg("--random_crop=True"))
     with pytest.raises(SystemExit, match="for real data"):
-        config.get_config([f"--latent_cache={cache}"])
+        data.check_config(config.get_config([f"--latent_cache={cache}"]))
     with pytest.raises(FileNotFoundError, match="meta.json: no such file; build the cache first"):
         data.CachedLatents(str(tmp_path / "none"))
     # building into a folder that holds another cache changes nothing there

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 import config
 import model
-import world
+from tiny import build
+from tiny import world
 from conftest import FAST, ddp_bound, run_script
 from test_faults import fork_main, load
 
@@ -94,7 +95,7 @@ def test_saved_adapter_loads_in_stable_diffusion_pipeline(tmp_path, run):
     """A latent SD-layout model (with a VAE) fine-tuned with LoRA: diffusers' pipeline loads the run folder's base,
     then load_lora_weights(run/lora) changes its images; model.load_model (evaluate.py's path) fuses the same
     adapter, so its UNet gives the pipeline's output with the adapter."""
-    sd = model.build_tiny_model(str(tmp_path / "sd"), world.WORDS, resolution=16, with_vae=True)
+    sd = build.build_tiny_model(str(tmp_path / "sd"), world.WORDS, resolution=16, with_vae=True)
     out = str(tmp_path / "run")
     p = run(LORA + [f"--out_dir={out}", f"--init_from={sd}", "--max_steps=2", "--lr=1e-2", "--lora_alpha=8.0"])
     assert p.returncode == 0, p.stderr[-3000:]
@@ -115,7 +116,7 @@ def test_saved_adapter_loads_in_stable_diffusion_pipeline(tmp_path, run):
 def test_lora_reference_switches_back_to_the_trained_adapter(tmp_path):
     """The reference (adapters off, or the 'ref' adapter) leaves the trained adapter active and alone trainable;
     with adapters off it is the base exactly, and a snapshot of the policy in 'ref' gives the policy's output."""
-    m = model.load_model(model.build_tiny_model(str(tmp_path), world.WORDS))
+    m = model.load_model(build.build_tiny_model(str(tmp_path), world.WORDS))
     unet, cfg = m["unet"], dict(config.defaults(), lora_rank=4)
     x, t, ctx = torch.randn(2, 3, 16, 16), torch.tensor([10, 500]), torch.randn(2, 77, 32)
     with torch.no_grad():
@@ -142,7 +143,7 @@ def test_lora_reference_switches_back_to_the_trained_adapter(tmp_path):
     (["--lora_rank=4", "--lora_targets=()"], "lora_targets must be module names")])
 def test_lora_config_errors(args, message):
     with pytest.raises(SystemExit, match=message):
-        config.get_config(args)
+        model.check_config(config.get_config(args))
 
 
 def test_evaluate_scores_a_lora_run_like_a_full_one(tmp_path, run, base):

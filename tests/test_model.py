@@ -5,19 +5,21 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
+import diffusion
 import model
-import world
+from tiny import build
+from tiny import world
 from conftest import FAST
 
 
 @pytest.fixture(scope="module")
 def sd_dir(tmp_path_factory):
     """A tiny random model with a VAE, saved in the SD1.5 layout."""
-    return model.build_tiny_model(str(tmp_path_factory.mktemp("sd")), world.WORDS, resolution=16, with_vae=True)
+    return build.build_tiny_model(str(tmp_path_factory.mktemp("sd")), world.WORDS, resolution=16, with_vae=True)
 
 
 def test_tokenizer_is_clip_shaped(tmp_path):
-    tok = model.build_tokenizer(world.WORDS, str(tmp_path / "tok"))
+    tok = build.build_tokenizer(world.WORDS, str(tmp_path / "tok"))
     from transformers import CLIPTokenizer
     tok = CLIPTokenizer.from_pretrained(str(tmp_path / "tok"))
     ids = tok("A red circle on the left", padding="max_length", max_length=77).input_ids
@@ -33,7 +35,7 @@ def test_every_word_of_the_grammar_is_one_token(tmp_path):
     """BPE takes the lowest-ranked merge first: a merge learned for one word (r i, from "right") must not split
     another ("triangle" was t ri a n g l e): each word a token of its own, through the saved and reloaded tokenizer."""
     from transformers import CLIPTokenizer
-    model.build_tokenizer(world.WORDS, str(tmp_path / "tok"))
+    build.build_tokenizer(world.WORDS, str(tmp_path / "tok"))
     tok = CLIPTokenizer.from_pretrained(str(tmp_path / "tok"))
     for w in world.WORDS:
         assert tok.convert_ids_to_tokens(tok(w).input_ids) == ["<|startoftext|>", w + "</w>", "<|endoftext|>"], w
@@ -94,7 +96,7 @@ def test_ddim_sample_matches_diffusers(tmp_path, with_vae, zero_snr):
     one (x0 clipped), and a zero-terminal-SNR v-prediction one ('trailing' steps from t = 999), with
     classifier-free guidance."""
     kind = "v_prediction" if zero_snr else "epsilon"
-    m = model.load_model(model.build_tiny_model(str(tmp_path), world.WORDS, with_vae=with_vae, zero_snr=zero_snr,
+    m = model.load_model(build.build_tiny_model(str(tmp_path), world.WORDS, with_vae=with_vae, zero_snr=zero_snr,
                                                 prediction_type=kind))
     assert m["scheduler"].config.prediction_type == kind and (m["scheduler"].alphas_cumprod[-1] == 0) == zero_snr
     unet = m["unet"].eval()
@@ -102,11 +104,11 @@ def test_ddim_sample_matches_diffusers(tmp_path, with_vae, zero_snr):
     uncond = model.encode_prompts(m, [""])
     c = unet.config.in_channels
     noise = torch.randn(2, c, unet.config.sample_size, unet.config.sample_size, generator=torch.Generator().manual_seed(0))
-    ours = model.ddim_sample(unet, m["scheduler"], cond, uncond, noise, steps=5, guidance=3.0)
+    ours = diffusion.ddim_sample(model.net(unet), m["scheduler"], cond, uncond, noise, steps=5, guidance=3.0)
     assert not ours.requires_grad  # the UNet's weights require grad: sampling must still build no graph
     s = DDIMScheduler.from_config(m["scheduler"].config)
     s.set_timesteps(5)
-    assert torch.equal(model.timesteps(m["scheduler"], 5), s.timesteps) and (s.timesteps[0] == 999) == zero_snr
+    assert torch.equal(diffusion.timesteps(m["scheduler"], 5), s.timesteps) and (s.timesteps[0] == 999) == zero_snr
     x = noise
     with torch.no_grad():
         for t in s.timesteps:
@@ -115,11 +117,11 @@ def test_ddim_sample_matches_diffusers(tmp_path, with_vae, zero_snr):
     assert torch.allclose(ours, x, atol=1e-5), (ours - x).abs().max()
     assert not torch.allclose(ours, noise)
     # guidance 1 is the conditional model alone, in one forward
-    one = model.ddim_sample(unet, m["scheduler"], cond, uncond, noise, steps=5, guidance=1.0)
+    one = diffusion.ddim_sample(model.net(unet), m["scheduler"], cond, uncond, noise, steps=5, guidance=1.0)
     assert not torch.allclose(one, ours)
     # eta > 0: each step adds its slice of the caller's step_noise, as diffusers' step(variance_noise=...)
     step_noise = torch.randn(5, *noise.shape, generator=torch.Generator().manual_seed(1))
-    ours = model.ddim_sample(unet, m["scheduler"], cond, uncond, noise, 5, 3.0, 0.5, step_noise)
+    ours = diffusion.ddim_sample(model.net(unet), m["scheduler"], cond, uncond, noise, 5, 3.0, 0.5, step_noise)
     x = noise
     with torch.no_grad():
         for i, t in enumerate(s.timesteps):
@@ -127,7 +129,7 @@ def test_ddim_sample_matches_diffusers(tmp_path, with_vae, zero_snr):
             x = s.step(e_u + 3.0 * (e_c - e_u), t, x, eta=0.5, variance_noise=step_noise[i]).prev_sample
     assert torch.allclose(ours, x, atol=1e-5), (ours - x).abs().max()
     with pytest.raises(ValueError, match=r"eta > 0 needs step_noise of shape \(5, 2, "):
-        model.ddim_sample(unet, m["scheduler"], cond, uncond, noise, 5, 3.0, 0.5)
+        diffusion.ddim_sample(model.net(unet), m["scheduler"], cond, uncond, noise, 5, 3.0, 0.5)
 
 
 def test_sd_layout_trains_samples_and_loads_in_stable_diffusion_pipeline(tmp_path, sd_dir, run):
@@ -172,10 +174,11 @@ def test_denoising_error_is_on_the_models_own_target(kind):
             return type("Out", (), {"sample": out + 0 * self.w})
 
     ctx = torch.zeros(3, 77, 8)
-    err, pred, target = model.denoising_error(Oracle(), sched, x0, eps, t, ctx, return_pred=True)
+    err, pred, target = diffusion.denoising_error(model.net(Oracle()), sched, x0, eps, t, ctx, return_pred=True)
     assert torch.allclose(target, want) and err.shape == (3,) and err.max() < 1e-8
     zero = Oracle()
     zero.forward = lambda x, t, encoder_hidden_states: type("Out", (), {"sample": torch.zeros_like(x)})
-    assert torch.allclose(model.denoising_error(zero, sched, x0, eps, t, ctx), want.pow(2).mean((1, 2, 3)))
-    x = model.ddim_sample(Oracle(), sched, ctx, ctx[:1], torch.randn(3, 2, 4, 4, generator=g), steps=4, guidance=1.0)
+    assert torch.allclose(diffusion.denoising_error(model.net(zero), sched, x0, eps, t, ctx), want.pow(2).mean((1, 2, 3)))
+    x = diffusion.ddim_sample(model.net(Oracle()), sched, ctx, ctx[:1], torch.randn(3, 2, 4, 4, generator=g), steps=4,
+                              guidance=1.0)
     assert torch.allclose(x, x0, atol=1e-4), (x - x0).abs().max()

@@ -9,6 +9,7 @@ import torch
 from diffusers import DDIMScheduler
 
 import config
+import diffusion
 import losses
 import model
 import train_sspo
@@ -158,7 +159,7 @@ def test_sdpo_scale_by_hand(pred_w, pred_l, mu, lam):
     same for both halves, so lambda = clip((1 - mu) |r_w|^2 / <r_l, r_w>, 0, 1)."""
     target = torch.zeros(1, 2, 1, 1)
     pw, pl = torch.tensor(pred_w).view(1, 2, 1, 1), torch.tensor(pred_l).view(1, 2, 1, 1)
-    assert losses.sdpo_scale(pw, pl, target, target, mu).item() == pytest.approx(lam, rel=1e-6)
+    assert diffusion.sdpo_scale(pw, pl, target, target, mu).item() == pytest.approx(lam, rel=1e-6)
 
 
 def test_sdpo_scale_keeps_the_winner_error_from_rising():
@@ -167,7 +168,7 @@ def test_sdpo_scale_keeps_the_winner_error_from_rising():
     target = torch.randn(3, 4, 5, 5, generator=g)
     pw = target + torch.randn(target.shape, generator=g)
     pl = pw + 0.3 * torch.randn(target.shape, generator=g)  # a loser close to the winner: gradients aligned
-    lam = losses.sdpo_scale(pw, pl, target, target, 0.9).item()
+    lam = diffusion.sdpo_scale(pw, pl, target, target, 0.9).item()
     r_w, r_l = (pw - target).flatten(), (pl - target).flatten()
     assert 0 < lam < 1
     assert torch.dot(-r_w + lam * r_l, r_w).item() <= -0.9 * r_w.pow(2).sum().item() + 1e-4
@@ -197,11 +198,11 @@ def test_ddim_invert_of_a_constant_model_is_the_forward_process(guidance, eps):
     t = torch.tensor([0, 1, 500, 999])
     cond, uncond = torch.full((4, 77, 8), 0.3), torch.full((1, 77, 8), 0.1)
     for steps in (1, 7):
-        x_t, eps_t = model.ddim_invert(ConstantEps(), sched, x0, t, cond, uncond, steps, guidance)
+        x_t, eps_t = diffusion.ddim_invert(model.net(ConstantEps()), sched, x0, t, cond, uncond, steps, guidance)
         a = abar[t].view(-1, 1, 1, 1)
         assert torch.allclose(x_t, a.sqrt() * x0 + (1 - a).sqrt() * eps, atol=1e-5)
         assert torch.allclose(eps_t, torch.full_like(x0, eps), atol=1e-4)
-        assert torch.allclose(model.add_noise(abar, x0, eps_t, t), x_t, atol=1e-5)
+        assert torch.allclose(diffusion.add_noise(abar, x0, eps_t, t), x_t, atol=1e-5)
 
 
 # ---- strict config ----------------------------------------------------------------------------------------------
@@ -253,7 +254,7 @@ SHORT = FAST + ["--max_steps=2", "--tiny_mode=pairs", "--self_sample_steps=2", "
 def test_each_objective_trains(tmp_path, run, base, config, extra, logged):
     """The entry script in a subprocess, as a user runs it."""
     out = str(tmp_path / "run")
-    p = run([config] + SHORT + extra + [f"--out_dir={out}", f"--init_from={base}", "--base_config="])
+    p = run([config] + SHORT + extra + [f"--out_dir={out}", f"--init_from={base}"])
     assert p.returncode == 0, p.stderr[-3000:]
     step = [line for line in p.stdout.splitlines() if line.startswith("step 2:")]
     assert step and all(k in step[0] for k in logged), step

@@ -3,9 +3,10 @@ something, for every kind of word, images and clips alike."""
 import torch
 
 import model
-import probe
-import video
-import world
+from tiny import build
+from tiny import probe
+from tiny import video
+from tiny import world
 
 
 def _cut_cross_attention(unet):
@@ -16,7 +17,7 @@ def _cut_cross_attention(unet):
 
 
 def test_word_effects_see_what_the_unet_reads(tmp_path):
-    m = model.load_model(model.build_tiny_model(str(tmp_path / "img"), world.WORDS, seed=0))
+    m = model.load_model(build.build_tiny_model(str(tmp_path / "img"), world.WORDS, seed=0))
     fx = probe.word_effects(m, world, timesteps=(999, 500), n_prompts=8)
     assert list(fx) == [999, 500] and all(set(r) == {"colour", "shape", "place"} for r in fx.values())
     assert all(v > 1e-5 for r in fx.values() for v in r.values())
@@ -25,6 +26,6 @@ def test_word_effects_see_what_the_unet_reads(tmp_path):
 
 
 def test_word_effects_of_a_video_model_report_motion_and_frames(tmp_path):
-    m = model.load_model(model.build_tiny_model(str(tmp_path / "vid"), video.WORDS, frames=4, seed=0))
+    m = model.load_model(build.build_tiny_model(str(tmp_path / "vid"), video.WORDS, frames=4, seed=0))
     fx = probe.word_effects(m, video, timesteps=(999,), frames=4, n_prompts=4)
     assert set(fx[999]) == {"colour", "shape", "motion", "frames"} and fx[999]["motion"] > 0 and fx[999]["frames"] > 0

@@ -14,8 +14,8 @@ from PIL import Image
 from transformers import (BertTokenizer, BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel, CLIPConfig,
                           CLIPModel)
 
-import model
 import scorers
+from tiny import build
 
 MEAN, STD = np.array([0.48145466, 0.4578275, 0.40821073]), np.array([0.26862954, 0.26130258, 0.27577711])
 WORDS = ["a", "red", "blue", "circle", "square", "on", "the", "left", "right"]
@@ -71,7 +71,7 @@ def tiny_clip(path, seed=0):
     """A random CLIPModel with image_size 224 (the real preprocessing), 2 layers of width 32, and a real
     CLIPTokenizer, saved to `path` with save_pretrained."""
     torch.manual_seed(seed)
-    tok = model.build_tokenizer(WORDS, path)
+    tok = build.build_tokenizer(WORDS, path)
     config = CLIPConfig(
         text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=2, max_position_embeddings=77, hidden_act="gelu",

@@ -11,8 +11,10 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 
+import diffusion
 import model
-import world
+from tiny import build
+from tiny import world
 from conftest import FAST
 
 R = 16  # image side; the tiny VAE halves it: 8x8 latents
@@ -20,7 +22,7 @@ R = 16  # image side; the tiny VAE halves it: 8x8 latents
 
 @pytest.fixture(scope="module")
 def xl_dir(tmp_path_factory):
-    return model.build_tiny_model(str(tmp_path_factory.mktemp("xl") / "xl"), world.WORDS, resolution=R,
+    return build.build_tiny_model(str(tmp_path_factory.mktemp("xl") / "xl"), world.WORDS, resolution=R,
                                   with_vae=True, sdxl=True)
 
 
@@ -54,7 +56,7 @@ def test_sampler_is_the_pipelines(xl_dir, pipe):
     instead; training's caption dropout encodes "", so guidance here does too)."""
     m = model.load_model(xl_dir)
     noise = torch.randn(2, 4, R // 2, R // 2, generator=torch.Generator().manual_seed(0))
-    ours = model.ddim_sample(m["unet"], m["scheduler"], model.encode_prompts(m, PROMPTS[:2], R),
+    ours = diffusion.ddim_sample(model.net(m["unet"]), m["scheduler"], model.encode_prompts(m, PROMPTS[:2], R),
                              model.encode_prompts(m, [""], R), noise, steps=4, guidance=3.0)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     theirs = pipe(PROMPTS[:2], negative_prompt=["", ""], height=R, width=R, num_inference_steps=4, guidance_scale=3.0,
@@ -113,7 +115,7 @@ def test_lora_adapter_loads_in_the_pipeline(tmp_path, run, xl_dir):
     pipe.load_lora_weights(os.path.join(out, model.LORA_DIR), weight_name=model.LORA_FILE)
     after = pipe(PROMPTS[0], latents=x.clone(), **kw).images
     m = model.load_model(out)
-    ours = model.ddim_sample(m["unet"], m["scheduler"], model.encode_prompts(m, PROMPTS[:1], R),
+    ours = diffusion.ddim_sample(model.net(m["unet"]), m["scheduler"], model.encode_prompts(m, PROMPTS[:1], R),
                              model.encode_prompts(m, [""], R), x, steps=2, guidance=3.0)
     assert not torch.allclose(before, after, atol=1e-4)
     assert torch.allclose(ours, after, atol=1e-4), (ours - after).abs().max()
@@ -133,7 +135,7 @@ def test_missing_second_encoder_is_one_line(tmp_path, run, xl_dir):
 def test_vae_key_and_upcast(tmp_path, run, xl_dir):
     """--vae puts another VAE in the run (the run folder saves it); a missing one is a one-line error. In fp16 a VAE
     whose config says force_upcast (SDXL's) stays fp32, as the pipelines keep it; the text encoders go fp16."""
-    other = model.build_tiny_model(str(tmp_path / "other"), world.WORDS, resolution=R, with_vae=True, seed=1)
+    other = build.build_tiny_model(str(tmp_path / "other"), world.WORDS, resolution=R, with_vae=True, seed=1)
     out = str(tmp_path / "run")
     p = run(FAST + [f"--out_dir={out}", f"--init_from={xl_dir}", f"--resolution={R}", "--max_steps=1",
                     f"--vae={other}/vae"])

@@ -12,7 +12,7 @@ import config
 import losses
 import replay
 import train_sspo
-from conftest import FAST, ROOT, ddp_bound
+from conftest import FAST, ddp_bound
 
 
 def t(*v):
@@ -239,7 +239,7 @@ SMALL = FAST + ["--max_steps=4", "--ckpt_every=2", "--self_sample_steps=2", "--t
 ])
 def test_each_tiny_config_trains(tmp_path, run, base, config, extra):
     """The entry script in a subprocess, as a user runs it."""
-    p = run([config] + SMALL + extra + [f"--out_dir={tmp_path}/run", f"--init_from={base}", "--base_config="])
+    p = run([config] + SMALL + extra + [f"--out_dir={tmp_path}/run", f"--init_from={base}"])
     assert p.returncode == 0, p.stderr[-3000:]
     assert "eval step 4:" in p.stdout
     assert p.stdout.strip().splitlines()[-1].startswith("judge on seen / held-out prompts: step 0 ")  # the last line
@@ -302,27 +302,26 @@ def test_dpo_needs_pairs(tmp_path):
         train_sspo.main(config.get_config(FAST + [f"--out_dir={tmp_path}/r", "--method=dpo", "--tiny_mode=base"]))
 
 
-def test_a_missing_base_is_trained_first(tmp_path, run):
-    base, cfg = tmp_path / "base", tmp_path / "base_cfg.py"
-    cfg.write_text(f"out_dir = {str(base)!r}\ninit_from = 'scratch'\nbatch_size = 8\ntiny_size = 512\nmax_steps = 2\n"
-                   "warmup_steps = 2\neval_every = 1000\nsample_steps = 2\n"  # the tiny base's model: v, zero SNR
-                   "prediction_type = 'v_prediction'\nzero_snr = True\nema_decay = 0.9\n")
-    rel = os.path.relpath(base, ROOT)  # the base config's absolute out_dir, named relative to the run's folder
-    p = run(["configs/tiny.py"] + SMALL + [f"--out_dir={tmp_path}/run", f"--init_from={rel}", f"--base_config={cfg}"])
+def test_the_quick_starts_two_commands_on_a_v_prediction_base(tmp_path, run):
+    """The base first (its own command: a zero-terminal-SNR v-prediction model, as configs/tiny_base.py's), then SSPO
+    and the methods that read the prediction itself (the Diffusion-SDPO safeguard, DDIM inversion) from it. A
+    missing base is one line naming it and how to make it, before any work."""
+    base = tmp_path / "base"
+    p = run(FAST + [f"--out_dir={base}", "--max_steps=2", "--prediction_type=v_prediction", "--zero_snr=True",
+                    "--ema_decay=0.9"])
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "is missing: training it first with" in p.stdout
-    assert torch.load(base / "ckpt.pt", weights_only=False)["step"] == 2
+    p = run(["configs/tiny.py"] + SMALL + [f"--out_dir={tmp_path}/run", f"--init_from={base}"])
+    assert p.returncode == 0, p.stderr[-3000:]
     assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["config"]["method"] == "sspo"
     sched = json.load(open(tmp_path / "run" / "scheduler" / "scheduler_config.json"))
     assert sched["prediction_type"] == "v_prediction" and sched["rescale_betas_zero_snr"]
     assert sched["timestep_spacing"] == "trailing"
-    # the v-prediction path of the methods that read the prediction itself: the Diffusion-SDPO safeguard, and
-    # DDIM inversion (Inversion-DPO)
     for extra in (["--sdpo_safeguard=True"], ["--noising=ddim_inversion", "--inversion_steps=2"]):
         p = run(["configs/tiny_dpo.py"] + SMALL + [f"--out_dir={tmp_path}/dpo{len(extra)}", f"--init_from={base}"]
                 + extra)
         assert p.returncode == 0 and "eval step 4:" in p.stdout, p.stderr[-3000:]
-    # a typo in init_from is an error, not a base trained into the base config's out_dir (a different folder)
-    p = run(["configs/tiny.py"] + SMALL + [f"--out_dir={tmp_path}/typo", f"--init_from={base}_typo", f"--base_config={cfg}"])
-    assert p.returncode != 0 and f"base_config {cfg} would train {str(base)!r}, not it" in p.stderr, p.stderr[-3000:]
+    p = run(["configs/tiny.py"] + SMALL + [f"--out_dir={tmp_path}/typo", f"--init_from={base}_typo"])
+    assert p.returncode == 1 and p.stderr.strip().splitlines()[-1] == (
+        f"error: model folder '{base}_typo' does not exist (expected an SD-layout folder or a hub id; a run folder of "
+        "train_sspo.py is one: train it first, e.g. the tiny base with python train_sspo.py configs/tiny_base.py)")
     assert not os.path.exists(f"{base}_typo") and not os.path.exists(tmp_path / "typo" / "ckpt.pt")

@@ -11,7 +11,9 @@ import checkpoint
 import config
 import data
 import losses
+import model
 import train_sspo
+from tiny import build
 from conftest import FAST, ddp_bound
 
 
@@ -57,12 +59,17 @@ def test_config_files_and_overrides(tmp_path):
     (["--text_dim=30"], r"text_dim must be a positive multiple of 4"),
     (["--self_sample_guidance=-3.0"], r"self_sample_guidance must be >= 0"),
     (["--out_dir="], r"out_dir is empty"),
-    (["--base_config=configs/nope.py"], r"base_config 'configs/nope.py' not found"),
+    (["--lora_rank=4", "--ema_decay=0.9"], r"lora_rank=4 with ema_decay=0.9: an EMA of the adapter"),
+    (["--ssr=oracle", "--dataset=imagefolder", "--data_path=."], r"ssr='oracle' flips by the tiny worlds' judge"),
     (["--data_path=data/pickapic"], r"data_path='data/pickapic' is set but dataset='tiny' draws its own images"),
 ])
 def test_config_errors(argv, match):
+    """From config.py (names, types, values) or from what the dataset and the model ask of it (data.check_config,
+    model.check_config: train_sspo.main calls them before any work)."""
     with pytest.raises(SystemExit, match=match):
-        config.get_config(argv)
+        cfg = config.get_config(argv)
+        data.check_config(cfg)
+        model.check_config(cfg)
 
 
 def test_string_keys_take_the_text_as_it_is(tmp_path, monkeypatch):
@@ -271,8 +278,7 @@ def test_ddp_two_processes_equal_one(tmp_path, run):
 def test_trained_text_encoder_is_saved_in_the_run_folder(tmp_path, run):
     out = str(tmp_path / "run")
     assert run(FAST + [f"--out_dir={out}", "--train_text_encoder=True"]).returncode == 0
-    import model
-    fresh = model.build_tiny_model(str(tmp_path / "fresh"), __import__("world").WORDS)  # the same seed-0 init
+    fresh = build.build_tiny_model(str(tmp_path / "fresh"))  # the same seed-0 init, the tiny world's words
     before = model.load_model(fresh)["text_encoder"].state_dict()
     after = model.load_model(out)["text_encoder"].state_dict()
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)["text_encoder"]

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 import data
-import video
-import world
+from tiny import video
+from tiny import world
 
 WANT = {None: "correct", "colour": "wrong colour", "static": "static", "direction": "wrong direction",
         "jitter": "jitter"}
@@ -158,12 +158,12 @@ def test_base_mixes_correct_and_flawed_and_pairs_put_the_judges_choice_first():
 def test_save_clip_strip_and_gif(tmp_path):
     raw = [video.render_clip(c, 4, 16) for c in video.ALL_COMBOS[:3]]
     clips = torch.stack([video.clip_to_tensor(x) for x in raw])
-    video.save_clip_strip(clips, str(tmp_path / "s.png"), labels=["a", "b", "c"])
+    data.save_clip_strip(clips, str(tmp_path / "s.png"), labels=["a", "b", "c"])
     g = np.asarray(Image.open(tmp_path / "s.png"))
     assert g.shape == (3 * (48 + 12 + 2), 4 * (48 + 2), 3)
     y, x = 48 + 12 + 2 + 1, 3 * 50 + 1  # the second clip's last frame, upscaled 3x
     assert np.array_equal(g[y:y + 48:3, x:x + 48:3], raw[1][3])
-    video.save_gif(clips, str(tmp_path / "s.gif"))
+    data.save_gif(clips, str(tmp_path / "s.gif"))
     with Image.open(tmp_path / "s.gif") as im:
         assert im.n_frames == 4 and im.size == (3 * 50, 48) and im.info["loop"] == 0
         im.seek(2)  # frame 2 shows each clip's frame 2, side by side (a GIF's palette moves colours a little)
@@ -206,14 +206,14 @@ def test_frame_folder_stride_and_resize(tmp_path):
     write_frames(tmp_path / "b", 3)
     (tmp_path / "a" / "notes.txt").write_text("not a frame")  # ignored: only image files are frames
     root = write_meta(tmp_path, [{"file_name": "a", "text": "nine"}, "\n", {"file_name": "b", "text": "three"}])
-    ds = video.ClipFolder(root, 8, frames=3, stride=4, random_flip=False)
+    ds = data.ClipFolder(root, 8, frames=3, stride=4, random_flip=False)
     x = ds[0]["image_w"]
     assert len(ds) == 2 and ds[0]["prompt"] == "nine" and set(ds[0]) == {"prompt", "image_w"}
     assert x.shape == (3, 3, 8, 8) and x.dtype == torch.float32
     assert level(x).tolist() == [10, 90, 170]  # frames 0, 4, 8
     for k, f in enumerate((0, 4, 8)):  # each frame resized and center-cropped exactly as load_image does
         assert torch.equal(x[:, k], data.load_image(str(tmp_path / "a" / f"f{f:02d}.png"), 8))
-    assert level(video.ClipFolder(root, 8, frames=3, stride=1)[1]["image_w"]).tolist() == [10, 30, 50]
+    assert level(data.ClipFolder(root, 8, frames=3, stride=1)[1]["image_w"]).tolist() == [10, 30, 50]
 
 
 def test_one_flip_for_every_frame_of_winner_and_loser(tmp_path):
@@ -222,7 +222,7 @@ def test_one_flip_for_every_frame_of_winner_and_loser(tmp_path):
         for k in range(4):
             ramp(inverted=inverted).save(tmp_path / name / f"{k}.png")
     root = write_meta(tmp_path, [{"file_name": "w", "loser_file_name": "l", "text": str(i)} for i in range(16)])
-    ds = video.ClipFolder(root, 16, frames=4, seed=1)
+    ds = data.ClipFolder(root, 16, frames=4, seed=1)
     flips = set()
     for i in range(len(ds)):
         w, l = ds[i]["image_w"], ds[i]["image_l"]
@@ -231,7 +231,7 @@ def test_one_flip_for_every_frame_of_winner_and_loser(tmp_path):
         assert (w - w[:, :1]).abs().max() == 0, i  # and for every frame
         flips.add(bool(w[0, 0, 0, 0] > w[0, 0, 0, -1]))  # flipped: bright on the left
     assert flips == {False, True}
-    assert set(video.ClipFolder(root, 16, frames=4, losers=False)[0]) == {"prompt", "image_w"}
+    assert set(data.ClipFolder(root, 16, frames=4, losers=False)[0]) == {"prompt", "image_w"}
 
 
 def test_bad_metadata_names_file_and_line(tmp_path):
@@ -239,7 +239,7 @@ def test_bad_metadata_names_file_and_line(tmp_path):
     (tmp_path / "x.txt").write_text("not a clip")
     meta = str(tmp_path / "metadata.jsonl")
     with pytest.raises(FileNotFoundError, match="metadata.jsonl: no such file"):
-        video.ClipFolder(str(tmp_path), 8)
+        data.ClipFolder(str(tmp_path), 8)
     good = {"file_name": "a", "text": "t"}
     for line, err, msg in [
             ("{not json\n", ValueError, "line 2: not valid JSON"),
@@ -250,11 +250,11 @@ def test_bad_metadata_names_file_and_line(tmp_path):
             ({**good, "loser_file_name": "a"}, ValueError, "line 2: has loser_file_name but earlier lines do not")]:
         write_meta(tmp_path, [good, line])
         with pytest.raises(err, match=msg) as e:
-            video.ClipFolder(str(tmp_path), 8, frames=2)
+            data.ClipFolder(str(tmp_path), 8, frames=2)
         assert meta in str(e.value)
     write_meta(tmp_path, ["\n"])
     with pytest.raises(ValueError, match="metadata.jsonl: no rows"):
-        video.ClipFolder(str(tmp_path), 8)
+        data.ClipFolder(str(tmp_path), 8)
 
 
 def test_short_or_corrupt_clips_fail_on_load_naming_the_file_and_skipbad_skips_them(tmp_path):
@@ -263,14 +263,14 @@ def test_short_or_corrupt_clips_fail_on_load_naming_the_file_and_skipbad_skips_t
     (tmp_path / "corrupt" / "f02.png").write_bytes(b"not a png at all")
     write_frames(tmp_path / "ok", 4)
     root = write_meta(tmp_path, [{"file_name": d, "text": d} for d in ("short", "corrupt", "ok")])
-    ds = video.ClipFolder(root, 8, frames=3, stride=1)
+    ds = data.ClipFolder(root, 8, frames=3, stride=1)
     assert ds[0]["image_w"].shape == (3, 3, 8, 8)  # 4 frames are enough at stride 1 ...
-    ds = video.ClipFolder(root, 8, frames=3, stride=2)  # ... not at stride 2 (5 needed)
+    ds = data.ClipFolder(root, 8, frames=3, stride=2)  # ... not at stride 2 (5 needed)
     with pytest.raises(ValueError, match=r"short: 4 frames, needs 5 \(frames=3, stride=2\)"):
         ds[0]
     with pytest.raises(ValueError, match=r"corrupt/f02.png: cannot decode image"):
-        video.ClipFolder(root, 8, frames=4)[1]
-    item = data.SkipBad(video.ClipFolder(root, 8, frames=4))[1]  # corrupt -> the next readable clip, "ok"
+        data.ClipFolder(root, 8, frames=4)[1]
+    item = data.SkipBad(data.ClipFolder(root, 8, frames=4))[1]  # corrupt -> the next readable clip, "ok"
     assert item["prompt"] == "ok" and item["skipped"] == 1 and "f02.png" in item["error"]
 
 
@@ -295,13 +295,13 @@ def test_video_file_round_trip(tmp_path, name, codec):
     write_video(tmp_path / name, 10, codec)
     write_frames(tmp_path / "loser", 10)
     root = write_meta(tmp_path, [{"file_name": name, "loser_file_name": "loser", "text": "v"}])
-    x = video.ClipFolder(root, 16, frames=4, stride=3, random_flip=False)[0]
+    x = data.ClipFolder(root, 16, frames=4, stride=3, random_flip=False)[0]
     assert x["image_w"].shape == x["image_l"].shape == (3, 4, 16, 16)
     # frames 0, 3, 6, 9; mpeg4 moves a flat grey by up to 4 levels here, the gif's fixed palette by up to 2
     assert np.abs(level(x["image_w"]).numpy() - [10, 70, 130, 190]).max() <= 6, level(x["image_w"])
     assert np.abs(level(x["image_l"]).numpy() - [10, 70, 130, 190]).max() == 0
     with pytest.raises(ValueError, match=rf"{name}: 10 frames, needs 13"):
-        video.ClipFolder(root, 16, frames=5, stride=3)[0]
+        data.ClipFolder(root, 16, frames=5, stride=3)[0]
 
 
 def test_corrupt_video_and_missing_pyav(tmp_path, monkeypatch):
@@ -309,7 +309,7 @@ def test_corrupt_video_and_missing_pyav(tmp_path, monkeypatch):
     (tmp_path / "bad.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + os.urandom(200))
     root = write_meta(tmp_path, [{"file_name": "bad.mp4", "text": "v"}])
     with pytest.raises(ValueError, match=r"bad.mp4: cannot decode video"):
-        video.ClipFolder(root, 16, frames=2)[0]
+        data.ClipFolder(root, 16, frames=2)[0]
     monkeypatch.setitem(sys.modules, "av", None)  # `import av` now raises ImportError, as without PyAV
     with pytest.raises(ImportError, match=r"bad.mp4: reading video files needs PyAV: pip install av"):
-        video.ClipFolder(root, 16, frames=2)[0]
+        data.ClipFolder(root, 16, frames=2)[0]

@@ -12,8 +12,10 @@ from PIL import Image
 from diffusers import AnimateDiffPipeline, DDIMScheduler, MotionAdapter
 from safetensors.torch import load_file
 
+import diffusion
 import model
-import video
+from tiny import build
+from tiny import video
 from conftest import FAST
 from test_faults import load
 
@@ -25,7 +27,7 @@ CLIPS = FAST + ["--dataset=tiny_video", "--tiny_flaws=('static', 'direction', 'j
 def parts(tmp_path_factory):
     """An SD-layout folder (with a VAE) and, apart, a MotionAdapter folder, as the hub ships AnimateDiff's."""
     root = tmp_path_factory.mktemp("animatediff")
-    sd = model.build_tiny_model(str(root / "sd"), video.WORDS, resolution=R, with_vae=True)
+    sd = build.build_tiny_model(str(root / "sd"), video.WORDS, resolution=R, with_vae=True)
     torch.manual_seed(1)
     adapter = MotionAdapter(block_out_channels=(32, 64), motion_layers_per_block=1, motion_norm_num_groups=8,
                             motion_num_attention_heads=4, motion_max_seq_length=32)
@@ -44,7 +46,7 @@ def test_sampler_is_animatediff_pipelines(parts):
     prompts = ["a red circle moving left", "a blue square growing"]
     noise = torch.randn(2, 4, F, R // 2, R // 2, generator=torch.Generator().manual_seed(0))
     cond, uncond = model.encode_prompts(m, prompts), model.encode_prompts(m, [""])
-    ours = model.ddim_sample(m["unet"], m["scheduler"], cond, uncond, noise, steps=3, guidance=3.0)
+    ours = diffusion.ddim_sample(model.net(m["unet"]), m["scheduler"], cond, uncond, noise, steps=3, guidance=3.0)
     pipe = AnimateDiffPipeline.from_pretrained(sd, motion_adapter=MotionAdapter.from_pretrained(adapter),
                                                local_files_only=True)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
@@ -56,7 +58,7 @@ def test_sampler_is_animatediff_pipelines(parts):
         for n, p in plain["unet"].named_parameters():
             if ".motion_modules." in n:
                 p.zero_()
-    other = model.ddim_sample(plain["unet"], m["scheduler"], cond, uncond, noise, steps=3, guidance=3.0)
+    other = diffusion.ddim_sample(model.net(plain["unet"]), m["scheduler"], cond, uncond, noise, steps=3, guidance=3.0)
     assert not torch.allclose(ours, other, atol=1e-3)
     clips = model.latents_to_images(m["vae"], ours)
     assert clips.shape == (2, 3, F, R, R)

@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 import data
-import world
+from tiny import world
 
 
 def test_judge_ranks_correct_renders_above_each_flaw():

@@ -5,8 +5,8 @@ also how much the prediction differs between frames. A word the model ignores mo
 magnitude less than the others (docs/tiny_world.md: the place word of the first image base; docs/video.md: the
 motion word of the video base).
 
-    python probe.py out/tiny_base
-    python probe.py out/tiny_video_base --timesteps 999 900 500
+    python -m tiny.probe out/tiny_base
+    python -m tiny.probe out/tiny_video_base --timesteps 999 900 500
 """
 import argparse
 

@@ -1,22 +1,17 @@
 """
-Text-to-video data. A clip is float (3, F, H, W) in [-1, 1] (channels, frames, height, width: the per-sample layout
-of diffusers' AnimateDiff UNetMotionModel); a clip to judge or draw is uint8 (F, H, W, 3).
-  - the tiny video world: world.py's shapes set moving ("a red circle moving left", "a blue square growing"), a base
-    distribution with one flaw in most draws (static, wrong direction, jitter, wrong colour), and a judge;
-  - real clips: a folder with metadata.jsonl whose file_name is a folder of frame images or a video file (PyAV).
-Datasets yield {"prompt": str, "image_w": (3, F, R, R)} and, for pairs, "image_l": the training loop's keys.
+The tiny video world: the tiny world's shapes set moving ("a red circle moving left", "a blue square growing"), a base
+distribution with one flaw in most draws (static, wrong direction, jitter, wrong colour), and a judge. A clip is float
+(3, F, H, W) in [-1, 1] (channels, frames, height, width: the per-sample layout of diffusers' AnimateDiff
+UNetMotionModel); a clip to judge or draw is uint8 (F, H, W, 3). Its dataset yields {"prompt": str, "image_w":
+(3, F, R, R)} and, for pairs, "image_l": the training loop's keys. Real clips are data.py's (clipfolder).
 """
-import io
 import itertools
-import os
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 
-import data
-import world
-from world import COLOURS, RADIUS, SHAPES
+from tiny import world
+from tiny.world import COLOURS, RADIUS, SHAPES
 
 # ---------------------------------------------------------------------------------------------------------------
 # the tiny video world: "a red circle moving left", "a blue square growing"
@@ -224,7 +219,7 @@ class TinyVideoWorld(world.TinyWorld):
         self.frames = frames
 
     prompt_of = staticmethod(prompt_of)
-    all_combos = ALL_COMBOS
+    all_combos, held_out, words = ALL_COMBOS, HELD_OUT, WORDS
 
     def render(self, combo, rng, flaw):
         return render_clip(combo, self.frames, self.resolution, rng, flaw)
@@ -234,124 +229,3 @@ class TinyVideoWorld(world.TinyWorld):
 
     def as_tensor(self, x):
         return clip_to_tensor(x)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# real clips: root/metadata.jsonl as data.ImageFolder's, each file_name a folder of frames or a video file
-
-FRAME_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-VIDEO_EXTS = (".mp4", ".webm", ".avi", ".mov", ".mkv", ".m4v", ".gif")
-
-
-def decode_video(path, need, stride=1):
-    """The first `need` frames of a video file, every stride-th kept -> (list of PIL RGB images, frames decoded:
-    `need`, or all of a shorter video). ValueError for a file PyAV cannot decode; ImportError without PyAV, which
-    data.SkipBad must not swallow as one bad clip."""
-    try:
-        import av
-    except ImportError:
-        raise ImportError(f"{path}: reading video files needs PyAV: pip install av") from None
-    out, n = [], 0
-    try:
-        with av.open(path) as container:
-            for frame in container.decode(video=0):
-                if n % stride == 0:
-                    out.append(frame.to_image().convert("RGB"))
-                n += 1
-                if n == need:
-                    break
-    except FileNotFoundError:
-        raise
-    except Exception as e:
-        raise ValueError(f"{path}: cannot decode video ({type(e).__name__}: {e})") from None
-    return out, n
-
-
-def _bmp(im):
-    buf = io.BytesIO()
-    im.save(buf, "BMP")
-    return buf.getvalue()
-
-
-def load_clip(path, resolution, frames, stride=1, flip=False):
-    """A frame folder (its images sorted by name) or a video file -> (3, F, R, R) float in [-1, 1]: frames 0,
-    stride, 2 stride, ..., each resized and center-cropped by data.load_image, all with the same flip. ValueError
-    naming the file for a clip too short, a corrupt frame or video."""
-    need = (frames - 1) * stride + 1
-    if os.path.isdir(path):
-        files = sorted(f for f in os.listdir(path) if f.lower().endswith(FRAME_EXTS))
-        n, srcs, names = len(files), [os.path.join(path, f) for f in files[:need:stride]], [None] * frames
-    else:  # a BMP round trip is lossless, so video frames go through load_image exactly as image files do
-        images, n = decode_video(path, need, stride)
-        srcs, names = [_bmp(im) for im in images], [f"{path} frame {k * stride}" for k in range(frames)]
-    if n < need:
-        raise ValueError(f"{path}: {n} frames, needs {need} (frames={frames}, stride={stride})")
-    return torch.stack([data.load_image(s, resolution, (None, flip), name) for s, name in zip(srcs, names)], dim=1)
-
-
-def why_not_a_clip(path):
-    """None for a folder of frame images or a video file (by extension), else what is wrong (data.read_metadata)."""
-    if not (os.path.isdir(path) or path.lower().endswith(VIDEO_EXTS)):
-        return f"is neither a folder of frames nor a video file ({', '.join(VIDEO_EXTS)})"
-
-
-class ClipFolder(torch.utils.data.Dataset):
-    """data.ImageFolder for clips: root/metadata.jsonl, one JSON object a line with `file_name` (a folder of frame
-    images or a video file, relative to root) and `text`, and `loser_file_name` on every line or none (pairs, unless
-    losers=False). Everything cheap is checked here; a clip too short or corrupt fails when loaded, with a
-    ValueError naming it, which data.SkipBad skips and counts."""
-
-    def __init__(self, root, resolution, frames=8, stride=1, random_flip=True, seed=0, losers=True):
-        self.resolution, self.frames, self.stride, self.random_flip, self.seed, self.losers, self.epoch = \
-            resolution, frames, stride, random_flip, seed, losers, 0
-        self.rows, self.paired = data.read_metadata(root, "a clip folder", why_not_a_clip)
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        i = range(len(self))[i]
-        text, *files = self.rows[i]
-        _, flip = data.draw_aug(np.random.default_rng([self.seed, self.epoch, i]), False, self.random_flip)
-        pair = self.paired and self.losers  # one flip for every frame of both clips (data.draw_aug says why)
-        clips = [load_clip(p, self.resolution, self.frames, self.stride, flip) for p in (files if pair else files[:1])]
-        return {"prompt": text, "image_w": clips[0], **({"image_l": clips[1]} if pair else {})}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# pictures of clips
-
-
-def _tiles(clips, tile):
-    """(N, 3, F, R, R) in [-1, 1] -> uint8 (N, F, S, S, 3), upscaled (nearest) to S >= tile px."""
-    x = clip_to_uint8(torch.as_tensor(clips))
-    k = max(1, -(-tile // x.shape[2]))
-    return x.repeat(k, axis=2).repeat(k, axis=3)
-
-
-def save_clip_strip(clips, path, labels=None, tile=48):
-    """One PNG, one row per clip: its frames left to right, an optional label under each row."""
-    x = _tiles(clips, tile)
-    n, F, S = x.shape[:3]
-    strip = 12 if labels else 0
-    img = Image.new("RGB", (F * (S + 2), n * (S + strip + 2)), (40, 40, 40))
-    draw = ImageDraw.Draw(img)
-    for i, f in itertools.product(range(n), range(F)):
-        img.paste(Image.fromarray(x[i, f]), (f * (S + 2) + 1, i * (S + strip + 2) + 1))
-    for i, label in enumerate(labels or []):
-        draw.text((3, i * (S + strip + 2) + S + 1), label, fill=(230, 230, 230))
-    img.save(path)
-
-
-def save_gif(clips, path, tile=48, fps=8):
-    """An animated GIF of the clips side by side, looping: frame f shows every clip's frame f."""
-    x = _tiles(clips, tile)
-    n, F, S = x.shape[:3]
-    row = np.full((F, S, n * (S + 2), 3), 40, np.uint8)
-    for i in range(n):
-        row[:, :, i * (S + 2) + 1:i * (S + 2) + 1 + S] = x[i]
-    frames = [Image.fromarray(f) for f in row]
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0)

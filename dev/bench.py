@@ -1,16 +1,16 @@
 """
 Where a training step's time goes, per method, and how far SSPO is from its floor.
 
-    python bench.py                           # the tiny world (configs/tiny.py, its base's width) on CPU: minutes
-    python bench.py --sd15                    # the SD1.5-shaped UNet (random weights, configs/sd15.py) on one GPU
-    python bench.py --sd15 --compile          # the same with torch.compile'd UNets (compile time printed apart)
-    python bench.py --sd15 --compile regional # each ResNet and transformer block compiled apart (compiles faster)
-    python bench.py --sd15 --profile          # where the time goes: wall against kernels, the top kernels
-    python bench.py --sd15 --latents          # steps read precomputed VAE latents, as with latent_cache (latents.py)
-    python bench.py --sd15 --resolution 64    # on CPU: a smoke run of the SD1.5 code path at 8x8 latents
+    python -m dev.bench                           # the tiny world (configs/tiny.py, its base's width) on CPU: minutes
+    python -m dev.bench --sd15                    # the SD1.5-shaped UNet (random weights, configs/sd15.py) on one GPU
+    python -m dev.bench --sd15 --compile          # the same with torch.compile'd UNets (compile time printed apart)
+    python -m dev.bench --sd15 --compile regional # each ResNet and transformer block compiled apart (compiles faster)
+    python -m dev.bench --sd15 --profile          # where the time goes: wall against kernels, the top kernels
+    python -m dev.bench --sd15 --latents          # steps read precomputed VAE latents, as with latent_cache (latents.py)
+    python -m dev.bench --sd15 --resolution 64    # on CPU: a smoke run of the SD1.5 code path at 8x8 latents
 
-A step here is one micro-batch of `batch_size`, built from the same pieces as train_sspo.py's loop (model.py's
-encoders, sampler and denoising_error; train_sspo.py's data and randomness; losses.py), split into phases:
+A step here is one micro-batch of `batch_size`, made by the same calls as train_sspo.py's update (model.py's
+encoders, diffusion.py's sampler and pair_errors, data.py's randomness, losses.py's objective), split into phases:
 data (load + host-to-device), encode (text encoder, VAE), sample (SSPO's self-sampling), policy (forward +
 backward), ref (reference forwards), opt (clip + AdamW, amortized over grad_accum) and swap (snapshot push and
 load, amortized over the ckpt_every x grad_accum micro-batches of a stretch). On a GPU each phase ends with a
@@ -43,10 +43,12 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 import config
 import data
+import diffusion
 import losses
 import model
 import replay
-import world
+from tiny import world
+from tiny.build import build_tiny_model, build_tokenizer
 
 # SD1.5's UNet (stable-diffusion-v1-5/unet/config.json), written out so nothing is downloaded; the rest default
 SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
@@ -123,7 +125,7 @@ def sd15_parts(device, tmp):
     """SD1.5's UNet, VAE, text encoder (random weights) and scheduler; our small CLIPTokenizer (written to tmp)."""
     with torch.device(device):
         m = {"unet": UNet2DConditionModel(**SD15_UNET), "vae": AutoencoderKL(**SD15_VAE),
-             "tokenizer": model.build_tokenizer(world.WORDS, os.path.join(tmp, "tokenizer")),
+             "tokenizer": build_tokenizer(world.WORDS, os.path.join(tmp, "tokenizer")),
              "text_encoder": CLIPTextModel(CLIPTextConfig(**SD15_TEXT))}
     m["scheduler"] = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                    clip_sample=False, set_alpha_to_one=False, steps_offset=1)  # SD1.5's
@@ -169,14 +171,14 @@ def build(cfg, sd15, device, tmp, from_cache=False):
         for k in ("text_encoder", "vae"):
             m[k].to(dtype=frozen).eval().requires_grad_(False)
     else:
-        model.build_tiny_model(tmp, world.WORDS, cfg["resolution"], cfg["unet_channels"], cfg["text_dim"],
+        build_tiny_model(tmp, world.WORDS, cfg["resolution"], cfg["unet_channels"], cfg["text_dim"],
                                seed=cfg["seed"], schedule=cfg["noise_schedule"])
         m = model.load_model(tmp, device, frozen)
     unet = m["unet"].train()
     if cfg["grad_checkpointing"]:
         unet.enable_gradient_checkpointing()
     ref_dtype = torch.bfloat16 if cfg["ref_dtype"] == "bfloat16" else torch.float32
-    ref_unet = copy.deepcopy(unet).to(ref_dtype).eval().requires_grad_(False)
+    ref_unet = model.reference(unet, ref_dtype)
     for u in (unet, ref_unet) if cfg["channels_last"] else ():  # as train_sspo.main
         u.to(memory_format=torch.channels_last)
     pool = replay.ReferencePool(unet.state_dict(), "uniform", 0, cfg["pool_storage"], os.path.join(tmp, "pool"),
@@ -217,42 +219,37 @@ def build(cfg, sd15, device, tmp, from_cache=False):
 # one step, as train_sspo.py's loop does it (one micro-step, then the update)
 
 def train_step(method, P, cfg, lap, step=0):
-    """One micro-batch of `method` and an optimizer update; lap(name) closes a phase."""
+    """One micro-batch of `method` and an optimizer update, as train_sspo.py's update makes it (the same calls:
+    step_randomness, the self-sample, diffusion.pair_errors, the objective); lap(name) closes a phase. The reference
+    network is wrapped so that its forward is a phase of its own."""
     m, dev, B, T = P["m"], P["device"], P["B"], P["m"]["scheduler"].config.num_train_timesteps
     batch, _ = next(P["batches"])
     eps, t, drop, x_T, vae_noise, eta_noise, _ = data.step_randomness({**cfg, "method": method}, step, 0, 0, 1,
-                                                                          (B, *P["shape"]), T)
-    eps, t, x_T = eps.to(dev), t.to(dev), x_T.to(dev)
+                                                                         (B, *P["shape"]), T, device=dev)
     # images (or, with --latents, the VAE's moments) of the winners, and of the losers for DPO
     on_dev = {k: v.to(dev) for k, v in batch.items() if k.endswith("_w") or (method == "dpo" and k.endswith("_l"))}
     lap("data")
     x0_w = model.to_latents(m["vae"], on_dev, "w", dev, vae_noise[0])
     ctx = P["encode"](["" if d else p for p, d in zip(batch["prompt"], drop.tolist())])
-    if method == "dpo":
-        x0_l = model.to_latents(m["vae"], on_dev, "l", dev, vae_noise[1])
-    if method == "sspo":
-        cond = P["encode"](batch["prompt"])
+    x0_l = model.to_latents(m["vae"], on_dev, "l", dev, vae_noise[1]) if method == "dpo" else None
+    cond = P["encode"](batch["prompt"]) if method == "sspo" else None
     lap("encode")
+    ref_net = model.net(P["ref_unet"])
+
+    def reference(*args):  # the policy's forward came before it
+        lap("policy")
+        out = ref_net(*args)
+        lap("ref")
+        return out
     if method == "sspo":
         with P["autocast"]:
-            x0_l = model.ddim_sample(P["ref_unet"], m["scheduler"], cond, P["uncond"], x_T, cfg["self_sample_steps"],
-                                     cfg["self_sample_guidance"], cfg["self_sample_eta"],
-                                     None if eta_noise is None else eta_noise.to(x_T.device))
+            x0_l = diffusion.ddim_sample(ref_net, m["scheduler"], cond, P["uncond"], x_T, cfg["self_sample_steps"],
+                                         cfg["self_sample_guidance"], cfg["self_sample_eta"], eta_noise)
         lap("sample")
     with P["autocast"]:
-        if method == "sft":
-            loss, _ = losses.sft_loss(model.denoising_error(P["unet"], P["sched"], x0_w, eps, t, ctx))
-        else:
-            x0, e2, t2, c2 = torch.cat([x0_w, x0_l]), torch.cat([eps, eps]), torch.cat([t, t]), torch.cat([ctx, ctx])
-            err_w, err_l = model.denoising_error(P["unet"], P["sched"], x0, e2, t2, c2).chunk(2)
-            lap("policy")
-            with torch.no_grad():
-                ref_w, ref_l = model.denoising_error(P["ref_unet"], P["sched"], x0, e2, t2, c2).chunk(2)
-            lap("ref")
-            if method == "dpo":
-                loss, _ = losses.dpo_loss(err_w, err_l, ref_w, ref_l, cfg["beta"])
-            else:
-                loss, _ = losses.sspo_loss(err_w, err_l, ref_w, ref_l, cfg["beta"], cfg["ssr"])
+        e = diffusion.pair_errors(model.net(P["unet"]), None if method == "sft" else reference, P["sched"], x0_w, x0_l,
+                                  eps, t, ctx)
+        loss, _ = losses.OBJECTIVES[method](e, cfg)
         loss.backward()
     lap("policy")
     torch.nn.utils.clip_grad_norm_(P["unet"].parameters(), cfg["grad_clip"] or float("inf"))
@@ -338,7 +335,7 @@ def policy_fwd_bwd(P, cfg, memory_format=torch.contiguous_format, autocast=None,
 
     def fn():
         with autocast or P["autocast"]:
-            model.denoising_error(P["unet"], P["sched"], x0, eps, t, ctx).mean().backward()
+            diffusion.denoising_error(model.net(P["unet"]), P["sched"], x0, eps, t, ctx).mean().backward()
         P["unet"].zero_grad(set_to_none=True)
     return fn
 
@@ -348,7 +345,7 @@ def variants(P, cfg, args):
     dev, w, n = P["device"], args.warmup, args.iters
     out = []
     one, two = (time_it(guided_forward(P, cfg, b), dev, w, n) for b in (True, False))
-    out.append(("sampler step: two forwards of B -> cond+uncond in one of 2B", two, one, "model.ddim_sample"))
+    out.append(("sampler step: two forwards of B -> cond+uncond in one of 2B", two, one, "diffusion.ddim_sample"))
     unet = P["unet"]
     procs = unet.attn_processors  # diffusers' default is AttnProcessor2_0: F.scaled_dot_product_attention
     in_use = ", ".join(sorted({type(p).__name__ for p in procs.values()}))
@@ -504,7 +501,7 @@ def short_run(P, cfg, steps, autocast):
         t = torch.randint(0, 1000, (B,), device=dev, generator=g)
         ctx = torch.randn(B, 77, P["uncond"].shape[-1], device=dev, generator=g)
         with autocast:
-            model.denoising_error(unet, P["sched"], x0, eps, t, ctx).mean().backward()
+            diffusion.denoising_error(model.net(unet), P["sched"], x0, eps, t, ctx).mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     end = [p.detach().clone() for p in unet.parameters()]
@@ -582,8 +579,8 @@ def main(argv):
     over += [f"--batch_size={args.batch_size}"] * bool(args.batch_size) + [f"--resolution={args.resolution}"] * bool(args.resolution)
     over += [f"--{kv}" for kv in args.set]
     cfg = config.get_config([args.config or ("configs/sd15.py" if args.sd15 else "configs/tiny.py"), *over])
-    if not args.sd15 and cfg["base_config"] and not any(kv.startswith("unet_channels=") for kv in args.set):
-        cfg["unet_channels"] = config.get_config([cfg["base_config"]])["unet_channels"]  # the width a fine-tune trains
+    if not args.sd15 and cfg["init_from"] != "scratch" and not any(kv.startswith("unet_channels=") for kv in args.set):
+        cfg["unet_channels"] = config.get_config(["configs/tiny_base.py"])["unet_channels"]  # what a fine-tune trains
     for k, why in NOT_TIMED.items():
         if cfg[k] != config.defaults()[k]:
             raise SystemExit(f"bench error: {k}={cfg[k]!r} (from the config or --set) is not applied here: {why}")

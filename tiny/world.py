@@ -211,7 +211,7 @@ class TinyWorld(torch.utils.data.Dataset):
 
     # what an item is made of; video.TinyVideoWorld words, draws, judges and converts clips instead
     prompt_of = staticmethod(prompt_of)
-    all_combos = ALL_COMBOS
+    all_combos, held_out, words = ALL_COMBOS, HELD_OUT, WORDS
 
     def render(self, combo, rng, flaw):
         return render(combo, self.resolution, rng, flaw)
@@ -219,6 +219,14 @@ class TinyWorld(torch.utils.data.Dataset):
     def judge(self, x, prompt):
         """x: what render draws (uint8), or an item's float tensor."""
         return judge(to_uint8(x) if torch.is_tensor(x) else x, prompt)[0]
+
+    def eval_prompts(self):
+        """What a run's evals sample and judge: {"seen": the training combinations' prompts, "heldout": the rest}."""
+        return {"seen": [self.prompt_of(c) for c in self.all_combos if c not in self.held_out],
+                "heldout": [self.prompt_of(c) for c in self.held_out]}
+
+    def judge_the_data(self):
+        return judge_the_data(self, self.seed, self.mode)
 
     def judge_batch(self, images, prompts):
         """The judge of each image (float tensors in [-1, 1], as items hold them and the sampler draws them) against

@@ -4,7 +4,7 @@ random moments (at most --kills a round, so a round ends even on a loaded machin
 until it finishes; then its final weights, optimizer state and pool are
 compared, bit for bit, with one uninterrupted run of the same config. Rounds repeat until the time budget is spent.
 
-    OMP_NUM_THREADS=1 python soak.py --minutes=12              # prints kills, resumes, and whether weights are equal
+    OMP_NUM_THREADS=1 python -m dev.soak --minutes=12              # prints kills, resumes, and whether weights are equal
 """
 import argparse
 import os

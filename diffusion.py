@@ -1,0 +1,211 @@
+"""
+The diffusion maths, model-agnostic (after DiT's diffusion/): the forward process, what the network learns to predict,
+per-sample errors, timestep draws, the DDIM sampler and its inversion, and `pair_errors`, the one call of the training
+step that returns what an objective reads (losses.OBJECTIVES).
+
+A network here is a callable net(x_t, t, context) -> its raw prediction (eps or v) in float32, in x_t's shape;
+model.net makes one of a diffusers UNet (SD1.5, SDXL, AnimateDiff, LoRA). The schedule is a diffusers scheduler
+read for its config (num_train_timesteps, prediction_type, timestep_spacing, ...) and alphas_cumprod alone; its
+.step() is never called. Nothing of the project is imported: a new model family adds a loader in model.py and, if
+it predicts something else, a parameterization here.
+
+Shapes: x0, eps (B, C, H, W), or (B, C, F, H, W) for clips; t (B,) integer timesteps; context (B, L, D).
+"""
+import torch
+
+
+def _per_sample(a, x):
+    """(B,) -> (B, 1, 1, ...) to broadcast over the rest of x's dimensions (C, H, W; C, F, H, W for clips)."""
+    return a.view(-1, *[1] * (x.dim() - 1))
+
+
+def sample_timesteps(shape, num_timesteps, generator):
+    """Training timesteps of `shape` (an int: that many), uniform over the schedule's first num_timesteps (all T:
+    SSPO.md 1), from `generator`."""
+    return torch.randint(0, num_timesteps, (shape,) if isinstance(shape, int) else shape, generator=generator)
+
+
+def add_noise(alphas_cumprod, x0, eps, t):
+    """DDPM forward process: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps."""
+    a = _per_sample(alphas_cumprod.to(x0.device)[t], x0)
+    return a.sqrt() * x0 + (1 - a).sqrt() * eps
+
+
+def prediction_target(scheduler, x0, eps, t):
+    """What the network learns to predict at x_t: the noise eps (SD1.5, prediction_type 'epsilon'), or the velocity
+    v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 ('v_prediction': SD2-v, SDXL-v, zero-terminal-SNR models, where
+    eps is not recoverable at abar = 0; Salimans & Ho 2022)."""
+    if scheduler.config.prediction_type == "epsilon":
+        return eps
+    a = _per_sample(scheduler.alphas_cumprod.to(x0.device, torch.float32)[t], x0)
+    return a.sqrt() * eps - (1 - a).sqrt() * x0
+
+
+def eps_and_x0(scheduler, x, out, a):
+    """The network's output `out` at x (noise level abar = a, a tensor that broadcasts) -> (eps, x0) it implies."""
+    if scheduler.config.prediction_type == "epsilon":
+        return out, (x - (1 - a).sqrt() * out) / a.sqrt()
+    return a.sqrt() * out + (1 - a).sqrt() * x, a.sqrt() * x - (1 - a).sqrt() * out
+
+
+def denoising_error(net, scheduler, x0, eps, t, context, return_pred=False):
+    """Per-sample mean over all but the batch dimension of (target - net(x_t))^2 in float32: shape (B,). Mean, not
+    sum (SSPO.md 1). The target is the model's own (prediction_target: eps, or v). return_pred: also
+    (prediction, target), float32 of x0's shape (the Diffusion-SDPO safeguard needs them)."""
+    x_t = add_noise(scheduler.alphas_cumprod, x0, eps, t)
+    pred = net(x_t, t, context)
+    target = prediction_target(scheduler, x0.float(), eps.float(), t)
+    err = (pred - target).pow(2).mean(dim=tuple(range(1, pred.dim())))
+    return (err, pred, target) if return_pred else err
+
+
+def sdpo_scale(pred_w, pred_l, target_w, target_l, mu):
+    """Diffusion-SDPO's safeguard (Fu et al. 2025, arXiv 2511.03317): one scale lambda in [0, 1] per micro-batch for
+    the loser branch's gradient. With g_w, g_l the output-space gradients of the winner's and loser's mean errors
+    (w.r.t. the network's prediction), the update -g_w + lambda g_l keeps the winner's error from rising to first
+    order, with margin mu, when lambda <= (1 - mu) |g_w|^2 / <g_l, g_w>; so lambda is that bound clipped to
+    [0, 1] when <g_l, g_w> > 0, else 1. As in the authors' code the gradients are those of the plain errors, not
+    weighted by the loss's per-sample sigmoid factors. Returns a detached scalar tensor."""
+    pw, pl = pred_w.detach().float().requires_grad_(True), pred_l.detach().float().requires_grad_(True)
+    with torch.enable_grad():
+        g_w, = torch.autograd.grad((pw - target_w.float()).pow(2).mean(), pw)
+        g_l, = torch.autograd.grad((pl - target_l.float()).pow(2).mean(), pl)
+    inner = (g_w * g_l).sum()
+    lam = ((1 - mu) * g_w.pow(2).sum() / inner).clamp(0, 1)
+    return torch.where(inner > 0, lam, torch.ones_like(lam)).detach()  # no Python `if` on a GPU value: no sync
+
+
+def pair_errors(policy, reference, scheduler, x0_w, x0_l, eps, t, context, uncond=None, inversion=None,
+                sdpo_mu=None, extra_draws=None):
+    """The per-sample errors (B,) an objective reads (losses.OBJECTIVES), as a dict: the policy's on the winners "w"
+    and on the losers or self-samples "l" (x0_l None: the winners alone, SFT), the reference's "ref_w", "ref_l"
+    without gradients (reference None: none, MaPO and SFT), the timesteps "t" and the schedule's length "T".
+    Winner and loser share the noise, the timestep and the (caption-dropped) context: one batched forward, winners
+    first (SSPO.md 2).
+    inversion=(net, steps, guidance): x_t is the deterministic DDIM inversion of each image by net (Inversion-DPO:
+    the reference; the policy for reference-free MaPO) instead of forward noising; uncond is its guidance's empty
+    prompt.
+    sdpo_mu: Diffusion-SDPO's safeguard, the loser's gradient x lambda with its value unchanged.
+    extra_draws=(eps (K, B, ...), t (K, B)): also the winners' errors of policy and reference averaged over K draws
+    of their own, without gradients ("crit_w", "crit_ref_w": what SSR's criterion may read instead, ssr_draws).
+    "logged": what the options measured, for the log (the safeguard's lambda)."""
+    e = {"t": t, "T": scheduler.config.num_train_timesteps, "logged": {}}
+    if x0_l is None:
+        e["w"] = denoising_error(policy, scheduler, x0_w, eps, t, context)
+        if reference is not None:  # SFT's log_theta0: measurement only
+            with torch.no_grad():
+                e["ref_w"] = denoising_error(reference, scheduler, x0_w, eps, t, context)
+        return e
+    x0, eps2, t2, c2 = torch.cat([x0_w, x0_l]), torch.cat([eps, eps]), torch.cat([t, t]), torch.cat([context, context])
+    if inversion is not None:  # Inversion-DPO: x_t (and the eps it implies) from the deterministic inversion
+        inverter, steps, guidance = inversion
+        _, eps2 = ddim_invert(inverter, scheduler, x0, t2, c2, uncond, steps, guidance)
+    err, pred, target = denoising_error(policy, scheduler, x0, eps2, t2, c2, return_pred=True)
+    e["w"], e["l"] = err.chunk(2)
+    if sdpo_mu is not None:  # err_l depends on the weights only through the loser's prediction, so this equals
+        # scaling the gradient reaching that prediction by lambda
+        lam = e["logged"]["sdpo_lambda"] = sdpo_scale(*pred.chunk(2), *target.chunk(2), sdpo_mu)
+        e["l"] = e["l"].detach() + lam * (e["l"] - e["l"].detach())
+    if reference is not None:
+        with torch.no_grad():
+            e["ref_w"], e["ref_l"] = denoising_error(reference, scheduler, x0, eps2, t2, c2).chunk(2)
+    if extra_draws is not None:
+        K, B = extra_draws[1].shape
+        with torch.no_grad():
+            x0k, ck = x0_w.repeat(K, *[1] * (x0_w.dim() - 1)), context.repeat(K, *[1] * (context.dim() - 1))
+            ek, tk = extra_draws[0].flatten(0, 1), extra_draws[1].flatten()
+            e["crit_w"] = denoising_error(policy, scheduler, x0k, ek, tk, ck).view(K, B).mean(0)
+            e["crit_ref_w"] = denoising_error(reference, scheduler, x0k, ek, tk, ck).view(K, B).mean(0)
+    return e
+
+
+def timesteps(scheduler, steps):
+    """The `steps` timesteps a sampler visits, highest first, by the scheduler's timestep_spacing as diffusers'
+    DDIMScheduler.set_timesteps spaces them: 'leading' + steps_offset (SD1.5), 'trailing' (starts at T - 1: what a
+    zero-terminal-SNR model needs, Lin et al. 2023) or 'linspace'."""
+    cfg, T = scheduler.config, scheduler.config.num_train_timesteps
+    if cfg.timestep_spacing == "trailing":
+        ts = torch.arange(T, 0, -T / steps).round().long() - 1
+    elif cfg.timestep_spacing == "linspace":
+        ts = torch.linspace(0, T - 1, steps, dtype=torch.float64).round().long().flip(0)
+    else:
+        ts = (torch.arange(steps) * (T // steps)).flip(0) + cfg.steps_offset
+    return ts
+
+
+def check_sampler_steps(scheduler, steps, name="steps"):
+    """ValueError unless ddim_sample can take `steps` steps on this schedule (SD1.5's: 1 to 999, not 1000)."""
+    T = scheduler.config.num_train_timesteps
+    if not 1 <= steps <= T or int(timesteps(scheduler, steps)[0]) >= T:
+        raise ValueError(f"{name}={steps} does not fit the scheduler's {T} timesteps: DDIM's first timestep, "
+                         f"(steps - 1) x ({T} // steps) + steps_offset {scheduler.config.steps_offset}, must be below {T}")
+
+
+@torch.no_grad()
+def ddim_sample(net, scheduler, cond, uncond, noise, steps=20, guidance=7.5, eta=0.0, step_noise=None):
+    """DDIM (Song et al. 2021, eq. 12), the same update as diffusers' DDIMScheduler.step (tested against it),
+    with classifier-free guidance: cond and uncond in one batched forward. cond (B, L, D), uncond (1 or B, L, D),
+    noise (B, C, H, W) = x_T; step_noise (steps, B, C, H, W), the noise each step adds when eta > 0, drawn by the
+    caller (so that it can deal it over processes). Returns x_0 in the model's space (latents, or pixels), float32."""
+    if eta > 0 and (step_noise is None or step_noise.shape != (steps, *noise.shape)):
+        raise ValueError(f"eta > 0 needs step_noise of shape {(steps, *noise.shape)}, got "
+                         f"{None if step_noise is None else tuple(step_noise.shape)}")
+    cfg = scheduler.config
+    abar = scheduler.alphas_cumprod.to(noise.device, torch.float32)
+    ratio = cfg.num_train_timesteps // steps  # diffusers' DDIM steps back by T // steps whatever the spacing
+    ts = timesteps(scheduler, steps).to(noise.device)
+    final_abar = torch.tensor(1.0, device=noise.device) if cfg.set_alpha_to_one else abar[0]
+    B = noise.shape[0]
+    context = torch.cat([uncond.expand(B, -1, -1), cond]) if guidance != 1.0 else cond
+    # abar of each step and of the one after it, looked up before the loop: a Python `if` on a GPU tensor inside it
+    # would wait for the GPU at every step (a host-device sync); these are the same values, bit for bit
+    prev = ts - ratio
+    a_ts, a_prevs = abar[ts], torch.where(prev >= 0, abar[prev.clamp(min=0)], final_abar)
+    x = noise.float()
+    for i, (t, a_t, a_prev) in enumerate(zip(ts, a_ts, a_prevs)):
+        if guidance != 1.0:
+            e_u, e_c = net(torch.cat([x, x]), t, context).chunk(2)
+            out = e_u + guidance * (e_c - e_u)  # guidance on the raw output, eps or v, as diffusers' pipelines
+        else:
+            out = net(x, t, context)
+        eps, x0 = eps_and_x0(scheduler, x, out, a_t)
+        if cfg.clip_sample:
+            x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
+        var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+        std = eta * var.sqrt()
+        x = a_prev.sqrt() * x0 + (1 - a_prev - std ** 2).sqrt() * eps
+        if eta > 0:
+            x = x + std * step_noise[i].to(x.device)
+    return x
+
+
+@torch.no_grad()
+def ddim_invert(net, scheduler, x0, t, context, uncond=None, steps=20, guidance=1.0):
+    """Deterministic DDIM inversion (Inversion-DPO): the update of `ddim_sample` at eta = 0 run backwards, from the
+    clean x0 (abar = 1) up to each sample's own timestep t (B,), in `steps` steps on the grid round(k t / steps),
+    k = 1..steps. As usual for inversion, eps is evaluated at the step's target timestep on the current x (exact
+    in the limit of small steps); a v-prediction is turned into eps at the current x's level, as diffusers'
+    DDIMInverseScheduler does. No x0 clipping: clipping is not invertible. Returns (x_t, eps_t): x_t float32
+    (B, C, H, W) and the noise it implies, eps_t = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t), so that
+    add_noise(x0, eps_t, t) == x_t and denoising_error can train on it unchanged.
+    Cost: steps forwards per image (2x with guidance != 1), no gradients."""
+    abar = scheduler.alphas_cumprod.to(x0.device, torch.float32)
+    B = x0.shape[0]
+    if guidance != 1.0:
+        context = torch.cat([uncond.expand(B, -1, -1), context])
+    x = x0.float()
+    a_cur = torch.ones(B, device=x0.device)  # the clean image: abar = 1
+    for k in range(1, steps + 1):
+        s = torch.round(t.float() * k / steps).long()  # (B,) each sample's next grid point
+        if guidance != 1.0:
+            e_u, e_c = net(torch.cat([x, x]), torch.cat([s, s]), context).chunk(2)
+            out = e_u + guidance * (e_c - e_u)
+        else:
+            out = net(x, s, context)
+        a_next = abar[s]
+        ac, an = _per_sample(a_cur, x), _per_sample(a_next, x)
+        eps, x0_hat = eps_and_x0(scheduler, x, out, ac)
+        x = an.sqrt() * x0_hat + (1 - an).sqrt() * eps
+        a_cur = a_next
+    a_t = _per_sample(abar[t], x)
+    return x, (x - a_t.sqrt() * x0.float()) / (1 - a_t).sqrt()
