@@ -174,13 +174,14 @@ def read_checkpoint(path, mmap=False):
 
 
 def save_checkpoint(cfg, unet, ema, text_encoder, opt, step, data_pos, pool, tallies, world):
-    """unet/ (text_encoder/): the weights for StableDiffusionPipeline (the EMA if there is one); then
+    """unet/ (transformer/ for SD3, FLUX.1; text_encoder/): the weights for the pipeline (the EMA if there is one); then
     ckpt_STEP.pt: everything to resume exactly, also named ckpt.pt; then the checkpoints beyond keep_checkpoints go,
     with the pool snapshots only they named. Every file is written whole or not at all (write_file) and nothing is
     deleted before the new checkpoint is complete, so a kill at any moment leaves the newest complete checkpoint
     loadable. unet/ first: wherever a checkpoint exists, a unet/ to load it into exists too."""
     out = cfg["out_dir"]
-    trained = {"unet": ema or unet, **({"text_encoder": text_encoder} if cfg["train_text_encoder"] else {})}
+    trained = {model.denoiser_dir(unet): ema or unet, **({"text_encoder": text_encoder} if cfg["train_text_encoder"]
+                                                          else {})}
     if model.has_adapters(unet):  # unet/ is the frozen base, written at the start: only the adapter changes
         trained = {}
         write_folder(os.path.join(out, model.LORA_DIR), lambda d: model.save_lora(unet, d), point="lora")

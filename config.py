@@ -39,7 +39,9 @@ CHOICES = {"dataset": ("tiny", "pickapic", "imagefolder", "tiny_video", "clipfol
            "lr_schedule": ("constant", "cosine"),
            "bad_data": ("skip", "stop"), "nonfinite": ("skip", "stop"),
            "noise_schedule": ("scaled_linear", "squaredcos_cap_v2", "linear"),
-           "prediction_type": ("epsilon", "v_prediction"), "compile_unet": ("off", "whole", "regional"), "device": ("auto", "cpu", "cuda"), "mixed_precision": ("bf16", "bf16_cpu", "no")}
+           "prediction_type": ("epsilon", "v_prediction"), "timestep_density": ("uniform", "logit_normal"),
+           "compile_unet": ("off", "whole", "regional"), "device": ("auto", "cpu", "cuda"),
+           "mixed_precision": ("bf16", "bf16_cpu", "no")}
 
 
 def bf16_autocast(cfg, device):

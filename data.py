@@ -744,7 +744,7 @@ def step_randomness(cfg, step, micro, rank, world, shape, num_timesteps, stream=
     g = torch.Generator().manual_seed(int(key))
     n = world * shape[0]
     eps = torch.randn((n, *shape[1:]), generator=g)[rank::world]
-    t = diffusion.sample_timesteps(n, num_timesteps, g)[rank::world]
+    t = diffusion.sample_timesteps(n, num_timesteps, g, cfg["timestep_density"])[rank::world]
     drop = (torch.rand(n, generator=g) < cfg["caption_dropout"])[rank::world]
     x_T = torch.randn((n, *shape[1:]), generator=g)[rank::world]
     vae_noise = torch.randn((2, n, *shape[1:]), generator=g)[:, rank::world]

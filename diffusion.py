@@ -1,16 +1,29 @@
 """
 The diffusion maths, model-agnostic (after DiT's diffusion/): the forward process, what the network learns to predict,
-per-sample errors, timestep draws, the DDIM sampler and its inversion, and `pair_errors`, the one call of the training
-step that returns what an objective reads (losses.OBJECTIVES).
+per-sample errors, timestep draws, the samplers (DDIM and its inversion; the flow-matching Euler sampler) and
+`pair_errors`, the one call of the training step that returns what an objective reads (losses.OBJECTIVES).
 
-A network here is a callable net(x_t, t, context) -> its raw prediction (eps or v) in float32, in x_t's shape;
-model.net makes one of a diffusers UNet (SD1.5, SDXL, AnimateDiff, LoRA). The schedule is a diffusers scheduler
-read for its config (num_train_timesteps, prediction_type, timestep_spacing, ...) and alphas_cumprod alone; its
-.step() is never called. Nothing of the project is imported: a new model family adds a loader in model.py and, if
-it predicts something else, a parameterization here.
+A network here is a callable net(x_t, time, context) -> its raw prediction (eps, v or the flow velocity) in float32,
+in x_t's shape; model.net makes one of a diffusers UNet (SD1.5, SDXL, AnimateDiff) or transformer (SD3, FLUX.1),
+LoRA or not. The schedule is a diffusers scheduler read for its config and, for DDPM models, alphas_cumprod; its
+.step() and .set_timesteps() are never called. Nothing of the project is imported.
+
+Two parameterizations, told apart by the scheduler:
+- DDPM (DDIMScheduler: SD1.5, SDXL, AnimateDiff): x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, the network
+  predicts eps or v; time is the integer t.
+- Flow matching (FlowMatchEulerDiscreteScheduler: SD3, FLUX.1; Esser et al. 2024): x_t = (1 - s) x0 + s eps, the
+  network predicts the velocity u = eps - x0; time is s x 1000. The training timestep t in [0, T) indexes s_t =
+  shift((t + 1) / T) (the shift of SD3's scheduler; none for FLUX.1's, which shifts at sampling time): small t is
+  little noise under both parameterizations, so t-based options (DPO-C&M's window, ssr_t_max) mean the same.
+  The objectives read velocity errors mean_CHW (v - u)^2, as the public flow DPO trainers do (flow_grpo, Flow-Factory):
+  since eps_hat - eps = (1 - s)(v_hat - u), an epsilon error would be the same error weighted by (1 - s)^2, which
+  mutes the noisiest timesteps; we keep the velocity's uniform weight, the one the flow models were trained with.
 
 Shapes: x0, eps (B, C, H, W), or (B, C, F, H, W) for clips; t (B,) integer timesteps; context (B, L, D).
 """
+import math
+
+import numpy as np
 import torch
 
 
@@ -19,10 +32,48 @@ def _per_sample(a, x):
     return a.view(-1, *[1] * (x.dim() - 1))
 
 
-def sample_timesteps(shape, num_timesteps, generator):
-    """Training timesteps of `shape` (an int: that many), uniform over the schedule's first num_timesteps (all T:
-    SSPO.md 1), from `generator`."""
-    return torch.randint(0, num_timesteps, (shape,) if isinstance(shape, int) else shape, generator=generator)
+def is_flow(scheduler):
+    return type(scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+
+
+def sample_timesteps(shape, num_timesteps, generator, density="uniform"):
+    """Training timesteps of `shape` (an int: that many) in [0, num_timesteps) from `generator`: uniform (SSPO.md 1;
+    FLUX.1's trainers), or 'logit_normal': t = floor(sigmoid(n) T), n ~ N(0, 1), SD3's training density (Esser et al.
+    2024: the middle timesteps, where the velocity is hardest, drawn most)."""
+    shape = (shape,) if isinstance(shape, int) else shape
+    if density == "logit_normal":
+        u = torch.sigmoid(torch.randn(shape, generator=generator))
+        return (u * num_timesteps).long().clamp(max=num_timesteps - 1)
+    return torch.randint(0, num_timesteps, shape, generator=generator)
+
+
+def flow_sigmas(scheduler):
+    """(T,) float32: the noise level s_t of each training timestep t of a flow-matching schedule, ascending: the
+    scheduler's table (FlowMatchEulerDiscreteScheduler.__init__: (t + 1) / T, shifted s -> shift s / (1 + (shift - 1)
+    s) unless the shift is applied at sampling time, use_dynamic_shifting), read in reverse."""
+    c = scheduler.config
+    s = torch.arange(1, c.num_train_timesteps + 1, dtype=torch.float32) / c.num_train_timesteps
+    return s if c.use_dynamic_shifting else c.shift * s / (1 + (c.shift - 1) * s)
+
+
+def flow_sample_sigmas(scheduler, steps, image_tokens):
+    """(steps + 1,) float32: the noise levels the flow Euler sampler visits, then 0, as the pipelines have the
+    scheduler space them. SD3 (a fixed shift): `steps` points from the table's s_max to s_min, shifted (so the last
+    is shifted twice, as StableDiffusion3Pipeline's are). FLUX.1 (use_dynamic_shifting): linspace(1, 1 / steps) as
+    FluxPipeline passes them, shifted by mu, which grows linearly with the image's `image_tokens` between the
+    scheduler's base and max sequence lengths: s -> e^mu / (e^mu + 1 / s - 1)."""
+    c = scheduler.config
+    if c.use_dynamic_shifting:
+        slope = (c.max_shift - c.base_shift) / (c.max_image_seq_len - c.base_image_seq_len)
+        mu = image_tokens * slope + c.base_shift - slope * c.base_image_seq_len
+        s = np.linspace(1.0, 1 / steps, steps).astype(np.float32)  # float32 from here, as the scheduler computes
+        s = math.exp(mu) / (math.exp(mu) + (1 / s - 1))
+    else:
+        table = flow_sigmas(scheduler)
+        T = c.num_train_timesteps
+        s = np.linspace(table[-1].item() * T, table[0].item() * T, steps) / T
+        s = c.shift * s / (1 + (c.shift - 1) * s)
+    return torch.cat([torch.from_numpy(s).float(), torch.zeros(1)])
 
 
 def add_noise(alphas_cumprod, x0, eps, t):
@@ -50,11 +101,18 @@ def eps_and_x0(scheduler, x, out, a):
 
 def denoising_error(net, scheduler, x0, eps, t, context, return_pred=False):
     """Per-sample mean over all but the batch dimension of (target - net(x_t))^2 in float32: shape (B,). Mean, not
-    sum (SSPO.md 1). The target is the model's own (prediction_target: eps, or v). return_pred: also
-    (prediction, target), float32 of x0's shape (the Diffusion-SDPO safeguard needs them)."""
-    x_t = add_noise(scheduler.alphas_cumprod, x0, eps, t)
-    pred = net(x_t, t, context)
-    target = prediction_target(scheduler, x0.float(), eps.float(), t)
+    sum (SSPO.md 1). The target is the model's own (prediction_target: eps or v; flow matching: the velocity
+    eps - x0). return_pred: also (prediction, target), float32 of x0's shape (the Diffusion-SDPO safeguard needs
+    them)."""
+    if is_flow(scheduler):
+        s = flow_sigmas(scheduler).to(x0.device)[t]
+        x_t = (1 - _per_sample(s, x0)) * x0 + _per_sample(s, x0) * eps
+        pred = net(x_t, s * scheduler.config.num_train_timesteps, context)
+        target = eps.float() - x0.float()
+    else:
+        x_t = add_noise(scheduler.alphas_cumprod, x0, eps, t)
+        pred = net(x_t, t, context)
+        target = prediction_target(scheduler, x0.float(), eps.float(), t)
     err = (pred - target).pow(2).mean(dim=tuple(range(1, pred.dim())))
     return (err, pred, target) if return_pred else err
 
@@ -134,11 +192,46 @@ def timesteps(scheduler, steps):
 
 
 def check_sampler_steps(scheduler, steps, name="steps"):
-    """ValueError unless ddim_sample can take `steps` steps on this schedule (SD1.5's: 1 to 999, not 1000)."""
+    """ValueError unless the sampler can take `steps` steps on this schedule (DDIM on SD1.5's: 1 to 999, not 1000)."""
     T = scheduler.config.num_train_timesteps
+    if is_flow(scheduler) and steps >= 1:  # the flow sampler takes any number of steps
+        return
     if not 1 <= steps <= T or int(timesteps(scheduler, steps)[0]) >= T:
         raise ValueError(f"{name}={steps} does not fit the scheduler's {T} timesteps: DDIM's first timestep, "
                          f"(steps - 1) x ({T} // steps) + steps_offset {scheduler.config.steps_offset}, must be below {T}")
+
+
+def sample(net, scheduler, cond, uncond, noise, steps=20, guidance=7.5, eta=0.0, step_noise=None):
+    """The sampler of the model's parameterization: DDIM (ddim_sample) or the flow Euler sampler (flow_sample,
+    deterministic: eta must be 0)."""
+    if is_flow(scheduler):
+        if eta > 0:
+            raise ValueError("the flow-matching Euler sampler is deterministic: eta must be 0")
+        return flow_sample(net, scheduler, cond, uncond, noise, steps, guidance)
+    return ddim_sample(net, scheduler, cond, uncond, noise, steps, guidance, eta, step_noise)
+
+
+@torch.no_grad()
+def flow_sample(net, scheduler, cond, uncond, noise, steps=28, guidance=7.0):
+    """The Euler sampler of StableDiffusion3Pipeline and FluxPipeline (tested against their latents): from x = noise
+    at s = 1, x <- x + (s_next - s) v over flow_sample_sigmas, in float32. Guidance: classifier-free, cond and uncond
+    in one batched forward (SD3); or, for a guidance-distilled network (FLUX.1-dev: net.guidance_embedded), the
+    network's own guidance input, one forward, no uncond. noise (B, C, H, W) = x_1; returns x_0 (latents), float32."""
+    T = scheduler.config.num_train_timesteps
+    sigmas = flow_sample_sigmas(scheduler, steps, (noise.shape[-2] // 2) * (noise.shape[-1] // 2)).to(noise.device)
+    embedded, B = getattr(net, "guidance_embedded", False), noise.shape[0]
+    context = torch.cat([uncond.expand(B, -1, -1), cond]) if guidance != 1.0 and not embedded else cond
+    x = noise.float()
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        if embedded:
+            v = net(x, s * T, cond, guidance=guidance)
+        elif guidance != 1.0:
+            v_u, v_c = net(torch.cat([x, x]), s * T, context).chunk(2)
+            v = v_u + guidance * (v_c - v_u)
+        else:
+            v = net(x, s * T, cond)
+        x = x + (s_next - s) * v
+    return x
 
 
 @torch.no_grad()

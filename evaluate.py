@@ -55,13 +55,14 @@ def load_run(run_dir, device="cpu", dtype=torch.float32):
     if not os.path.isfile(ckpt_path):
         raise SystemExit(f"error: {ckpt_path} not found: not a run directory of train_sspo.py")
     ckpt = read_checkpoint(ckpt_path, mmap=True)
-    return load_model(run_dir, device, dtype), ckpt["config"], int(ckpt["step"])
+    return load_model(run_dir, device, dtype, ckpt["config"].get("t5_max_length", 0)), ckpt["config"], int(ckpt["step"])
 
 
-def load_model(path, device="cpu", dtype=torch.float32):
-    """An SD-layout folder or hub id (a run directory is one), its UNet cast to `dtype` for sampling."""
+def load_model(path, device="cpu", dtype=torch.float32, t5_max_length=0):
+    """An SD-layout folder or hub id (a run directory is one), its UNet cast to `dtype` for sampling; a flow model's
+    prompts take t5_max_length T5 tokens (0: its pipeline's), the run's own."""
     try:
-        m = model.load_model(path, device, frozen_dtype=dtype)
+        m = model.load_model(path, device, frozen_dtype=dtype, t5_max_length=t5_max_length)
     except (OSError, ValueError) as e:  # FileNotFoundError is an OSError
         raise SystemExit(f"error: {e}")
     m["unet"].to(dtype).eval()
@@ -73,7 +74,8 @@ def unet_sha256(path):
     such as .fp16.safetensors, which from_pretrained does not load by default), and of a LoRA run's adapter after
     them (model.load_model fuses it): which weights were scored."""
     for ext in ("safetensors", "bin"):
-        files = [f for f in sorted(glob.glob(os.path.join(path, "unet", "*." + ext))) if os.path.basename(f).count(".") == 1]
+        folder = "transformer" if os.path.isdir(os.path.join(path, "transformer")) else "unet"
+        files = [f for f in sorted(glob.glob(os.path.join(path, folder, "*." + ext))) if os.path.basename(f).count(".") == 1]
         if files:
             break
     else:
@@ -162,14 +164,14 @@ def draw_noise(sizes, shape, seed):
 @torch.no_grad()
 def generate(m, prompts, noise, protocol, batch_size, desc):
     """-> uint8 (N, H, W, 3) images ((N, F, H, W, 3) clips): DDIM with classifier-free guidance
-    (diffusion.ddim_sample), eta 0."""
+    (diffusion.sample: DDIM, or the flow Euler sampler), eta 0."""
     device, out = m["unet"].device, []
     resolution = noise.shape[-1] * model.vae_factor(m)  # SDXL's time ids: the image size sampled
     uncond = model.encode_prompts(m, [""], resolution)
     for i in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=dist.is_initialized() and dist.get_rank() > 0):
         cond = model.encode_prompts(m, prompts[i:i + batch_size], resolution)
-        x = diffusion.ddim_sample(model.net(m["unet"]), m["scheduler"], cond, uncond,
-                                  noise[i:i + batch_size].to(device), protocol["steps"], protocol["guidance"])
+        x = diffusion.sample(model.net(m["unet"]), m["scheduler"], cond, uncond, noise[i:i + batch_size].to(device),
+                             protocol["steps"], protocol["guidance"])
         out.append((video.clip_to_uint8 if x.dim() == 5 else world.to_uint8)(model.latents_to_images(m["vae"], x)))
     return np.concatenate(out) if out else np.zeros((0, 1, 1, 3), np.uint8)
 
@@ -318,7 +320,7 @@ def evaluate(args, weights, metrics, rank, world_size, device):
     # the image size: the run's own under 'run' (it may train at another than its init model's), else the
     # pipeline's default, the UNet's sample_size
     f = model.vae_factor(m)
-    resolution = cfg["resolution"] if name == "run" else m["unet"].config.sample_size * f
+    resolution = cfg["resolution"] if name == "run" else getattr(m["unet"].config, "sample_size", 128) * f
     shape = model.latent_shape(m, resolution, cfg.get("frames", 0))
     if args.references and (args.prompts or len(shape) != 4):
         raise SystemExit("error: --references brings its own prompts: drop --prompts" if args.prompts else
@@ -380,11 +382,11 @@ def evaluate(args, weights, metrics, rank, world_size, device):
         except ValueError as e:
             raise SystemExit(f"error: {args.base}: {e}")
     if args.base:  # the same noise for both: the same latent shape (under 'paper', the same default size too)
-        u, b = m["unet"].config, models["base"]["unet"].config
-        if (b.in_channels, model.vae_factor(models["base"])) != (u.in_channels, f) or \
-                (name == "paper" and b.sample_size != u.sample_size):
-            raise SystemExit(f"error: {args.run_dir} samples {shape} latents, {args.base} "
-                             f"{(b.in_channels, b.sample_size, b.sample_size)}: no common noise")
+        size = lambda mm: getattr(mm["unet"].config, "sample_size", None)
+        other = model.latent_shape(models["base"], resolution, cfg.get("frames", 0))
+        if other != shape or (name == "paper" and size(models["base"]) != size(m)):
+            raise SystemExit(f"error: {args.run_dir} samples {shape} latents, {args.base} {other} (default size "
+                             f"{size(models['base'])}): no common noise")
     # a generator per prompt file; the tiny world's seen and held-out prompts are one set
     noise = draw_noise([len(qs) * ipp for qs in groups.values()] if args.prompts else [len(prompts)], shape, args.seed)
     lo, hi = rank * len(prompts) // world_size, (rank + 1) * len(prompts) // world_size  # this rank's shard of the images

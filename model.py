@@ -22,11 +22,13 @@ import warnings
 import diffusers
 import torch
 import transformers
-from diffusers import AutoencoderKL, DDIMScheduler, MotionAdapter, UNet2DConditionModel, UNetMotionModel
+from diffusers import (AutoencoderKL, DDIMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler,
+                       FluxTransformer2DModel, MotionAdapter, SD3Transformer2DModel, UNet2DConditionModel,
+                       UNetMotionModel)
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 import diffusion
 
@@ -38,6 +40,47 @@ for _lib in (diffusers, transformers):
 PARTS = ("unet", "text_encoder", "tokenizer", "scheduler")  # + "vae" for latent models
 SDXL_PARTS = ("text_encoder_2", "tokenizer_2")  # + these for SDXL (a UNet with addition_embed_type='text_time')
 N_TIME_IDS = 6  # SDXL base: original (h, w), crop (top, left), target (h, w); the refiner's 5 are not supported
+
+
+# the flow-matching families (model_index.json's _class_name -> their parts), and T5's prompt length in their pipelines
+FLOW_PARTS = {
+    "StableDiffusion3Pipeline": {"transformer": SD3Transformer2DModel, "vae": AutoencoderKL,
+                                 "text_encoder": CLIPTextModelWithProjection, "tokenizer": CLIPTokenizer,
+                                 "text_encoder_2": CLIPTextModelWithProjection, "tokenizer_2": CLIPTokenizer,
+                                 "text_encoder_3": T5EncoderModel, "tokenizer_3": T5TokenizerFast,
+                                 "scheduler": FlowMatchEulerDiscreteScheduler},
+    "FluxPipeline": {"transformer": FluxTransformer2DModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
+                     "tokenizer": CLIPTokenizer, "text_encoder_2": T5EncoderModel, "tokenizer_2": T5TokenizerFast,
+                     "scheduler": FlowMatchEulerDiscreteScheduler}}
+T5_LENGTH = {"StableDiffusion3Pipeline": 256, "FluxPipeline": 512}  # the pipelines' max_sequence_length default
+
+
+def pipeline_of(path):
+    """The pipeline class a model folder or hub id names in its model_index.json ('' if it has none)."""
+    local = os.path.isdir(path)
+    if local and not os.path.isfile(os.path.join(path, "model_index.json")):
+        return ""
+    try:
+        return DiffusionPipeline.load_config(path, local_files_only=local).get("_class_name", "")
+    except (OSError, ValueError):
+        return ""
+
+
+def is_flow(m):
+    """A flow-matching model (SD3, FLUX.1): its denoiser is a transformer."""
+    return m.get("pipeline") in FLOW_PARTS
+
+
+def denoiser_dir(unet):
+    """The folder a run keeps its denoiser in, as the pipelines name it: unet/, or transformer/ (SD3, FLUX.1)."""
+    return "transformer" if isinstance(_inner(unet), (SD3Transformer2DModel, FluxTransformer2DModel)) else "unet"
+
+
+def _inner(unet):
+    """The diffusers model inside a DDP wrapper or a LoraReference."""
+    while hasattr(unet, "module") or isinstance(unet, LoraReference):
+        unet = unet.unet if isinstance(unet, LoraReference) else unet.module
+    return unet
 
 
 def is_sdxl_unet(config):
@@ -60,6 +103,16 @@ def check_model_path(path):
                                 + (f"; {first}/ is a folder here, so this is not read as a hub id" if os.path.isdir(first)
                                    else "") + "; a run folder of train_sspo.py is one: train it first, e.g. the tiny "
                                 "base with python train_sspo.py configs/tiny_base.py)")
+    pipeline = pipeline_of(path) if local else ""
+    if pipeline in FLOW_PARTS:
+        missing = [p for p in FLOW_PARTS[pipeline] if not os.path.isdir(os.path.join(path, p))]
+        if missing:
+            raise FileNotFoundError(f"model folder {path!r} lacks {', '.join(p + '/' for p in missing)} ({pipeline} "
+                                    f"layout: {' '.join(p + '/' for p in FLOW_PARTS[pipeline])})")
+        return local
+    if local and pipeline and not os.path.isdir(os.path.join(path, "unet")):
+        raise FileNotFoundError(f"model folder {path!r}: its model_index.json names {pipeline}, not a family trained "
+                                f"here (SD1.5, SDXL, AnimateDiff: a unet/; {', '.join(FLOW_PARTS)}: a transformer/)")
     if local:
         missing = [p for p in PARTS if not os.path.isdir(os.path.join(path, p))]
         if missing:
@@ -77,7 +130,8 @@ def check_model_path(path):
     return local
 
 
-def load_model(path, device="cpu", frozen_dtype=torch.float32, fuse_lora=True, vae="", motion_adapter=""):
+def load_model(path, device="cpu", frozen_dtype=torch.float32, fuse_lora=True, vae="", motion_adapter="",
+               t5_max_length=0):
     """-> dict(unet, vae or None, text_encoder, tokenizer, scheduler, text_encoder_2, tokenizer_2; the last two None
     but for SDXL). The UNet stays fp32 (master weights); the frozen text encoders and VAE may be cast to
     `frozen_dtype`, but a VAE whose config asks for it (force_upcast: SDXL's overflows in fp16) stays fp32 under
@@ -86,7 +140,9 @@ def load_model(path, device="cpu", frozen_dtype=torch.float32, fuse_lora=True, v
     the base in unet/ and the adapter in lora/: fuse_lora merges it into the UNet, so a LoRA run loads like a full
     one (training, which resumes the adapter itself, passes False). A folder whose unet/ is a UNetMotionModel (an
     AnimateDiff run's) loads as one; `motion_adapter` (a MotionAdapter folder or hub id, e.g.
-    guoyww/animatediff-motion-adapter-v1-5-2) turns an SD1.5 UNet into one, as AnimateDiffPipeline does."""
+    guoyww/animatediff-motion-adapter-v1-5-2) turns an SD1.5 UNet into one, as AnimateDiffPipeline does. A folder
+    whose model_index.json names StableDiffusion3Pipeline or FluxPipeline loads as that flow-matching model
+    (load_flow): "unet" then holds its transformer; t5_max_length: its T5 prompt tokens (0: the pipeline's)."""
     local = check_model_path(path)
 
     def part(cls, sub, where=path):  # OSError naming the part: a missing or damaged file, a hub id that does not resolve
@@ -95,6 +151,9 @@ def load_model(path, device="cpu", frozen_dtype=torch.float32, fuse_lora=True, v
             return cls.from_pretrained(where, subfolder=sub, local_files_only=here)
         except (OSError, ValueError) as e:
             raise OSError(f"{os.path.join(where, sub or '') if here else f'{where} ({sub})'}: {cls.__name__}: {e}") from None
+    pipeline = pipeline_of(path)
+    if pipeline in FLOW_PARTS:
+        return load_flow(path, pipeline, part, device, frozen_dtype, fuse_lora and local, vae, t5_max_length)
     try:
         video = UNet2DConditionModel.load_config(path, subfolder="unet", local_files_only=local)["_class_name"] == \
             "UNetMotionModel"
@@ -146,6 +205,36 @@ def load_model(path, device="cpu", frozen_dtype=torch.float32, fuse_lora=True, v
     return m
 
 
+def load_flow(path, pipeline, part, device, frozen_dtype, fuse_lora, vae, t5_max_length):
+    """A StableDiffusion3Pipeline or FluxPipeline folder -> the dict load_model returns: "unet" its transformer (fp32),
+    the VAE, text encoders and tokenizers under the pipeline's names, its FlowMatchEulerDiscreteScheduler, "pipeline"
+    (the class name) and "t5_length". The frozen parts in frozen_dtype; a run's lora/ fused as for SD1.5."""
+    m = {k: part(cls, k) for k, cls in FLOW_PARTS[pipeline].items() if k != "vae" or not vae}
+    if vae:
+        m["vae"] = part(AutoencoderKL, "vae" if os.path.isdir(os.path.join(vae, "vae")) else None, vae)
+    m["unet"], m["pipeline"] = m.pop("transformer").to(device), pipeline
+    m["t5_length"] = t5_max_length or T5_LENGTH[pipeline]
+    c = m["scheduler"].config
+    if pipeline == "FluxPipeline" and not c.use_dynamic_shifting:
+        raise ValueError(f"{path}: a FLUX.1 scheduler without use_dynamic_shifting (FLUX.1-schnell's): its sampler "
+                         "is not implemented here (FLUX.1-dev's is)")
+    if pipeline == "StableDiffusion3Pipeline" and c.use_dynamic_shifting:
+        raise ValueError(f"{path}: an SD3 scheduler with use_dynamic_shifting: not implemented (SD3/3.5's shift is "
+                         "fixed)")
+    if fuse_lora and os.path.isfile(os.path.join(path, LORA_DIR, LORA_FILE)):
+        try:
+            m["unet"].load_lora_adapter(os.path.join(path, LORA_DIR), prefix="transformer", weight_name=LORA_FILE,
+                                        local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise OSError(f"{os.path.join(path, LORA_DIR, LORA_FILE)}: {e}") from None
+        m["unet"].fuse_lora()
+        m["unet"].unload_lora()
+    for k, v in m.items():
+        if k.startswith(("text_encoder", "vae")):
+            v.to(device=device, dtype=frozen_dtype).eval().requires_grad_(False)
+    return m
+
+
 def check_sdxl(m, where):
     """ValueError unless the SDXL parts fit together as StableDiffusionXLPipeline uses them: the UNet attends to both
     encoders' hidden states side by side and embeds the second one's pooled output with the six time ids."""
@@ -177,7 +266,16 @@ def save_frozen_parts(m, out_dir, cfg=None, write_folder=None):
     adapter only: its unet/ is the base, written here once, before the adapters are added, by write_folder(folder,
     save) (checkpoint.write_folder: whole or not at all); each checkpoint then writes lora/."""
     if cfg and cfg["lora_rank"]:
-        write_folder(os.path.join(out_dir, "unet"), m["unet"].save_pretrained, point="unet")
+        write_folder(os.path.join(out_dir, denoiser_dir(m["unet"])), m["unet"].save_pretrained, point="unet")
+    if is_flow(m):  # its pipeline's parts and index, as StableDiffusion3Pipeline / FluxPipeline save them
+        for k in FLOW_PARTS[m["pipeline"]]:
+            if k != "transformer":
+                m[k].save_pretrained(os.path.join(out_dir, k))
+        index = {"_class_name": m["pipeline"], **{k: [c.__module__.split(".")[0], c.__name__] for k, c in
+                                                  FLOW_PARTS[m["pipeline"]].items()}}
+        with open(os.path.join(out_dir, "model_index.json"), "w") as f:
+            json.dump({**index, "image_encoder": [None, None], "feature_extractor": [None, None]}, f, indent=2)
+        return
     for k in ("text_encoder", "tokenizer", "scheduler", "vae", *SDXL_PARTS):
         if m.get(k) is not None:
             m[k].save_pretrained(os.path.join(out_dir, k))
@@ -328,10 +426,15 @@ def load_trained_state(unet, state, cfg):
 
 
 def save_lora(unet, folder):
-    """The trained adapter as StableDiffusionPipeline.load_lora_weights(folder) reads it (its rank and alpha in the
-    file's metadata)."""
-    from diffusers import StableDiffusionPipeline
+    """The trained adapter as the pipeline's load_lora_weights(folder) reads it (its rank and alpha in the file's
+    metadata: without them the loader takes alpha = rank): StableDiffusionPipeline's for a UNet, StableDiffusion3's
+    or Flux's for their transformers."""
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
     meta = unet.peft_config["default"].to_dict()
+    if isinstance(unet, (SD3Transformer2DModel, FluxTransformer2DModel)):
+        pipe = StableDiffusion3Pipeline if isinstance(unet, SD3Transformer2DModel) else FluxPipeline
+        return pipe.save_lora_weights(folder, transformer_lora_layers=lora_state(unet), weight_name=LORA_FILE,
+                                      transformer_lora_adapter_metadata=meta)
     StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=lora_state(unet), weight_name=LORA_FILE,
                                               unet_lora_adapter_metadata=meta)
 
@@ -380,10 +483,21 @@ def encode_prompts(m, prompts, resolution=None):
     pooled output and the time ids of a `resolution` image (default: the model's own), uncropped, as the pipeline
     passes them and Diffusion-DPO's SDXL training does. Gradients flow only when the encoder is being trained (in
     train mode with requires_grad)."""
-    def ids(tokenizer, encoder):
-        return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+    def ids(tokenizer, encoder, length=None):
+        return tokenizer(list(prompts), padding="max_length", max_length=length or tokenizer.model_max_length,
                          truncation=True, return_tensors="pt").input_ids.to(encoder.device)
     enc = m["text_encoder"]
+    if m.get("pipeline") == "StableDiffusion3Pipeline":  # as StableDiffusion3Pipeline.encode_prompt, no clip_skip:
+        # both CLIPs' penultimate hidden states side by side, zero-padded to T5's width, then T5's states after them
+        outs = [e(ids(t, e, m["tokenizer"].model_max_length), output_hidden_states=True) for t, e in
+                ((m["tokenizer"], enc), (m["tokenizer_2"], m["text_encoder_2"]))]
+        t5 = m["text_encoder_3"](ids(m["tokenizer_3"], m["text_encoder_3"], m["t5_length"]))[0]
+        clip = torch.cat([o.hidden_states[-2] for o in outs], dim=-1)
+        clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        return pooled_context(torch.cat([clip, t5], dim=-2), torch.cat([o[0] for o in outs], dim=-1))
+    if m.get("pipeline") == "FluxPipeline":  # as FluxPipeline.encode_prompt: T5's states, CLIP's pooled output
+        t5 = m["text_encoder_2"](ids(m["tokenizer_2"], m["text_encoder_2"], m["t5_length"]))[0]
+        return pooled_context(t5, enc(ids(m["tokenizer"], enc)).pooler_output)
     with torch.set_grad_enabled(enc.training and torch.is_grad_enabled()):
         if m.get("text_encoder_2") is None:
             return enc(ids(m["tokenizer"], enc))[0]
@@ -395,6 +509,14 @@ def encode_prompts(m, prompts, resolution=None):
         return sdxl_context(hidden, out2.text_embeds.to(hidden), time_ids)
 
 
+def pooled_context(hidden, pooled):
+    """A flow model's two text conditions in one context tensor: hidden (B, L, D), pooled (B, P) with P <= D ->
+    (B, L + 1, D), the last row [pooled, zeros] (unet_output splits it again), as sdxl_context does for SDXL."""
+    row = torch.zeros(hidden.shape[0], 1, hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
+    row[:, 0, :pooled.shape[-1]] = pooled
+    return torch.cat([hidden, row], dim=1)
+
+
 def sdxl_context(hidden, pooled, time_ids):
     """SDXL's three conditions in one context tensor: hidden (B, 77, D), pooled (B, P), time_ids (B, 6) ->
     (B, 78, D), row 77 = [pooled, time_ids, zeros]. unet_output splits it again."""
@@ -404,12 +526,18 @@ def sdxl_context(hidden, pooled, time_ids):
     return torch.cat([hidden, row], dim=1)
 
 
-def unet_output(unet, x, t, context):
+def unet_output(unet, x, t, context, guidance=None):
     """The UNet's raw output (eps, or v) at x_t: x, t and context as the UNet takes them (the context in the
     input's dtype). An SDXL context (sdxl_context) is split into encoder_hidden_states and added_cond_kwargs; a
-    clip's context is repeated for each of its frames.
+    clip's context is repeated for each of its frames. A flow model's transformer (SD3, FLUX.1) gets its pooled row
+    (pooled_context) as pooled_projections and returns the velocity; guidance: FLUX.1-dev's guidance input.
     `unet` may be wrapped (DDP, LoraReference): its config is read from the module inside (none: an SD1.5 UNet)."""
     config = getattr(getattr(unet, "module", unet), "config", {})
+    if isinstance(_inner(unet), SD3Transformer2DModel):  # time is s x 1000, one per sample
+        return unet(hidden_states=x, timestep=t.expand(x.shape[0]), encoder_hidden_states=context[:, :-1],
+                    pooled_projections=context[:, -1, :config.pooled_projection_dim], return_dict=False)[0]
+    if isinstance(_inner(unet), FluxTransformer2DModel):
+        return flux_output(unet, config, x, t, context, guidance)
     if x.dim() == 5:  # a clip (B, C, F, H, W): UNetMotionModel folds its frames into the batch and takes the prompt
         context = context.repeat_interleave(x.shape[2], dim=0)  # once per frame, as AnimateDiffPipeline repeats it
     if not is_sdxl_unet(config):
@@ -420,23 +548,47 @@ def unet_output(unet, x, t, context):
     return unet(x, t, encoder_hidden_states=context[:, :-1], added_cond_kwargs=added).sample
 
 
-def net(unet):
-    """The UNet as diffusion.py calls a network: net(x_t, t, context) -> its raw output (eps or v) in float32. x_t
-    and the context are cast to the UNet's dtype (a bf16 reference takes bf16 inputs; autocast handles the policy).
-    `unet` may be wrapped (DDP, LoraReference)."""
-    def f(x, t, context):
+def net(unet, guidance=1.0):
+    """The UNet (transformer) as diffusion.py calls a network: net(x_t, t, context) -> its raw output (eps, v or the
+    velocity) in float32. x_t and the context are cast to its dtype (a bf16 reference takes bf16 inputs; autocast
+    handles the policy). `unet` may be wrapped (DDP, LoraReference). A guidance-distilled model (FLUX.1-dev) takes
+    its guidance as an input: `guidance` is the one it trains at (its trainers': the value it samples with), and
+    f.guidance_embedded tells the sampler to pass its own instead of running classifier-free guidance."""
+    def f(x, t, context, guidance=guidance):
         dtype = next(unet.parameters()).dtype
-        return unet_output(unet, x.to(dtype), t, context.to(dtype)).float()
+        return unet_output(unet, x.to(dtype), t, context.to(dtype), guidance).float()
+    f.guidance_embedded = bool(getattr(getattr(_inner(unet), "config", None), "guidance_embeds", False))
     return f
+
+
+def flux_output(unet, config, x, t, context, guidance):
+    """FluxTransformer2DModel on unpacked latents (B, C, h, w), as FluxPipeline calls it: 2x2 patches packed into
+    (h/2)(w/2) tokens of 4C channels (_pack_latents), each with its (0, row, column) position id, the text's ids all
+    zero, time s (the pipeline passes (s x 1000) / 1000; the model scales it back), and for a guidance-distilled model
+    (FLUX.1-dev) the guidance value; the output unpacked again."""
+    B, C, h, w = x.shape
+    packed = x.view(B, C, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, (h // 2) * (w // 2), 4 * C)
+    img_ids = torch.zeros(h // 2, w // 2, 3, device=x.device, dtype=x.dtype)
+    img_ids[..., 1] += torch.arange(h // 2, device=x.device)[:, None]
+    img_ids[..., 2] += torch.arange(w // 2, device=x.device)[None, :]
+    txt_ids = torch.zeros(context.shape[1] - 1, 3, device=x.device, dtype=x.dtype)
+    g = torch.full((B,), guidance, device=x.device, dtype=torch.float32) if config.guidance_embeds else None
+    out = unet(hidden_states=packed, timestep=t.expand(B).to(x.dtype) / 1000, guidance=g,
+               pooled_projections=context[:, -1, :config.pooled_projection_dim],
+               encoder_hidden_states=context[:, :-1], txt_ids=txt_ids, img_ids=img_ids.reshape(-1, 3),
+               return_dict=False)[0]
+    return out.view(B, h // 2, w // 2, C, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, C, h, w)
 
 
 class PromptCache:
     """encode_prompts for a frozen text encoder, each distinct prompt encoded once: its context row (77 or 78, D) is
     kept on the encoder's device, in its dtype, for up to `capacity` prompts (the oldest go first); 0 turns the
-    cache off. A trained encoder (train mode) is never cached. Per prompt the output is the same as encoding it in
-    any batch (the encoder treats rows independently): bit-identical on CPU; on CUDA, kernels chosen by batch size
-    may differ in the last bits, so a cached row can differ slightly from encoding the current batch. SD1.5: 118
-    KB a prompt in bf16."""
+    cache off. A trained encoder (train mode) is never cached. New prompts are encoded CHUNK at a time, the last
+    chunk filled with the empty prompt: a matmul may round by its number of rows (CLIP's pooled projection does on
+    CPU), and a prompt's row must not depend on which other prompts were new with it, or a resumed run would differ.
+    SD1.5: 118 KB a prompt in bf16; SD3 with 256 T5 tokens 2.7 MB, FLUX.1 with 512 4.2 MB (their configs keep
+    fewer)."""
+    CHUNK = 16
 
     def __init__(self, m, capacity, resolution=None):
         self.m, self.capacity, self.resolution, self.store = m, capacity, resolution, {}
@@ -445,9 +597,11 @@ class PromptCache:
         if self.capacity <= 0 or self.m["text_encoder"].training:
             return encode_prompts(self.m, prompts, self.resolution)
         new = list(dict.fromkeys(p for p in prompts if p not in self.store))
-        if new:
+        for i in range(0, len(new), self.CHUNK):
+            part = new[i:i + self.CHUNK]
             with torch.no_grad():
-                self.store.update(zip(new, encode_prompts(self.m, new, self.resolution)))
+                rows = encode_prompts(self.m, part + [""] * (self.CHUNK - len(part)), self.resolution)
+            self.store.update(zip(part, rows[:len(part)].clone()))
         out = torch.stack([self.store[p] for p in prompts])
         while len(self.store) > self.capacity:
             del self.store[next(iter(self.store))]
@@ -479,6 +633,8 @@ def sample_latents(vae, moments, noise=None, generator=None):
     run from the latent cache equals one that encodes)."""
     dist = DiagonalGaussianDistribution(moments.to(vae.device, vae.dtype))
     z = dist.sample(generator) if noise is None else dist.mean + dist.std * noise.to(dist.mean)
+    if vae.config.shift_factor is not None:  # SD3's and FLUX.1's VAEs: (z - shift) x scale, as their trainers
+        z = z - vae.config.shift_factor
     return (z * vae.config.scaling_factor).float()
 
 
@@ -509,7 +665,10 @@ def latents_to_images(vae, x):
     if vae is not None and x.dim() == 5:
         return torch.stack([latents_to_images(vae, x[:, :, f]) for f in range(x.shape[2])], dim=2)
     if vae is not None:
-        x = vae.decode((x / vae.config.scaling_factor).to(vae.dtype)).sample
+        z = x / vae.config.scaling_factor
+        if vae.config.shift_factor is not None:  # SD3's and FLUX.1's VAEs, as their pipelines decode
+            z = z + vae.config.shift_factor
+        x = vae.decode(z.to(vae.dtype)).sample
     return x.float().clamp(-1, 1)
 
 
@@ -540,6 +699,8 @@ def check_model_fits(cfg, m):
     resolution its VAE and UNet do not divide, a trained text encoder on SDXL, clips for an image model or images
     for a video model."""
     T = m["scheduler"].config.num_train_timesteps
+    if is_flow(m):
+        return check_flow_fits(cfg, m)
     for k in ("sample_steps", "self_sample_steps"):
         diffusion.check_sampler_steps(m["scheduler"], cfg[k], k)
     if cfg["inversion_steps"] > T:
@@ -558,3 +719,21 @@ def check_model_fits(cfg, m):
     if m.get("text_encoder_2") is not None and cfg["train_text_encoder"]:
         raise ValueError("train_text_encoder=True trains one text encoder; an SDXL model has two (not implemented: "
                          "SDXL fine-tuning keeps both frozen)")
+
+
+def check_flow_fits(cfg, m):
+    """check_model_fits for a flow model (SD3, FLUX.1): what it cannot do here."""
+    f = vae_factor(m) * 2  # SD3's 2x2 patches, FLUX.1's 2x2 packing
+    if cfg["resolution"] % f:
+        raise ValueError(f"resolution={cfg['resolution']} is not a multiple of {f} (the VAE's downsampling x the "
+                         "transformer's 2x2 patches)")
+    for key, bad, why in (
+            ("noising", cfg["noising"] != "forward", "DDIM inversion is for DDPM models; the flow ODE run backwards "
+                                                     "is not implemented"),
+            ("dataset", cfg["dataset"] in ("tiny_video", "clipfolder"), "clips need a video model"),
+            ("train_text_encoder", cfg["train_text_encoder"], "SD3 and FLUX.1 fine-tuning keeps the encoders frozen"),
+            ("trained_modules", cfg["trained_modules"] != "all", "motion modules are AnimateDiff's"),
+            ("eta", cfg["eta"] > 0 or cfg["self_sample_eta"] > 0, "the flow Euler sampler is deterministic"),
+            ("compile_unet", cfg["compile_unet"] == "regional", "regional compilation knows the UNet's blocks")):
+        if bad:
+            raise ValueError(f"{key}={cfg[key]!r} with a {m['pipeline']} model: {why}")

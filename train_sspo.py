@@ -132,6 +132,10 @@ trained_modules = "all"         # 'all': the whole UNet | 'motion': an AnimateDi
 text_dim = 32                   # width of the tiny CLIP text encoder
 train_text_encoder = False      # also train the text encoder: for pretraining from scratch, where a random frozen one
                                 # is a weak condition (SD1.5 and all alignment runs keep it frozen)
+t5_max_length = 0               # SD3 / FLUX.1: T5 tokens of a prompt (0: the pipeline's, SD3 256, FLUX.1 512; the
+                                # peers train SD3 at 77-128: shorter context, cheaper steps)
+timestep_density = "uniform"    # training timesteps: 'uniform' (SSPO.md 1; FLUX.1's trainers) | 'logit_normal' (SD3's,
+                                # Esser et al. 2024: the middle noise levels drawn most)
 noise_schedule = "scaled_linear"  # SD1.5's betas (0.00085-0.012) | 'squaredcos_cap_v2' | 'linear' (DDPM's)
 prediction_type = "epsilon"     # what the UNet predicts: 'epsilon' (SD1.5) | 'v_prediction' (needed by zero_snr)
 zero_snr = False                # betas rescaled to a zero terminal SNR, sampling from t = T - 1 (Lin et al. 2023)
@@ -188,8 +192,8 @@ def run_eval(m, unet, cfg, ds, device, autocast, step):
         x0 = model.to_latents(m["vae"], batch, "w", device, None if vae_noise is None else vae_noise[i:i + B])
         ctx = model.encode_prompts(m, batch["prompt"], cfg["resolution"])
         with autocast:
-            errs.append(diffusion.denoising_error(model.net(unet), m["scheduler"], x0, eps[i:i + B].to(device),
-                                                  t[i:i + B].to(device), ctx))
+            errs.append(diffusion.denoising_error(model.net(unet, cfg["guidance"]), m["scheduler"], x0,
+                                                  eps[i:i + B].to(device), t[i:i + B].to(device), ctx))
     loss = torch.cat(errs).mean().item()
     groups = ds.eval_prompts() if hasattr(ds, "eval_prompts") else {
         "": [ds[i]["prompt"] for i in range(min(cfg["n_eval_images"], len(ds)))]}  # real data: its first prompts
@@ -200,8 +204,8 @@ def run_eval(m, unet, cfg, ds, device, autocast, step):
     noise = torch.randn((len(prompts), *shape), generator=gs).to(device)
     step_noise = torch.randn((cfg["sample_steps"], *noise.shape), generator=gs).to(device) if cfg["eta"] > 0 else None
     with autocast:
-        x = diffusion.ddim_sample(model.net(unet), m["scheduler"], cond, uncond, noise, cfg["sample_steps"],
-                                  cfg["guidance"], cfg["eta"], step_noise)
+        x = diffusion.sample(model.net(unet), m["scheduler"], cond, uncond, noise, cfg["sample_steps"], cfg["guidance"],
+                             cfg["eta"], step_noise)
     images = model.latents_to_images(m["vae"], x).cpu()
     out, labels = {"eval_loss": loss}, None
     if hasattr(ds, "judge_batch"):
@@ -251,7 +255,8 @@ def load_for_training(cfg, source, ds, device, use_bf16, master):
     own = source == cfg["out_dir"]  # scratch or resume: a LoRA run's lora/ is resumed from ckpt.pt, not fused here
     try:
         m = model.load_model(source, device, torch.bfloat16 if use_bf16 else torch.float32, fuse_lora=not own,
-                             vae="" if own else cfg["vae"], motion_adapter="" if own else cfg["motion_adapter"])
+                             vae="" if own else cfg["vae"], motion_adapter="" if own else cfg["motion_adapter"],
+                             t5_max_length=cfg["t5_max_length"])
         model.check_model_fits(cfg, m)
         if cfg["latent_cache"]:
             ds.check_vae(m["vae"])
@@ -341,10 +346,12 @@ def main(cfg):
     # gradients as views into DDP's all-reduce buckets: one copy of the UNet's gradients, not two (3.4 GB on SD1.5)
     ddp_unet = DDP(unet, device_ids=[device.index] if device.type == "cuda" else None,
                    gradient_as_bucket_view=True) if world_size > 1 else unet
-    policy, reference = model.net(ddp_unet), None if ref_unet is None else model.net(ref_unet)  # diffusion.py's nets
+    policy = model.net(ddp_unet, cfg["guidance"])  # as diffusion.py calls a network (FLUX.1-dev trains at its guidance)
+    reference = None if ref_unet is None else model.net(ref_unet, cfg["guidance"])
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if r["autocast"] else nullcontext()
     sched, T = m["scheduler"], m["scheduler"].config.num_train_timesteps
-    sched.alphas_cumprod = sched.alphas_cumprod.to(device)  # read at every step: moved once
+    if not diffusion.is_flow(sched):
+        sched.alphas_cumprod = sched.alphas_cumprod.to(device)  # read at every step: moved once
     latent_shape = model.latent_shape(m, cfg["resolution"], cfg["frames"])  # (C, H, W) or (C, F, H, W) for clips
     with torch.no_grad():
         uncond = model.encode_prompts(m, [""], cfg["resolution"])  # (1, 77, D) (SDXL: 78 rows), for guidance
@@ -352,7 +359,7 @@ def main(cfg):
                                cfg["resolution"])
     batches = data.counted(data.micro_batches(ds, cfg, rank, world_size, *data_pos, stream), tallies, data_pos[0],
                            m["tokenizer"], cfg["bad_data"], device)  # what each epoch's data needed, reported
-    inversion = (model.net(unet if ref_unet is None else ref_unet), cfg["inversion_steps"], cfg["inversion_guidance"]) \
+    inversion = (reference or model.net(unet), cfg["inversion_steps"], cfg["inversion_guidance"]) \
         if cfg["noising"] == "ddim_inversion" else None  # Inversion-DPO: by the reference (the policy for MaPO)
     start_step, first_eval = step, None
     bar = tqdm(total=cfg["max_steps"], initial=step, disable=not master, desc="train", dynamic_ncols=True)
@@ -396,8 +403,8 @@ def main(cfg):
             elif cfg["method"] == "sspo":  # the reference draws its own image for each prompt, no caption dropout;
                 t0, cond = time.time(), encode(batch["prompt"])  # its final latent is the loser candidate (no
                 with autocast:  # decode/encode round trip); the text encoder, as every frozen part, outside autocast
-                    x0_l = diffusion.ddim_sample(reference, sched, cond, uncond, x_T, cfg["self_sample_steps"],
-                                                 cfg["self_sample_guidance"], cfg["self_sample_eta"], eta_noise)
+                    x0_l = diffusion.sample(reference, sched, cond, uncond, x_T, cfg["self_sample_steps"],
+                                            cfg["self_sample_guidance"], cfg["self_sample_eta"], eta_noise)
                 stats_sum["t_sample"] = stats_sum.get("t_sample", 0.0) + time.time() - t0
                 judged = judge_self_samples(ds, m, batch, x0_l, device)  # tiny worlds: the log, ssr='oracle'
             sync = nullcontext() if world_size == 1 or micro == cfg["grad_accum"] - 1 else ddp_unet.no_sync()
@@ -433,7 +440,8 @@ def main(cfg):
     data.report_data(tallies, data_pos[0], device, partial=True)
     if tallies["skipped_updates"]:
         print0(f"updates skipped for a non-finite loss or gradient: {tallies['skipped_updates']} of {step}")
-    print0(f"done: {out}/ckpt.pt, {out}/unet/{f' + {out}/{model.LORA_DIR}/' * model.has_adapters(unet)}, {out}/samples/")
+    lora = f" + {out}/{model.LORA_DIR}/" * model.has_adapters(unet)
+    print0(f"done: {out}/ckpt.pt, {out}/{model.denoiser_dir(unet)}/{lora}, {out}/samples/")
     if master and first_eval is not None and "judge_seen" in first_eval:  # the last line: what the run did
         print0(f"judge on seen / held-out prompts: step {start_step} "
                f"{first_eval['judge_seen']:.3f} / {first_eval['judge_heldout']:.3f} -> step {step} "

@@ -116,3 +116,73 @@ def build_tiny_model(out_dir, words=None, resolution=16, channels=(32, 64), text
     unet.save_pretrained(os.path.join(out_dir, "unet"))
     model.save_frozen_parts(m, out_dir)
     return out_dir
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tiny random flow-matching models in the Stable Diffusion 3 and FLUX.1 layouts (tests; the tiny flow world)
+
+def build_t5_tokenizer(words):
+    """T5's tokenizer, offline: a Unigram model over the words whole ('▁word') with single characters to fall back
+    on; transformers builds the Metaspace pre-tokenizer and the '</s>' post-processor from it, as for T5's own.
+    ids: <pad> 0, </s> 1, <unk> 2."""
+    from transformers import T5TokenizerFast
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    vocab += [("▁" + w, -1.0) for w in sorted(set(words))]
+    vocab += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=512)
+
+
+def build_tiny_flow(out_dir, family="sd3", words=None, resolution=16, seed=0, width=16, layers=2, text_dim=32,
+                    guidance_embeds=True):
+    """Save a random model in the StableDiffusion3Pipeline (family 'sd3') or FluxPipeline ('flux') layout: a
+    transformer of `layers` blocks and width `width` (SD3: 2 heads of width/2; FLUX: one double and layers - 1 single
+    blocks), a 2-level AutoencoderKL with 16 latent channels and its family's shift and scaling factors (SD3 1.5305 /
+    0.0609, FLUX.1 0.3611 / 0.1159), tiny CLIP text encoders (SD3: two with projections; FLUX: one) and a tiny T5.
+    The schedulers are the families':
+    SD3's shift 3; FLUX.1-dev's dynamic shift, with the guidance embedding (guidance_embeds). Loaded back through
+    model.load_model or the diffusers pipelines, as a real checkpoint is."""
+    from diffusers import (FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel,
+                           SD3Transformer2DModel, StableDiffusion3Pipeline)
+    from transformers import T5Config, T5EncoderModel
+    torch.manual_seed(seed)
+    words = words or world.WORDS
+    tok, t5tok = build_tokenizer(words, os.path.join(out_dir, "tokenizer")), build_t5_tokenizer(words)
+    t5_dim = 2 * text_dim  # >= the two CLIPs' widths side by side: SD3 pads them to T5's width
+
+    def clip(cls):
+        return cls(CLIPTextConfig(vocab_size=len(tok), hidden_size=text_dim, intermediate_size=2 * text_dim,
+                                  num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+                                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                  pad_token_id=tok.pad_token_id, projection_dim=text_dim))
+    t5_encoder = T5EncoderModel(T5Config(vocab_size=len(t5tok), d_model=t5_dim, d_kv=16, d_ff=2 * t5_dim, num_layers=1,
+                                         num_heads=4, relative_attention_num_buckets=8, dropout_rate=0.0,
+                                         feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1,
+                                         decoder_start_token_id=0, is_encoder_decoder=False, use_cache=False))
+    factors = {"sd3": dict(scaling_factor=1.5305, shift_factor=0.0609), "flux": dict(scaling_factor=0.3611,
+                                                                                      shift_factor=0.1159)}[family]
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(16, 32),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, norm_num_groups=8, sample_size=resolution, use_quant_conv=False,
+                        use_post_quant_conv=False, **factors)
+    if family == "sd3":
+        transformer = SD3Transformer2DModel(
+            sample_size=resolution // 2, patch_size=2, in_channels=16, out_channels=16, num_layers=layers,
+            attention_head_dim=width // 2, num_attention_heads=2, joint_attention_dim=t5_dim,
+            caption_projection_dim=width, pooled_projection_dim=2 * text_dim, pos_embed_max_size=resolution)
+        pipe = StableDiffusion3Pipeline(
+            transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+            vae=vae, text_encoder=clip(CLIPTextModelWithProjection), tokenizer=tok,
+            text_encoder_2=clip(CLIPTextModelWithProjection), tokenizer_2=tok,
+            text_encoder_3=t5_encoder, tokenizer_3=t5tok)
+    else:
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=64, num_layers=1, num_single_layers=layers - 1, attention_head_dim=width,
+            num_attention_heads=2, joint_attention_dim=t5_dim, pooled_projection_dim=text_dim,
+            guidance_embeds=guidance_embeds, axes_dims_rope=(width // 4, 3 * width // 8, 3 * width // 8))
+        sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                                base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                                max_image_seq_len=4096)  # FLUX.1-dev's
+        pipe = FluxPipeline(scheduler=sched, vae=vae, text_encoder=clip(CLIPTextModel), tokenizer=tok,
+                            text_encoder_2=t5_encoder, tokenizer_2=t5tok, transformer=transformer)
+    pipe.save_pretrained(out_dir)
+    return out_dir

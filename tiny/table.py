@@ -232,8 +232,8 @@ def samples_picture(names, seed, path, protocol, points, n=16):
         noise = torch.randn((len(prompts), *shape), generator=torch.Generator().manual_seed(0))
         cond = model.encode_prompts(m, prompts)
         uncond = model.encode_prompts(m, [""])
-        x = model.latents_to_images(m["vae"], diffusion.ddim_sample(model.net(m["unet"]), m["scheduler"], cond, uncond,
-                                                                    noise, protocol["steps"], protocol["guidance"]))
+        x = model.latents_to_images(m["vae"], diffusion.sample(model.net(m["unet"]), m["scheduler"], cond, uncond,
+                                                               noise, protocol["steps"], protocol["guidance"]))
         rows.append(x)
         labels += [f"{W.judge(img, p)[0]:.2f}" for img, p in zip(x, prompts)]
     if W is video:
