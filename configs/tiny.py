@@ -1,12 +1,12 @@
 # SSPO on the tiny world: winners only, losers sampled by a snapshot drawn uniformly from the policy's history
 # (Random Checkpoint Replay), Self-Sampling Regularization by sign. Starts from the tiny base (configs/tiny_base.py).
 #   python train_sspo.py configs/tiny_base.py && python train_sspo.py configs/tiny.py
-#   # the base, then SSPO: 2.5-8 min on 2 CPU cores (an update: 2-6 s)
+#   # SSPO: ~20 min on one core of an AVX2-only CPU (an update: ~10 s, most of it drawing the self-samples)
 # effective batch: 1 process x batch_size 16 x grad_accum 1 = 16; 120 updates; a snapshot every 15 updates, so the
 # pool grows to theta_0 + 7 (the paper shows about 7). Self-samples are drawn as the judge draws (10 DDIM steps at
 # guidance 1.1). This is the shared budget of tiny/table.py: every method there runs these steps on this data, at
 # its own learning rate and beta, chosen by the table's tuning stage (docs/tiny_world.md); lr and beta here are
-# SSPO's chosen point.
+# the earlier protocol's (picked on Diffusion-DPO), a grid point, not a tuned one.
 out_dir = "out/tiny_sspo"
 init_from = "out/tiny_base"
 dataset = "tiny"
@@ -16,7 +16,7 @@ ssr = "sign"
 ref_policy = "uniform"
 ckpt_every = 15
 beta = 1000.0
-lr = 3e-5                  # SSPO's point of the tuning stage (tiny/table.py)
+lr = 3e-5
 lr_schedule = "constant"
 warmup_steps = 10
 batch_size = 16
