@@ -187,7 +187,7 @@ def save_checkpoint(cfg, unet, ema, text_encoder, opt, step, data_pos, pool, tal
         write_folder(os.path.join(out, model.LORA_DIR), lambda d: model.save_lora(unet, d), point="lora")
     for name, module in trained.items():
         write_folder(os.path.join(out, name), module.save_pretrained, point=name)
-    if model.is_video(unet) and not model.has_adapters(unet):  # the temporal layers alone, as AnimateDiff ships them
+    if model.is_animatediff(unet) and not model.has_adapters(unet):  # the temporal layers alone, as AnimateDiff ships them
         write_folder(os.path.join(out, "motion_adapter"), (ema or unet).save_motion_modules, point="motion_adapter")
     ckpt = {"unet": model.trained_state(unet, cfg), "ema": ema.state_dict() if ema else None,
             "text_encoder": text_encoder.state_dict() if cfg["train_text_encoder"] else None, "optimizer": opt.state_dict(),

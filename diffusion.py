@@ -4,16 +4,18 @@ per-sample errors, timestep draws, the samplers (DDIM and its inversion; the flo
 `pair_errors`, the one call of the training step that returns what an objective reads (losses.OBJECTIVES).
 
 A network here is a callable net(x_t, time, context) -> its raw prediction (eps, v or the flow velocity) in float32,
-in x_t's shape; model.net makes one of a diffusers UNet (SD1.5, SDXL, AnimateDiff) or transformer (SD3, FLUX.1),
-LoRA or not. The schedule is a diffusers scheduler read for its config and, for DDPM models, alphas_cumprod; its
-.step() and .set_timesteps() are never called. Nothing of the project is imported.
+in x_t's shape; model.net makes one of a diffusers UNet (SD1.5, SDXL, AnimateDiff) or transformer (SD3, FLUX.1,
+Wan2.1), LoRA or not. The schedule is a diffusers scheduler read for its config and, for DDPM models,
+alphas_cumprod; only a multistep flow sampler (Wan2.1's UniPC: scheduler_sample) steps a copy of it. Nothing of the
+project is imported.
 
 Two parameterizations, told apart by the scheduler:
 - DDPM (DDIMScheduler: SD1.5, SDXL, AnimateDiff): x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, the network
   predicts eps or v; time is the integer t.
-- Flow matching (FlowMatchEulerDiscreteScheduler: SD3, FLUX.1; Esser et al. 2024): x_t = (1 - s) x0 + s eps, the
-  network predicts the velocity u = eps - x0; time is s x 1000. The training timestep t in [0, T) indexes s_t =
-  shift((t + 1) / T) (the shift of SD3's scheduler; none for FLUX.1's, which shifts at sampling time): small t is
+- Flow matching (FlowMatchEulerDiscreteScheduler: SD3, FLUX.1, Wan2.1; or UniPC on flow sigmas, Wan2.1's; Esser et
+  al. 2024): x_t = (1 - s) x0 + s eps, the network predicts the velocity u = eps - x0; time is s x 1000. The
+  training timestep t in [0, T) indexes s_t = shift((t + 1) / T) (the shift of SD3's and Wan's schedulers; none for
+  FLUX.1's, which shifts at sampling time): small t is
   little noise under both parameterizations, so t-based options (DPO-C&M's window, ssr_t_max) mean the same.
   The objectives read velocity errors mean_CHW (v - u)^2, as the public flow DPO trainers do (flow_grpo, Flow-Factory):
   since eps_hat - eps = (1 - s)(v_hat - u), an epsilon error would be the same error weighted by (1 - s)^2, which
@@ -21,6 +23,7 @@ Two parameterizations, told apart by the scheduler:
 
 Shapes: x0, eps (B, C, H, W), or (B, C, F, H, W) for clips; t (B,) integer timesteps; context (B, L, D).
 """
+import copy
 import math
 
 import numpy as np
@@ -33,7 +36,10 @@ def _per_sample(a, x):
 
 
 def is_flow(scheduler):
-    return type(scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    """A flow-matching schedule: the flow Euler scheduler (SD3, FLUX.1, Wan) or a multistep one on flow sigmas
+    (Wan2.1's published UniPC)."""
+    euler = type(scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    return euler or scheduler.config.get("use_flow_sigmas", False)
 
 
 def sample_timesteps(shape, num_timesteps, generator, density="uniform"):
@@ -52,8 +58,9 @@ def flow_sigmas(scheduler):
     scheduler's table (FlowMatchEulerDiscreteScheduler.__init__: (t + 1) / T, shifted s -> shift s / (1 + (shift - 1)
     s) unless the shift is applied at sampling time, use_dynamic_shifting), read in reverse."""
     c = scheduler.config
+    shift = c.get("shift", c.get("flow_shift"))  # UniPC on flow sigmas names it flow_shift
     s = torch.arange(1, c.num_train_timesteps + 1, dtype=torch.float32) / c.num_train_timesteps
-    return s if c.use_dynamic_shifting else c.shift * s / (1 + (c.shift - 1) * s)
+    return s if c.get("use_dynamic_shifting") else shift * s / (1 + (shift - 1) * s)
 
 
 def flow_sample_sigmas(scheduler, steps, image_tokens):
@@ -207,8 +214,30 @@ def sample(net, scheduler, cond, uncond, noise, steps=20, guidance=7.5, eta=0.0,
     if is_flow(scheduler):
         if eta > 0:
             raise ValueError("the flow-matching Euler sampler is deterministic: eta must be 0")
+        if type(scheduler).__name__ != "FlowMatchEulerDiscreteScheduler":
+            return scheduler_sample(net, scheduler, cond, uncond, noise, steps, guidance)
         return flow_sample(net, scheduler, cond, uncond, noise, steps, guidance)
     return ddim_sample(net, scheduler, cond, uncond, noise, steps, guidance, eta, step_noise)
+
+
+@torch.no_grad()
+def scheduler_sample(net, scheduler, cond, uncond, noise, steps, guidance):
+    """The pipelines' own loop for a multistep flow scheduler (Wan2.1's UniPC, tested against WanPipeline): a fresh
+    copy of `scheduler` spaces `steps` timesteps; at each the network's velocity, under classifier-free guidance
+    with cond and uncond in one batched forward, goes to scheduler.step. noise = x_1; returns x_0, float32."""
+    sched = copy.deepcopy(scheduler)
+    sched.set_timesteps(steps, device=noise.device)
+    B = noise.shape[0]
+    context = torch.cat([uncond.expand(B, -1, -1), cond]) if guidance != 1.0 else cond
+    x = noise.float()
+    for t in sched.timesteps:
+        if guidance != 1.0:
+            v_u, v_c = net(torch.cat([x, x]), t, context).chunk(2)
+            v = v_u + guidance * (v_c - v_u)
+        else:
+            v = net(x, t, cond)
+        x = sched.step(v, t, x, return_dict=False)[0]
+    return x
 
 
 @torch.no_grad()

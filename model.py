@@ -22,13 +22,14 @@ import warnings
 import diffusers
 import torch
 import transformers
-from diffusers import (AutoencoderKL, DDIMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler,
-                       FluxTransformer2DModel, MotionAdapter, SD3Transformer2DModel, UNet2DConditionModel,
-                       UNetMotionModel)
+from diffusers import (AutoencoderKL, AutoencoderKLWan, DDIMScheduler, DiffusionPipeline,
+                       FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, MotionAdapter, SD3Transformer2DModel,
+                       UNet2DConditionModel, UNetMotionModel, UniPCMultistepScheduler, WanTransformer3DModel)
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+from transformers import (CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast,
+                          UMT5EncoderModel)
 
 import diffusion
 
@@ -51,8 +52,14 @@ FLOW_PARTS = {
                                  "scheduler": FlowMatchEulerDiscreteScheduler},
     "FluxPipeline": {"transformer": FluxTransformer2DModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
                      "tokenizer": CLIPTokenizer, "text_encoder_2": T5EncoderModel, "tokenizer_2": T5TokenizerFast,
-                     "scheduler": FlowMatchEulerDiscreteScheduler}}
-T5_LENGTH = {"StableDiffusion3Pipeline": 256, "FluxPipeline": 512}  # the pipelines' max_sequence_length default
+                     "scheduler": FlowMatchEulerDiscreteScheduler},
+    # Wan2.1 text-to-video: its scheduler is the class its folder names (the published UniPC multistep sampler on
+    # flow sigmas, or the flow Euler one)
+    "WanPipeline": {"transformer": WanTransformer3DModel, "vae": AutoencoderKLWan, "text_encoder": UMT5EncoderModel,
+                    "tokenizer": T5TokenizerFast, "scheduler": None}}
+FLOW_SCHEDULERS = {c.__name__: c for c in (FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler)}
+T5_LENGTH = {"StableDiffusion3Pipeline": 256, "FluxPipeline": 512, "WanPipeline": 512}  # the pipelines' defaults
+TRANSFORMERS = (SD3Transformer2DModel, FluxTransformer2DModel, WanTransformer3DModel)
 
 
 def pipeline_of(path):
@@ -67,13 +74,13 @@ def pipeline_of(path):
 
 
 def is_flow(m):
-    """A flow-matching model (SD3, FLUX.1): its denoiser is a transformer."""
+    """A flow-matching model (SD3, FLUX.1, Wan2.1): its denoiser is a transformer."""
     return m.get("pipeline") in FLOW_PARTS
 
 
 def denoiser_dir(unet):
-    """The folder a run keeps its denoiser in, as the pipelines name it: unet/, or transformer/ (SD3, FLUX.1)."""
-    return "transformer" if isinstance(_inner(unet), (SD3Transformer2DModel, FluxTransformer2DModel)) else "unet"
+    """The folder a run keeps its denoiser in, as the pipelines name it: unet/, or transformer/ (SD3, FLUX.1, Wan)."""
+    return "transformer" if isinstance(_inner(unet), TRANSFORMERS) else "unet"
 
 
 def _inner(unet):
@@ -87,9 +94,14 @@ def is_sdxl_unet(config):
     return config.get("addition_embed_type") == "text_time"
 
 
+def is_animatediff(unet):
+    """An AnimateDiff UNet (UNetMotionModel): its motion modules can be trained and saved alone."""
+    return isinstance(_inner(unet), UNetMotionModel)
+
+
 def is_video(unet):
-    """An AnimateDiff UNet (UNetMotionModel): it denoises clips (B, C, F, H, W)."""
-    return isinstance(getattr(unet, "module", unet), UNetMotionModel)
+    """An AnimateDiff UNet (UNetMotionModel) or a Wan transformer: it denoises clips (B, C, F, H, W)."""
+    return isinstance(_inner(unet), (UNetMotionModel, WanTransformer3DModel))
 
 
 def check_model_path(path):
@@ -209,7 +221,14 @@ def load_flow(path, pipeline, part, device, frozen_dtype, fuse_lora, vae, t5_max
     """A StableDiffusion3Pipeline or FluxPipeline folder -> the dict load_model returns: "unet" its transformer (fp32),
     the VAE, text encoders and tokenizers under the pipeline's names, its FlowMatchEulerDiscreteScheduler, "pipeline"
     (the class name) and "t5_length". The frozen parts in frozen_dtype; a run's lora/ fused as for SD1.5."""
-    m = {k: part(cls, k) for k, cls in FLOW_PARTS[pipeline].items() if k != "vae" or not vae}
+    parts = dict(FLOW_PARTS[pipeline])
+    if parts["scheduler"] is None:  # Wan: the class its scheduler/ names
+        name = DiffusionPipeline.load_config(path, local_files_only=os.path.isdir(path)).get("scheduler", [0, ""])[1]
+        if name not in FLOW_SCHEDULERS:
+            raise ValueError(f"{path}: scheduler {name!r}; a Wan model samples here with "
+                             f"{' or '.join(FLOW_SCHEDULERS)}")
+        parts["scheduler"] = FLOW_SCHEDULERS[name]
+    m = {k: part(cls, k) for k, cls in parts.items() if k != "vae" or not vae}
     if vae:
         m["vae"] = part(AutoencoderKL, "vae" if os.path.isdir(os.path.join(vae, "vae")) else None, vae)
     m["unet"], m["pipeline"] = m.pop("transformer").to(device), pipeline
@@ -218,8 +237,12 @@ def load_flow(path, pipeline, part, device, frozen_dtype, fuse_lora, vae, t5_max
     if pipeline == "FluxPipeline" and not c.use_dynamic_shifting:
         raise ValueError(f"{path}: a FLUX.1 scheduler without use_dynamic_shifting (FLUX.1-schnell's): its sampler "
                          "is not implemented here (FLUX.1-dev's is)")
-    if pipeline == "StableDiffusion3Pipeline" and c.use_dynamic_shifting:
-        raise ValueError(f"{path}: an SD3 scheduler with use_dynamic_shifting: not implemented (SD3/3.5's shift is "
+    if isinstance(m["scheduler"], UniPCMultistepScheduler) and not (c.use_flow_sigmas and
+                                                                    c.prediction_type == "flow_prediction"):
+        raise ValueError(f"{path}: a UniPC scheduler without use_flow_sigmas and prediction_type='flow_prediction' "
+                         "is not a flow-matching schedule")
+    if pipeline != "FluxPipeline" and c.get("use_dynamic_shifting"):
+        raise ValueError(f"{path}: a {pipeline} scheduler with use_dynamic_shifting: not implemented (its shift is "
                          "fixed)")
     if fuse_lora and os.path.isfile(os.path.join(path, LORA_DIR, LORA_FILE)):
         try:
@@ -271,10 +294,13 @@ def save_frozen_parts(m, out_dir, cfg=None, write_folder=None):
         for k in FLOW_PARTS[m["pipeline"]]:
             if k != "transformer":
                 m[k].save_pretrained(os.path.join(out_dir, k))
-        index = {"_class_name": m["pipeline"], **{k: [c.__module__.split(".")[0], c.__name__] for k, c in
-                                                  FLOW_PARTS[m["pipeline"]].items()}}
+        classes = {k: type(_inner(m["unet"]) if k == "transformer" else m[k]) for k in FLOW_PARTS[m["pipeline"]]}
+        index = {"_class_name": m["pipeline"], **{k: [c.__module__.split(".")[0], c.__name__]
+                                                  for k, c in classes.items()}}
+        extra = {"transformer_2": [None, None]} if m["pipeline"] == "WanPipeline" else \
+            {"image_encoder": [None, None], "feature_extractor": [None, None]}
         with open(os.path.join(out_dir, "model_index.json"), "w") as f:
-            json.dump({**index, "image_encoder": [None, None], "feature_extractor": [None, None]}, f, indent=2)
+            json.dump({**index, **extra}, f, indent=2)
         return
     for k in ("text_encoder", "tokenizer", "scheduler", "vae", *SDXL_PARTS):
         if m.get(k) is not None:
@@ -431,8 +457,10 @@ def save_lora(unet, folder):
     or Flux's for their transformers."""
     from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
     meta = unet.peft_config["default"].to_dict()
-    if isinstance(unet, (SD3Transformer2DModel, FluxTransformer2DModel)):
-        pipe = StableDiffusion3Pipeline if isinstance(unet, SD3Transformer2DModel) else FluxPipeline
+    if isinstance(unet, TRANSFORMERS):
+        from diffusers import WanPipeline
+        pipe = {SD3Transformer2DModel: StableDiffusion3Pipeline, FluxTransformer2DModel: FluxPipeline,
+                WanTransformer3DModel: WanPipeline}[type(unet)]
         return pipe.save_lora_weights(folder, transformer_lora_layers=lora_state(unet), weight_name=LORA_FILE,
                                       transformer_lora_adapter_metadata=meta)
     StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=lora_state(unet), weight_name=LORA_FILE,
@@ -495,6 +523,12 @@ def encode_prompts(m, prompts, resolution=None):
         clip = torch.cat([o.hidden_states[-2] for o in outs], dim=-1)
         clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         return pooled_context(torch.cat([clip, t5], dim=-2), torch.cat([o[0] for o in outs], dim=-1))
+    if m.get("pipeline") == "WanPipeline":  # as WanPipeline.encode_prompt: cleaned prompts, UMT5's states under
+        from diffusers.pipelines.wan.pipeline_wan import prompt_clean  # the attention mask, zero past each prompt
+        tok = m["tokenizer"]([prompt_clean(p) for p in prompts], padding="max_length", max_length=m["t5_length"],
+                             truncation=True, add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+        mask = tok.attention_mask.to(enc.device)
+        return enc(tok.input_ids.to(enc.device), mask).last_hidden_state * mask[..., None].to(enc.dtype)
     if m.get("pipeline") == "FluxPipeline":  # as FluxPipeline.encode_prompt: T5's states, CLIP's pooled output
         t5 = m["text_encoder_2"](ids(m["tokenizer_2"], m["text_encoder_2"], m["t5_length"]))[0]
         return pooled_context(t5, enc(ids(m["tokenizer"], enc)).pooler_output)
@@ -538,6 +572,9 @@ def unet_output(unet, x, t, context, guidance=None):
                     pooled_projections=context[:, -1, :config.pooled_projection_dim], return_dict=False)[0]
     if isinstance(_inner(unet), FluxTransformer2DModel):
         return flux_output(unet, config, x, t, context, guidance)
+    if isinstance(_inner(unet), WanTransformer3DModel):  # a clip (B, C, F, H, W), time s x 1000, no pooled row
+        return unet(hidden_states=x, timestep=t.expand(x.shape[0]), encoder_hidden_states=context,
+                    return_dict=False)[0]
     if x.dim() == 5:  # a clip (B, C, F, H, W): UNetMotionModel folds its frames into the batch and takes the prompt
         context = context.repeat_interleave(x.shape[2], dim=0)  # once per frame, as AnimateDiffPipeline repeats it
     if not is_sdxl_unet(config):
@@ -615,7 +652,7 @@ def images_to_latents(vae, images, noise=None, generator=None):
     latent shape makes the draw reproducible; else it comes from `generator`."""
     if vae is None:
         return images
-    if images.dim() == 5:  # clips (B, 3, F, H, W): the VAE encodes their frames as images
+    if images.dim() == 5 and not isinstance(vae, AutoencoderKLWan):  # clips (B, 3, F, H, W): frames as images
         frames = lambda v: None if v is None else v.transpose(1, 2).flatten(0, 1)
         z = images_to_latents(vae, frames(images), frames(noise), generator)
         return z.unflatten(0, (images.shape[0], -1)).transpose(1, 2).contiguous()
@@ -633,9 +670,19 @@ def sample_latents(vae, moments, noise=None, generator=None):
     run from the latent cache equals one that encodes)."""
     dist = DiagonalGaussianDistribution(moments.to(vae.device, vae.dtype))
     z = dist.sample(generator) if noise is None else dist.mean + dist.std * noise.to(dist.mean)
+    if isinstance(vae, AutoencoderKLWan):  # per channel: (z - mean) / std, as WanPipeline's decode inverts
+        mean, std = wan_stats(vae, z)
+        return ((z - mean) / std).float()
     if vae.config.shift_factor is not None:  # SD3's and FLUX.1's VAEs: (z - shift) x scale, as their trainers
         z = z - vae.config.shift_factor
     return (z * vae.config.scaling_factor).float()
+
+
+def wan_stats(vae, z):
+    """A Wan VAE's per-channel latent mean and std, shaped to broadcast over (B, C, F, H, W)."""
+    shape = (1, vae.config.z_dim, 1, 1, 1)
+    return (torch.tensor(vae.config.latents_mean).view(shape).to(z), torch.tensor(vae.config.latents_std)
+            .view(shape).to(z))
 
 
 def to_latents(vae, batch, which, device, noise=None, generator=None):
@@ -648,6 +695,8 @@ def to_latents(vae, batch, which, device, noise=None, generator=None):
 
 def vae_factor(m):
     """How many pixels a side of one latent covers: 8 for SD1.5, 1 for a pixel-space model."""
+    if isinstance(m["vae"], AutoencoderKLWan):
+        return m["vae"].config.scale_factor_spatial
     return 2 ** (len(m["vae"].config.block_out_channels) - 1) if m["vae"] is not None else 1
 
 
@@ -655,6 +704,9 @@ def latent_shape(m, resolution, frames=0):
     """(C, H, W) of the diffusion space for images of side `resolution`; (C, F, H, W) for a video model's clips of
     `frames` frames."""
     f = vae_factor(m)
+    if isinstance(m["vae"], AutoencoderKLWan):  # its VAE compresses time too: frames 1 + k tf -> 1 + k
+        return (m["vae"].config.z_dim, (frames - 1) // m["vae"].config.scale_factor_temporal + 1, resolution // f,
+                resolution // f)
     C = 3 if m["vae"] is None else m["vae"].config.latent_channels
     return (C, *[frames] * is_video(m["unet"]), resolution // f, resolution // f)
 
@@ -662,6 +714,9 @@ def latent_shape(m, resolution, frames=0):
 @torch.no_grad()
 def latents_to_images(vae, x):
     """diffusion space -> (B, 3, H, W) float images in [-1, 1] ((B, 3, F, H, W) clips: decoded frame by frame)."""
+    if isinstance(vae, AutoencoderKLWan):  # the whole clip at once, as WanPipeline decodes
+        mean, std = wan_stats(vae, x)
+        return vae.decode((x * std + mean).to(vae.dtype)).sample.float().clamp(-1, 1)
     if vae is not None and x.dim() == 5:
         return torch.stack([latents_to_images(vae, x[:, :, f]) for f in range(x.shape[2])], dim=2)
     if vae is not None:
@@ -714,7 +769,7 @@ def check_model_fits(cfg, m):
         raise ValueError(f"dataset={cfg['dataset']!r} has {'clips' if clips else 'images'}, but the model is "
                          + ("an image model (motion_adapter= makes an SD1.5 UNet an AnimateDiff one)" if clips else
                             "an AnimateDiff video model"))
-    if cfg["trained_modules"] == "motion" and not is_video(m["unet"]):
+    if cfg["trained_modules"] == "motion" and not is_animatediff(m["unet"]):
         raise ValueError("trained_modules='motion' trains an AnimateDiff UNet's motion modules; this UNet has none")
     if m.get("text_encoder_2") is not None and cfg["train_text_encoder"]:
         raise ValueError("train_text_encoder=True trains one text encoder; an SDXL model has two (not implemented: "
@@ -722,7 +777,15 @@ def check_model_fits(cfg, m):
 
 
 def check_flow_fits(cfg, m):
-    """check_model_fits for a flow model (SD3, FLUX.1): what it cannot do here."""
+    """check_model_fits for a flow model (SD3, FLUX.1, Wan2.1): what it cannot do here."""
+    clips, video = cfg["dataset"] in ("tiny_video", "clipfolder"), is_video(m["unet"])
+    if clips != video:
+        raise ValueError(f"dataset={cfg['dataset']!r} has {'clips' if clips else 'images'}, but {m['pipeline']} is "
+                         f"{'a video' if video else 'an image'} model")
+    tf = m["vae"].config.scale_factor_temporal if video else 1
+    if video and (cfg["frames"] - 1) % tf:
+        raise ValueError(f"frames={cfg['frames']}: a Wan clip has 1 + {tf} k frames (its VAE compresses {tf} frames "
+                         f"into one after the first), e.g. {tf + 1} or {4 * tf + 1}")
     f = vae_factor(m) * 2  # SD3's 2x2 patches, FLUX.1's 2x2 packing
     if cfg["resolution"] % f:
         raise ValueError(f"resolution={cfg['resolution']} is not a multiple of {f} (the VAE's downsampling x the "
@@ -730,8 +793,7 @@ def check_flow_fits(cfg, m):
     for key, bad, why in (
             ("noising", cfg["noising"] != "forward", "DDIM inversion is for DDPM models; the flow ODE run backwards "
                                                      "is not implemented"),
-            ("dataset", cfg["dataset"] in ("tiny_video", "clipfolder"), "clips need a video model"),
-            ("train_text_encoder", cfg["train_text_encoder"], "SD3 and FLUX.1 fine-tuning keeps the encoders frozen"),
+            ("train_text_encoder", cfg["train_text_encoder"], "flow-model fine-tuning keeps the encoders frozen"),
             ("trained_modules", cfg["trained_modules"] != "all", "motion modules are AnimateDiff's"),
             ("eta", cfg["eta"] > 0 or cfg["self_sample_eta"] > 0, "the flow Euler sampler is deterministic"),
             ("compile_unet", cfg["compile_unet"] == "regional", "regional compilation knows the UNet's blocks")):

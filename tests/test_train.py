@@ -98,7 +98,7 @@ def test_every_config_in_configs_dir_is_valid():
     for name in sorted(os.listdir("configs")):
         if name.endswith(".py"):
             argv = [os.path.join("configs", name)]
-            if name.startswith(("sd15", "sd35", "sdxl", "flux", "animatediff")):  # data path: the user's; check the rest
+            if name.startswith(("sd15", "sd35", "sdxl", "flux", "wan", "animatediff")):  # data path: the user's; check the rest
                 argv.append(f"--data_path={os.getcwd()}")
             config.get_config(argv)
 

@@ -186,3 +186,33 @@ def build_tiny_flow(out_dir, family="sd3", words=None, resolution=16, seed=0, wi
                             text_encoder_2=t5_encoder, tokenizer_2=t5tok, transformer=transformer)
     pipe.save_pretrained(out_dir)
     return out_dir
+
+
+def build_tiny_wan(out_dir, words=None, seed=0, width=16, layers=2, text_dim=32, scheduler="unipc"):
+    """Save a random model in the WanPipeline (Wan2.1 text-to-video) layout: a WanTransformer3DModel of `layers`
+    blocks and width `width` (2 heads, 1x2x2 patches), an AutoencoderKLWan with 16 latent channels that halves the
+    side and the time once (a clip of 1 + 2k frames -> 1 + k latent frames; Wan2.1's: 8x and 4x) and Wan's per-channel
+    latent statistics, a tiny UMT5 encoder and the T5 tokenizer of build_t5_tokenizer; the scheduler Wan2.1's
+    published UniPC multistep on flow sigmas (shift 3; scheduler='euler': the flow Euler one). Loaded back through
+    model.load_model or WanPipeline, as a real checkpoint is."""
+    from diffusers import (AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler, WanPipeline,
+                           WanTransformer3DModel)
+    from transformers import UMT5Config, UMT5EncoderModel
+    torch.manual_seed(seed)
+    tok = build_t5_tokenizer(words or world.WORDS)
+    encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tok), d_model=text_dim, d_kv=8, d_ff=2 * text_dim,
+                                          num_layers=1, num_heads=4, relative_attention_num_buckets=8,
+                                          dropout_rate=0.0, feed_forward_proj="gated-gelu", pad_token_id=0,
+                                          eos_token_id=1, decoder_start_token_id=0, is_encoder_decoder=False,
+                                          use_cache=False))
+    vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[True],
+                           scale_factor_temporal=2, scale_factor_spatial=2)
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=width // 2,
+                                        in_channels=16, out_channels=16, text_dim=text_dim, freq_dim=16,
+                                        ffn_dim=2 * width, num_layers=layers, rope_max_seq_len=64)
+    sched = (UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
+                                     num_train_timesteps=1000) if scheduler == "unipc"
+             else FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0))
+    WanPipeline(tokenizer=tok, text_encoder=encoder, vae=vae, transformer=transformer,
+                scheduler=sched).save_pretrained(out_dir)
+    return out_dir
