@@ -47,7 +47,7 @@ def test_context_is_the_pipelines(xl_dir, pipe):
     assert torch.equal(ctx[:, 77, P:P + 6], time_ids.expand(3, -1)) and not ctx[:, 77, P + 6:].any()
     assert not torch.allclose(ctx[0], ctx[1])
     # the cache gives the same rows
-    assert torch.equal(model.PromptCache(m, 8, R)(PROMPTS), ctx)
+    assert torch.allclose(model.PromptCache(m, 8, R)(PROMPTS), ctx, atol=1e-6)  # a whole chunk at once: rounds apart
 
 
 def test_sampler_is_the_pipelines(xl_dir, pipe):
