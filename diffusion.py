@@ -236,7 +236,8 @@ def scheduler_sample(net, scheduler, cond, uncond, noise, steps, guidance):
             v = v_u + guidance * (v_c - v_u)
         else:
             v = net(x, t, cond)
-        x = sched.step(v, t, x, return_dict=False)[0]
+        with torch.autocast(x.device.type, enabled=False):  # the solver's arithmetic in float32, as the pipeline's
+            x = sched.step(v, t, x, return_dict=False)[0]
     return x
 
 

@@ -313,7 +313,7 @@ def evaluate(args, weights, metrics, rank, world_size, device):
     m, cfg, step = load_run(args.run_dir, device, dtype)
     W = data.tiny_world(cfg["dataset"])  # world (images), video (clips) or None (real data)
     tiny = W is not None
-    name = args.protocol or ("run" if tiny else "paper")
+    name = args.protocol or ("run" if tiny or model.is_flow(m) else "paper")  # the paper's is SD1.5's DDIM
     defaults = PAPER if name == "paper" else {"steps": cfg["sample_steps"], "guidance": cfg["guidance"],
                                               "images_per_prompt": 4}
     ipp = defaults["images_per_prompt"] if args.images_per_prompt is None else args.images_per_prompt

@@ -252,9 +252,10 @@ def load_flow(path, pipeline, part, device, frozen_dtype, fuse_lora, vae, t5_max
             raise OSError(f"{os.path.join(path, LORA_DIR, LORA_FILE)}: {e}") from None
         m["unet"].fuse_lora()
         m["unet"].unload_lora()
-    for k, v in m.items():
+    for k, v in m.items():  # Wan's VAE stays float32, as WanPipeline's documentation loads it (0.5 GB)
         if k.startswith(("text_encoder", "vae")):
-            v.to(device=device, dtype=frozen_dtype).eval().requires_grad_(False)
+            fp32 = k == "vae" and isinstance(v, AutoencoderKLWan)
+            v.to(device=device, dtype=torch.float32 if fp32 else frozen_dtype).eval().requires_grad_(False)
     return m
 
 
@@ -623,8 +624,8 @@ class PromptCache:
     cache off. A trained encoder (train mode) is never cached. New prompts are encoded CHUNK at a time, the last
     chunk filled with the empty prompt: a matmul may round by its number of rows (CLIP's pooled projection does on
     CPU), and a prompt's row must not depend on which other prompts were new with it, or a resumed run would differ.
-    SD1.5: 118 KB a prompt in bf16; SD3 with 256 T5 tokens 2.7 MB, FLUX.1 with 512 4.2 MB (their configs keep
-    fewer)."""
+    SD1.5: 118 KB a prompt in bf16; SD3 with 256 T5 tokens 2.7 MB, FLUX.1 and Wan with 512 4.2 MB (their configs
+    keep 512: 2.1 GB)."""
     CHUNK = 16
 
     def __init__(self, m, capacity, resolution=None):
@@ -782,10 +783,9 @@ def check_flow_fits(cfg, m):
     if clips != video:
         raise ValueError(f"dataset={cfg['dataset']!r} has {'clips' if clips else 'images'}, but {m['pipeline']} is "
                          f"{'a video' if video else 'an image'} model")
-    tf = m["vae"].config.scale_factor_temporal if video else 1
-    if video and (cfg["frames"] - 1) % tf:
-        raise ValueError(f"frames={cfg['frames']}: a Wan clip has 1 + {tf} k frames (its VAE compresses {tf} frames "
-                         f"into one after the first), e.g. {tf + 1} or {4 * tf + 1}")
+    if video and (cfg["frames"] - 1) % 4:  # AutoencoderKLWan encodes the first frame, then chunks of 4 (the rest
+        raise ValueError(f"frames={cfg['frames']}: a Wan clip has 1 + 4 k frames (its VAE encodes the first "  # lost)
+                         "frame, then 4 at a time), e.g. 5, 33 or 81")
     f = vae_factor(m) * 2  # SD3's 2x2 patches, FLUX.1's 2x2 packing
     if cfg["resolution"] % f:
         raise ValueError(f"resolution={cfg['resolution']} is not a multiple of {f} (the VAE's downsampling x the "
@@ -796,6 +796,8 @@ def check_flow_fits(cfg, m):
             ("train_text_encoder", cfg["train_text_encoder"], "flow-model fine-tuning keeps the encoders frozen"),
             ("trained_modules", cfg["trained_modules"] != "all", "motion modules are AnimateDiff's"),
             ("eta", cfg["eta"] > 0 or cfg["self_sample_eta"] > 0, "the flow Euler sampler is deterministic"),
-            ("compile_unet", cfg["compile_unet"] == "regional", "regional compilation knows the UNet's blocks")):
+            ("compile_unet", cfg["compile_unet"] == "regional", "regional compilation knows the UNet's blocks"),
+            ("channels_last", cfg["channels_last"] and video, "Conv3d has no channels_last format"),
+            ("vae", cfg["vae"] and video, "a Wan VAE cannot be swapped for an AutoencoderKL")):
         if bad:
             raise ValueError(f"{key}={cfg[key]!r} with a {m['pipeline']} model: {why}")

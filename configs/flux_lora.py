@@ -6,12 +6,12 @@
 # refused: its few-step sampler is not a training target.
 # effective batch: 8 GPUs x batch_size 4 x grad_accum 64 = 2048, the paper's (SSPO.md 6).
 # GPU memory: an ESTIMATE from byte counts, not measured. The transformer stays in fp32 under the adapters (it is the
-# reference too): 47.6 GB; T5-XXL in bf16 9.5 GB, CLIP-L and the VAE 0.4 GB; the adapters and their AdamW state
-# ~0.3 GB. At 512 px a sample is 1024 image + 512 text tokens of width 3072; with checkpointing the 57 blocks keep
-# ~0.54 GB a sample, and SSPO's policy pass carries 2 x 4 samples: ~4.3 GB, plus one block recomputed (~1 GB).
-# ~63 GB: an 80 GB GPU. (Keeping the frozen weights in bf16 under the adapters, as diffusers' trainers do, would save
-# 24 GB: not done.)
-# Pool: a rank-32 adapter is ~0.2 GB in bf16: the pool stays in RAM.
+# reference too): 47.6 GB; T5-XXL in bf16 9.5 GB, CLIP-L and the VAE 0.4 GB; the prompt cache (text_cache 512 x
+# 513 x 4096 x 2 bytes) 2.2 GB; the adapters (52.3M parameters) and their AdamW state 0.8 GB. At 512 px a sample
+# is 1024 image + 512 text tokens of width 3072; with checkpointing the 57 blocks keep ~0.54 GB a sample, and
+# SSPO's policy pass carries 2 x 4 samples: ~4.3 GB, plus one block recomputed (~1 GB). ~66 GB: an 80 GB GPU.
+# (Keeping the frozen weights in bf16 under the adapters, as diffusers' trainers do, would save 24 GB: not done.)
+# Pool: a rank-32 adapter is 0.1 GB in bf16: the pool stays in RAM.
 # Time: not measured. Self-sampling is 20 transformer forwards per example (one each: the guidance is an input).
 # Guidance: FLUX.1-dev takes the guidance scale as an input; training passes `guidance` (3.5, as diffusers' FLUX
 # trainers), self-samples and the eval grid are drawn at it. No caption dropout: no unconditional model is used.
@@ -49,7 +49,10 @@ n_eval_images = 8
 eval_every = 30
 save_every = 30
 log_every = 1
+text_cache = 512                    # prompts whose frozen encoders' output stays on the GPU (2.2 GB; the default 4096
+                                    # would hold 17 GB)
 # LoRA
 lora_rank = 32
 lora_alpha = 64.0
-lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+lora_targets = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                "attn.add_v_proj", "attn.to_add_out")  # both streams' attention; the single blocks' to_q, to_k, to_v

@@ -5,14 +5,14 @@
 #   LoRA instead (one GPU of 40 GB, or 8): add --lora_rank=32 --lora_alpha=64 --lr=3e-4 --pool_storage=memory
 #   (flow_grpo's SD3.5 DPO adapters: rank 32, alpha 64, lr 3e-4, the eight attention projections below)
 # effective batch: 8 GPUs x batch_size 8 x grad_accum 32 = 2048, the paper's (SSPO.md 6).
-# GPU memory, full fine-tuning: an ESTIMATE from byte counts, not measured. The transformer's 2.47B parameters in
-# fp32 with fp32 gradients and AdamW's two moments: 39.5 GB; the bf16 reference transformer 4.9 GB; the frozen text
-# encoders in bf16 (T5-XXL 4.76B: 9.5 GB, CLIP-L + CLIP-G 0.82B: 1.6 GB) and the VAE: 11.3 GB; 55.7 GB before
-# activations. At 512 px a sample is 1024 image + 205 text tokens of width 1536; with checkpointing the 24 blocks keep
-# ~90 MB a sample, and SSPO's policy pass carries 2 x 8 samples: ~1.5 GB, plus one block recomputed at a time
-# (~1 GB). ~60 GB: an 80 GB GPU with plain DDP. LoRA: the fp32 transformer 9.9 GB (it is the reference too), the
-# encoders 11.3 GB, activations ~2.5 GB: ~24 GB.
-# Pool: a full snapshot is 4.9 GB in bf16, on disk (210 updates push 7: 34 GB); a rank-32 adapter is ~37 MB.
+# GPU memory, full fine-tuning: an ESTIMATE from byte counts, not measured. The transformer's 2.24B parameters in
+# fp32 with fp32 gradients and AdamW's two moments: 35.9 GB; the bf16 reference transformer 4.5 GB; the frozen text
+# encoders in bf16 (T5-XXL 4.76B: 9.5 GB, CLIP-L + CLIP-G 0.82B: 1.6 GB) and the VAE: 11.3 GB; the prompt cache
+# (text_cache 512 x 205 x 4096 x 2 bytes) 0.9 GB; 52.6 GB before activations. At 512 px a sample is 1024 image + 205
+# text tokens of width 1536; with checkpointing the 24 blocks keep ~90 MB a sample, and SSPO's policy pass carries
+# 2 x 8 samples: ~1.5 GB, plus one block recomputed at a time (~1 GB). ~55 GB: an 80 GB GPU with plain DDP. LoRA: the
+# fp32 transformer 9.0 GB (it is the reference too), the encoders and cache 12.2 GB, activations ~2.5 GB: ~24 GB.
+# Pool: a full snapshot is 4.5 GB in bf16, on disk (210 updates push 7: 31 GB); a rank-32 adapter is ~37 MB.
 # Time: not measured. Self-sampling is 2 x 20 transformer forwards (guidance) per example, the dominant cost.
 # beta: 100 (flow_grpo's SD3.5 DPO, the same 0.5 x beta convention as ours; flow errors are velocity errors, on
 # another scale than SD1.5's noise errors, so Diffusion-DPO's 5000 does not carry over). Not tuned here.
@@ -51,5 +51,8 @@ n_eval_images = 8
 eval_every = 30
 save_every = 30
 log_every = 1
+text_cache = 512                    # prompts whose frozen encoders' output stays on the GPU (0.9 GB; the default 4096
+                                    # would hold 6.9 GB)
 # LoRA (used with --lora_rank > 0): the SD3 trainers' targets, both streams' attention projections
-lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+lora_targets = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                "attn.add_v_proj", "attn.to_add_out")  # attn., not attn2. (SD3.5's second attention): flow_grpo's

@@ -12,8 +12,9 @@
 # gradients and AdamW's two moments: 22.7 GB; the bf16 reference 2.8 GB; the frozen UMT5-XXL encoder in bf16
 # (~5.7B parameters, its 256k-token embedding included) 11.4 GB and the VAE 0.25 GB: 37 GB before activations. With
 # checkpointing the 30 blocks keep 8100 x 1536 x 2 bytes each, 0.75 GB a clip, and SSPO's policy pass carries 2 x 2
-# clips: 3 GB, plus one block recomputed (~2 GB) and the VAE's encoding of 2 clips. ~45 GB: an 80 GB GPU.
-# Wan2.1 14B: 14B x 16 bytes = 224 GB of weights, gradients and moments under DDP: it needs sharding (FSDP2).
+# clips: 3 GB, plus one block recomputed (~2 GB), the VAE's encoding of 2 clips (the VAE in float32, as WanPipeline's
+# documentation loads it) and the prompt cache (text_cache 512 x 512 x 4096 x 2 bytes: 2.1 GB). ~48 GB: an 80 GB GPU.
+# Wan2.1 14B: 14.3B x 16 bytes = 229 GB of weights, gradients and moments under DDP: it needs sharding (FSDP2).
 # Pool: a full snapshot is 2.8 GB in bf16, on disk (max_steps 210 pushes 7: 20 GB).
 # Time: not measured. Self-sampling draws a clip with 2 x 20 transformer forwards (guidance).
 # beta: 100, flow_grpo's SD3.5 DPO value (no published DPO beta for Wan); lr 1e-5, as configs/animatediff.py. Not
@@ -53,3 +54,5 @@ n_eval_images = 4
 eval_every = 30
 save_every = 30
 log_every = 1
+text_cache = 512                    # prompts whose frozen encoder's output stays on the GPU (2.1 GB; the default 4096
+                                    # would hold 17 GB)

@@ -138,13 +138,15 @@ def test_wan_resume_is_exact_and_two_processes_equal_one(tmp_path, run, folders)
 
 
 def test_wan_bad_input_is_one_line(tmp_path, folders):
-    """Clips whose frame count the VAE cannot compress, images for a video model, a UniPC scheduler not on flow
-    sigmas: each one line before any training."""
+    """Clips whose frame count the VAE cannot encode whole, channels_last for Conv3d, images for a video model, a
+    UniPC scheduler not on flow sigmas: each one line before any training."""
     def fails(path, *extra, match):
         with pytest.raises(SystemExit, match=match):
             train_sspo.main(config.get_config(WAN + [f"--init_from={path}", f"--out_dir={tmp_path}/r{len(extra)}",
                                                      "--method=dpo", *extra]))
-    fails(folders["unipc"], "--frames=8", match=r"frames=8: a Wan clip has 1 \+ 2 k frames")
+    fails(folders["unipc"], "--frames=7", match=r"frames=7: a Wan clip has 1 \+ 4 k frames")  # the tiny VAE halves time
+    fails(folders["unipc"], "--channels_last=True", "--seed=1", match=r"channels_last=True with a WanPipeline model: "
+                                                                      r"Conv3d has no channels_last format")
     fails(folders["unipc"], "--dataset=tiny", "--tiny_flaws=('colour',)", match=r"dataset='tiny' has images, but "
                                                                                   r"WanPipeline is a video model")
     plain = str(tmp_path / "plain")
