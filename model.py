@@ -202,14 +202,8 @@ def load_model(path, device="cpu", frozen_dtype=torch.float32, fuse_lora=True, v
     check_scheduler(m["scheduler"], path)
     if sdxl:
         check_sdxl(m, path)
-    if fuse_lora and local and os.path.isfile(os.path.join(path, LORA_DIR, LORA_FILE)):
-        try:
-            m["unet"].load_lora_adapter(os.path.join(path, LORA_DIR), prefix="unet", weight_name=LORA_FILE,
-                                        local_files_only=True)
-        except (OSError, ValueError) as e:
-            raise OSError(f"{os.path.join(path, LORA_DIR, LORA_FILE)}: {e}") from None
-        m["unet"].fuse_lora()
-        m["unet"].unload_lora()  # the merged weights stay: a plain UNet again
+    if fuse_lora and local:
+        fuse_run_lora(m["unet"], path, "unet")
     for k in ("text_encoder", "text_encoder_2", "vae"):
         if m[k] is not None:
             upcast = k == "vae" and frozen_dtype == torch.float16 and m[k].config.force_upcast
@@ -244,19 +238,27 @@ def load_flow(path, pipeline, part, device, frozen_dtype, fuse_lora, vae, t5_max
     if pipeline != "FluxPipeline" and c.get("use_dynamic_shifting"):
         raise ValueError(f"{path}: a {pipeline} scheduler with use_dynamic_shifting: not implemented (its shift is "
                          "fixed)")
-    if fuse_lora and os.path.isfile(os.path.join(path, LORA_DIR, LORA_FILE)):
-        try:
-            m["unet"].load_lora_adapter(os.path.join(path, LORA_DIR), prefix="transformer", weight_name=LORA_FILE,
-                                        local_files_only=True)
-        except (OSError, ValueError) as e:
-            raise OSError(f"{os.path.join(path, LORA_DIR, LORA_FILE)}: {e}") from None
-        m["unet"].fuse_lora()
-        m["unet"].unload_lora()
+    if fuse_lora:
+        fuse_run_lora(m["unet"], path, "transformer")
     for k, v in m.items():  # Wan's VAE stays float32, as WanPipeline's documentation loads it (0.5 GB)
         if k.startswith(("text_encoder", "vae")):
             fp32 = k == "vae" and isinstance(v, AutoencoderKLWan)
             v.to(device=device, dtype=torch.float32 if fp32 else frozen_dtype).eval().requires_grad_(False)
     return m
+
+
+def fuse_run_lora(unet, path, prefix):
+    """A LoRA run's lora/ (if `path` has one) merged into its base `unet`, which is then a plain model again; an
+    unreadable adapter file is an OSError naming it."""
+    if not os.path.isfile(os.path.join(path, LORA_DIR, LORA_FILE)):
+        return
+    try:
+        unet.load_lora_adapter(os.path.join(path, LORA_DIR), prefix=prefix, weight_name=LORA_FILE,
+                               local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise OSError(f"{os.path.join(path, LORA_DIR, LORA_FILE)}: {e}") from None
+    unet.fuse_lora()
+    unet.unload_lora()
 
 
 def check_sdxl(m, where):
