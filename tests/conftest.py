@@ -97,3 +97,23 @@ def base(tmp_path_factory):
     p = run_script(FAST + [f"--out_dir={out}", "--max_steps=2"])
     assert p.returncode == 0, p.stderr[-3000:]
     return out
+
+
+def resume_and_two_processes(run, args, tmp_path):
+    """An SSPO run's checks shared by the model families' tests: stopped after 2 of its 4 updates and resumed, it ends
+    on the uninterrupted run's weights bit for bit; on 2 processes x half the batch it ends within the float bound
+    (ddp_bound) of 1 process, and a run drawing another reference (ref_policy='first') lies beyond it."""
+    import torch
+    a, b, two, other = (str(tmp_path / n) for n in ("a", "b", "two", "other"))
+    assert run(args + [f"--out_dir={a}"]).returncode == 0
+    assert run(args + [f"--out_dir={b}", "--max_steps=2"]).returncode == 0
+    p = run(args + [f"--out_dir={b}", "--init_from=resume"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    wa, wb = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=False)["unet"] for d in (a, b))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    p = run(args + [f"--out_dir={two}", "--batch_size=4"], torchrun=2)
+    assert p.returncode == 0, p.stderr[-3000:] + p.stdout[-3000:]
+    assert run(args + [f"--out_dir={other}", "--ref_policy=first"]).returncode == 0
+    w2, w3 = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=False)["unet"] for d in (two, other))
+    d2, d3 = (max((wa[k] - w[k]).abs().max().item() for k in wa) for w in (w2, w3))
+    assert d2 < ddp_bound(args) < d3, (d2, ddp_bound(args), d3)

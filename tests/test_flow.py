@@ -15,7 +15,7 @@ import config
 import diffusion
 import model
 import train_sspo
-from conftest import FAST, ddp_bound
+from conftest import FAST, resume_and_two_processes
 from tiny import build
 
 PIPES = {"sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}
@@ -160,20 +160,7 @@ def test_flow_resume_is_exact_and_two_processes_equal_one(tmp_path, run, folders
     run drawing another reference lies beyond it."""
     args = FLOW + [f"--init_from={folders['sd3']}", "--method=sspo", "--pool_storage=disk", "--max_steps=4",
                    "--save_every=2", "--ref_redraw=step"]
-    a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    assert run(args + [f"--out_dir={a}"]).returncode == 0
-    assert run(args + [f"--out_dir={b}", "--max_steps=2"]).returncode == 0
-    p = run(args + [f"--out_dir={b}", "--init_from=resume"])
-    assert p.returncode == 0, p.stderr[-3000:]
-    wa, wb = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=False)["unet"] for d in (a, b))
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    two, three = str(tmp_path / "two"), str(tmp_path / "three")
-    p = run(args + [f"--out_dir={two}", "--batch_size=4"], torchrun=2)
-    assert p.returncode == 0, p.stderr[-3000:] + p.stdout[-3000:]
-    assert run(args + [f"--out_dir={three}", "--ref_policy=first"]).returncode == 0
-    w2, w3 = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=False)["unet"] for d in (two, three))
-    d2, d3 = (max((wa[k] - w[k]).abs().max().item() for k in wa) for w in (w2, w3))
-    assert d2 < ddp_bound(args) < d3, (d2, ddp_bound(args), d3)
+    resume_and_two_processes(run, args, tmp_path)
 
 
 def test_flow_bad_input_is_one_line(tmp_path, folders):

@@ -15,7 +15,7 @@ import config
 import diffusion
 import model
 import train_sspo
-from conftest import FAST, ddp_bound
+from conftest import FAST, resume_and_two_processes
 from tiny import build
 
 PROMPTS = ["a red circle moving left", "a blue  square growing &amp; big"]  # WanPipeline cleans spaces and HTML
@@ -121,20 +121,7 @@ def test_wan_resume_is_exact_and_two_processes_equal_one(tmp_path, run, folders)
     batch 4 against 1 x batch 8: within the float bound, and a run drawing another reference beyond it."""
     args = WAN + [f"--init_from={folders['unipc']}", "--method=sspo", "--max_steps=4", "--save_every=2",
                   "--ref_redraw=step"]
-    a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    assert run(args + [f"--out_dir={a}"]).returncode == 0
-    assert run(args + [f"--out_dir={b}", "--max_steps=2"]).returncode == 0
-    p = run(args + [f"--out_dir={b}", "--init_from=resume"])
-    assert p.returncode == 0, p.stderr[-3000:]
-    wa, wb = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=False)["unet"] for d in (a, b))
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    two, other = str(tmp_path / "two"), str(tmp_path / "other")
-    p = run(args + [f"--out_dir={two}", "--batch_size=4"], torchrun=2)
-    assert p.returncode == 0, p.stderr[-3000:] + p.stdout[-3000:]
-    assert run(args + [f"--out_dir={other}", "--ref_policy=first"]).returncode == 0
-    w2, w3 = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=False)["unet"] for d in (two, other))
-    d2, d3 = (max((wa[k] - w[k]).abs().max().item() for k in wa) for w in (w2, w3))
-    assert d2 < ddp_bound(args) < d3, (d2, ddp_bound(args), d3)
+    resume_and_two_processes(run, args, tmp_path)
 
 
 def test_wan_bad_input_is_one_line(tmp_path, folders):
