@@ -4,7 +4,9 @@ check and resume one; keep the newest few. And the hook that kills the process o
 (tests/test_faults.py, soak.py).
 
 A checkpoint is one dict with everything needed to resume exactly: the UNet (and EMA, trained text encoder), the
-optimizer, the step, the data position, the RNG state, the reference pool's state and the resolved config. Every
+optimizer, the step, the data position, the RNG state, the reference pool's state and the resolved config. Under
+parallel='fsdp' the tensors are not in it: each rank writes its shard of them to ckpt_STEP.dcp/
+(torch.distributed.checkpoint, which reads them back on any number of processes), and the dict names that folder. Every
 file a run resumes from (ckpt_STEP.pt, ckpt.pt, unet/, text_encoder/, the disk pool's snapshots) is written
 as NAME.tmp, flushed to the disk (fsync), renamed over NAME (os.replace: atomic on POSIX), and its folder flushed so
 the rename survives a power cut too. A reader finds the old file or the new one, never part of one; a kill leaves
@@ -111,6 +113,41 @@ def write_folder(path, save, point=None):
     shutil.rmtree(old, ignore_errors=True)
 
 
+def write_sharded(path, state, point=None):
+    """Every rank writes its shard of `state` (DTensors of a sharded model, plain tensors alike) into the folder
+    `path` (torch.distributed.checkpoint); it appears whole or not at all: written as path.tmp, which rank 0 renames
+    once every rank is done (a folder of that name left from a killed attempt, which no checkpoint names, is replaced).
+    Collective: every rank calls it."""
+    import torch.distributed.checkpoint as dcp
+    tmp, master = path + ".tmp", ddp.rank() == 0
+    if master:
+        shutil.rmtree(tmp, ignore_errors=True)
+    ddp.barrier()
+    try:
+        dcp.save(state, checkpoint_id=tmp)  # raises on every rank if any rank failed
+    except Exception as e:
+        if master:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise _failed(path, e) from e
+
+    def rename():
+        for name in os.listdir(tmp):
+            _sync(os.path.join(tmp, name))
+        _sync(tmp)
+        if point:
+            fault(point + ":written")
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+        _sync(os.path.dirname(path))
+    ddp.together(master, rename)
+
+
+def read_sharded(path, state):
+    """Load the folder `path` (write_sharded) into the tensors of `state`, in place, resharded to this run's processes."""
+    import torch.distributed.checkpoint as dcp
+    dcp.load(state, checkpoint_id=path)
+
+
 def link(src, dst):
     """Make `dst` name the complete file `src` (a hard link: no second copy on disk; a copy where the file system
     has no links), atomically like write_file."""
@@ -180,6 +217,25 @@ def save_checkpoint(cfg, unet, ema, text_encoder, opt, step, data_pos, pool, tal
     deleted before the new checkpoint is complete, so a kill at any moment leaves the newest complete checkpoint
     loadable. unet/ first: wherever a checkpoint exists, a unet/ to load it into exists too."""
     out = cfg["out_dir"]
+    if cfg["parallel"] == "fsdp":
+        ckpt = save_sharded(cfg, unet, ema, opt, step)
+        if ckpt is None:  # ranks but 0: their shards are written
+            return
+    else:
+        ckpt = save_whole(cfg, unet, ema, text_encoder, opt)
+    ckpt.update({"step": step, "data_pos": data_pos, "tallies": tallies, "world": world, "rng": torch.get_rng_state(),
+                 "config": cfg, "pool": pool.state_dict() if pool else None})
+    path = os.path.join(out, f"ckpt_{step:08d}.pt")
+    write_file(path, lambda f: torch.save(ckpt, f), point="ckpt")
+    fault("ckpt:renamed")
+    link(path, os.path.join(out, "ckpt.pt"))
+    fault("ckpt:linked")
+    drop_old_checkpoints(cfg, pool)
+
+
+def save_whole(cfg, unet, ema, text_encoder, opt):
+    """The pipeline's folders of the trained weights, and the checkpoint's tensors (one process holds them all)."""
+    out = cfg["out_dir"]
     trained = {model.denoiser_dir(unet): ema or unet, **({"text_encoder": text_encoder} if cfg["train_text_encoder"]
                                                           else {})}
     if model.has_adapters(unet):  # unet/ is the frozen base, written at the start: only the adapter changes
@@ -189,23 +245,44 @@ def save_checkpoint(cfg, unet, ema, text_encoder, opt, step, data_pos, pool, tal
         write_folder(os.path.join(out, name), module.save_pretrained, point=name)
     if model.is_animatediff(unet) and not model.has_adapters(unet):  # the temporal layers alone, as AnimateDiff ships them
         write_folder(os.path.join(out, "motion_adapter"), (ema or unet).save_motion_modules, point="motion_adapter")
-    ckpt = {"unet": model.trained_state(unet, cfg), "ema": ema.state_dict() if ema else None,
-            "text_encoder": text_encoder.state_dict() if cfg["train_text_encoder"] else None, "optimizer": opt.state_dict(),
-            "step": step, "data_pos": data_pos, "tallies": tallies, "world": world,
-            "rng": torch.get_rng_state(), "config": cfg, "pool": pool.state_dict() if pool else None}
-    path = os.path.join(out, f"ckpt_{step:08d}.pt")
-    write_file(path, lambda f: torch.save(ckpt, f), point="ckpt")
-    fault("ckpt:renamed")
-    link(path, os.path.join(out, "ckpt.pt"))
-    fault("ckpt:linked")
-    drop_old_checkpoints(cfg, pool)
+    return {"unet": model.trained_state(unet, cfg), "ema": ema.state_dict() if ema else None,
+            "text_encoder": text_encoder.state_dict() if cfg["train_text_encoder"] else None,
+            "optimizer": opt.state_dict()}
+
+
+def sharded_state(unet, ema, opt):
+    """{name: state dict} of a sharded run's tensors, as torch.distributed.checkpoint saves and loads them."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    weights, moments = get_state_dict(unet, opt)  # the optimizer's state named by parameter, not by number
+    return {"unet": weights, "optimizer": moments, **({"ema": ema.state_dict()} if ema is not None else {})}
+
+
+def save_sharded(cfg, unet, ema, opt, step):
+    """FSDP, on every rank: the full weights gathered on rank 0's CPU (the pipeline's unet/ or transformer/ folder),
+    then each rank's shard of the weights, the EMA and the optimizer state to ckpt_STEP.dcp/ -> on rank 0 the
+    checkpoint's entries naming that folder, else None."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    weights = get_model_state_dict(ema or unet, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    name = f"ckpt_{step:08d}.dcp"
+    write_sharded(os.path.join(cfg["out_dir"], name), sharded_state(unet, ema, opt), point="ckpt_dcp")
+    if ddp.rank() > 0:
+        return None
+    write_folder(os.path.join(cfg["out_dir"], model.denoiser_dir(unet)),
+                 lambda d: model.save_weights(ema or unet, weights, d), point=model.denoiser_dir(unet))
+    return {"sharded": name, "unet": None, "ema": None, "text_encoder": None, "optimizer": None}
 
 
 def drop_old_checkpoints(cfg, pool):
-    """Keep the newest keep_checkpoints checkpoints, and the disk pool's snapshot files that they name."""
-    kept = checkpoints(cfg["out_dir"])
+    """Keep the newest keep_checkpoints checkpoints, and the sharded states and disk pool's snapshot files that they
+    name."""
+    out = cfg["out_dir"]
+    kept = checkpoints(out)
     for _, old in kept[:-cfg["keep_checkpoints"]]:
         os.remove(old)
+    named = {f"ckpt_{s:08d}.dcp" for s, _ in kept[-cfg["keep_checkpoints"]:]}
+    for f in os.listdir(out):  # also one whose checkpoint a kill never let be written
+        if f.endswith(".dcp") and f not in named:
+            shutil.rmtree(os.path.join(out, f))
     if pool is not None and pool.storage == "disk":  # the pool holds the newest's; the others' are read, mmapped
         older = [read_checkpoint(p, mmap=True)["pool"]
                  for _, p in kept[-cfg["keep_checkpoints"]:-1]]
@@ -213,7 +290,7 @@ def drop_old_checkpoints(cfg, pool):
 
 
 # what a checkpoint's state depends on (the pool's entries: its draw policy, which decides what it keeps, and its size)
-RESUME_FIXED = ("method", "dataset", "pool_storage", "ref_policy", "pool_capacity", "train_text_encoder", "lora_rank",
+RESUME_FIXED = ("parallel", "method", "dataset", "pool_storage", "ref_policy", "pool_capacity", "train_text_encoder", "lora_rank",
                 "lora_alpha", "lora_targets", "log_theta0")
 
 
@@ -257,12 +334,18 @@ def load_state(path, cfg, world, unet, text_encoder, ema, opt, tallies, tidied, 
     (ckpt, step, data position, tallies)."""
     ckpt = read_checkpoint(path)
     check_resumable(cfg, ckpt, world, path)
-    model.load_trained_state(unet, ckpt["unet"], cfg)
-    if cfg["train_text_encoder"]:
-        text_encoder.load_state_dict(ckpt["text_encoder"])
-    if ema is not None:
-        ema.load_state_dict(ckpt["ema"] if ckpt.get("ema") else ckpt["unet"])
-    opt.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("sharded"):  # FSDP: each rank reads its shard, on however many processes
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+        state = sharded_state(unet, ema, opt)
+        read_sharded(os.path.join(os.path.dirname(path), ckpt["sharded"]), state)
+        set_state_dict(unet, opt, model_state_dict=state["unet"], optim_state_dict=state["optimizer"])
+    else:
+        model.load_trained_state(unet, ckpt["unet"], cfg)
+        if cfg["train_text_encoder"]:
+            text_encoder.load_state_dict(ckpt["text_encoder"])
+        if ema is not None:
+            ema.load_state_dict(ckpt["ema"] if ckpt.get("ema") else ckpt["unet"])
+        opt.load_state_dict(ckpt["optimizer"])
     step, data_pos = ckpt["step"], tuple(ckpt["data_pos"])
     tallies = ckpt.get("tallies") or tallies
     if step > cfg["max_steps"]:

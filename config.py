@@ -40,7 +40,7 @@ CHOICES = {"dataset": ("tiny", "pickapic", "imagefolder", "tiny_video", "clipfol
            "bad_data": ("skip", "stop"), "nonfinite": ("skip", "stop"),
            "noise_schedule": ("scaled_linear", "squaredcos_cap_v2", "linear"),
            "prediction_type": ("epsilon", "v_prediction"), "timestep_density": ("uniform", "logit_normal"),
-           "compile_unet": ("off", "whole", "regional"), "device": ("auto", "cpu", "cuda"),
+           "compile_unet": ("off", "whole", "regional"), "device": ("auto", "cpu", "cuda"), "parallel": ("ddp", "fsdp"),
            "mixed_precision": ("bf16", "bf16_cpu", "no")}
 
 

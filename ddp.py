@@ -2,13 +2,14 @@
 The process helpers every script shares: one script runs with or without torchrun (setup / teardown), rank 0
 prints and logs (print0, log_json into the run directory's log.txt and log.jsonl), numbers are averaged over
 ranks before they are printed (all_mean), and a file written by rank 0 is followed by a collective before anyone
-reads it (together).
+reads it (together). Under parallel='fsdp', shard() spreads a model over the ranks (FSDP2).
 """
 import datetime
 import json
 import os
 import resource
 import sys
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -18,15 +19,19 @@ _log_file = None  # rank 0's out_dir/log.txt, once open_log has opened it
 
 
 def setup(cfg):
-    """-> (rank, world, device). DDP when torchrun set the environment, else one process."""
+    """-> (rank, world, device). DDP (or FSDP) when torchrun set the environment, else one process; under
+    parallel='fsdp' one process is a process group of one, so that its model is sharded (into one shard) and its
+    checkpoints are the sharded ones all the same."""
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
     want_cuda = cfg["device"] == "cuda" or (cfg["device"] == "auto" and torch.cuda.is_available())
     if cfg["device"] == "cuda" and not torch.cuda.is_available():
         raise SystemExit("config error: device='cuda' but no CUDA device is visible")
-    if ddp:
-        dist.init_process_group("nccl" if want_cuda else "gloo", timeout=datetime.timedelta(seconds=cfg["ddp_timeout"]))
+    if ddp or cfg["parallel"] == "fsdp":
+        alone = {} if ddp else dict(store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group("nccl" if want_cuda else "gloo", timeout=datetime.timedelta(seconds=cfg["ddp_timeout"]),
+                                **alone)
         rank, world = dist.get_rank(), dist.get_world_size()
-        local = int(os.environ["LOCAL_RANK"])
+        local = int(os.environ.get("LOCAL_RANK", "0"))
     else:
         rank, world, local = 0, 1, 0
     if want_cuda:
@@ -69,6 +74,39 @@ def accumulate(sums, values, n):
     micro-step (the same numbers as Python floats, bit for bit)."""
     for k, v in values.items():
         sums[k] = sums.get(k, 0.0) + torch.as_tensor(v).detach().double() / n
+
+
+# the repeated blocks of each denoiser: a UNet's down and up blocks (and its mid block), SD3's and FLUX.1's transformer
+# blocks (FLUX.1's single-stream ones too), Wan2.1's blocks. FSDP gathers one of these at a time.
+BLOCKS = ("down_blocks", "up_blocks", "transformer_blocks", "single_transformer_blocks", "blocks")
+
+
+def shard(module, bf16):
+    """FSDP2, in place: each block of the module (BLOCKS, and a UNet's mid block) is one unit of sharding, the rest
+    the root's. Every rank keeps 1/world of each parameter, the optimizer makes its state for that shard alone, and a
+    unit's full weights exist only while it runs (gathered before, freed after). bf16: the weights are gathered and
+    computed in bf16, the fp32 shards stay the master weights and gradients are reduced in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    units = [b for name in BLOCKS for b in getattr(module, name, None) or ()]
+    for unit in units + ([module.mid_block] if getattr(module, "mid_block", None) is not None else []):
+        fully_shard(unit, mp_policy=mp)
+    fully_shard(module, mp_policy=mp, reshard_after_forward=True)  # not FSDP's default for the root: a reference or
+    return module  # an EMA has no backward that would reshard it, and the EMA's update and the pool read the shards
+
+
+def grad_sync(module, on):
+    """The context of a micro-step's forward and backward: gradients averaged over the ranks only when `on` (the last
+    micro-step of an update), by DDP (no_sync otherwise) or FSDP (set_requires_gradient_sync)."""
+    if hasattr(module, "set_requires_gradient_sync"):
+        module.set_requires_gradient_sync(on)
+        return nullcontext()
+    return module.no_sync() if hasattr(module, "no_sync") and not on else nullcontext()
+
+
+def full(t):
+    """A value computed from sharded tensors (a DTensor, like the gradient norm under FSDP) as a plain tensor."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def all_finite(loss, grad_norm, device):

@@ -28,10 +28,12 @@ from diffusers import (AutoencoderKL, AutoencoderKLWan, DDIMScheduler, Diffusion
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
+from safetensors.torch import save_file
 from transformers import (CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast,
                           UMT5EncoderModel)
 
 import diffusion
+import losses
 
 # the libraries' per-file progress bars and their hint to install accelerate would bury our own progress bar
 for _lib in (diffusers, transformers):
@@ -338,7 +340,20 @@ LORA_DIR, LORA_FILE = "lora", "pytorch_lora_weights.safetensors"  # where a run 
 
 
 def check_config(cfg):
-    """SystemExit for what LoRA here does not do, refused rather than silently trained otherwise."""
+    """SystemExit for what LoRA and FSDP here do not do, refused rather than silently trained otherwise."""
+    if cfg["parallel"] == "fsdp":
+        pool = cfg["method"] in losses.REF_METHODS or cfg["log_theta0"] and cfg["method"] == "sft"
+        for key, bad, why in (
+                ("lora_rank", cfg["lora_rank"] > 0, "the base is frozen and the adapters small: DDP holds a LoRA run "
+                                                    "(FLUX.1-dev: 57.5 GB of states a GPU, docs/memory.md)"),
+                ("pool_storage", pool and cfg["pool_storage"] == "memory", "each rank writes its shard of a snapshot "
+                                                                          "to out_dir/pool: pool_storage='disk'"),
+                ("train_text_encoder", cfg["train_text_encoder"], "the text encoder is not sharded"),
+                ("trained_modules", cfg["trained_modules"] != "all", "FSDP trains the whole denoiser"),
+                ("channels_last", cfg["channels_last"], "not implemented for a sharded model"),
+                ("compile_unet", cfg["compile_unet"] != "off", "not implemented for a sharded model")):
+            if bad:
+                raise SystemExit(f"config error: parallel='fsdp' with {key}={cfg[key]!r}: {why}")
     if cfg["lora_rank"] < 0 or cfg["lora_alpha"] < 0:
         raise SystemExit(f"config error: lora_rank and lora_alpha must be >= 0 (lora_rank 0: full fine-tuning; "
                          f"lora_alpha 0: = lora_rank), got {cfg['lora_rank']} and {cfg['lora_alpha']}")
@@ -452,6 +467,20 @@ def load_trained_state(unet, state, cfg):
     with torch.no_grad():
         for k, t in lora_state(unet).items():
             t.copy_(state[k])
+
+
+def save_weights(unet, state, folder):
+    """What save_pretrained writes, from a state dict gathered from a sharded UNet (FSDP): its config and the weights
+    in one safetensors file, which from_pretrained and the pipelines read."""
+    unet.save_config(folder)
+    path = os.path.join(folder, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config["_class_name"] = _inner(unet).__class__.__name__.removeprefix("FSDP")  # FSDP's subclass of the model's
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(folder, "diffusion_pytorch_model.safetensors"),
+              metadata={"format": "pt"})
 
 
 def save_lora(unet, folder):

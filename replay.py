@@ -14,8 +14,12 @@ uniformly, so every snapshot of the whole history is drawn with probability 1/(n
 
 Every random choice is a pure function of (seed, step) or (seed, push number): all DDP ranks draw the same snapshot
 without talking to each other, and a resumed run draws what the uninterrupted run would have drawn.
+
+Under FSDP (sharded=True) the policy is in pieces: each rank writes its shard of a snapshot into the snapshot's folder
+(checkpoint.write_sharded) and reads its shard of the reference back from it, so no snapshot is ever gathered.
 """
 import os
+import shutil
 
 import numpy as np
 import torch
@@ -30,9 +34,10 @@ DRAWS = ("uniform", "first", "last")
 
 class ReferencePool:
     def __init__(self, base_state, draw="uniform", capacity=0, storage="memory", folder=None, seed=0,
-                 dtype=torch.float32, writer=True):
+                 dtype=torch.float32, writer=True, sharded=False):
         """base_state: theta_0's state dict, or None when load_state_dict follows (resume). writer: whether this
-        process writes a disk pool's files (rank 0); the others only name them."""
+        process writes a disk pool's files (rank 0); the others only name them. sharded: FSDP's disk pool, every
+        rank writes its shard (a collective)."""
         if draw not in DRAWS:
             raise ValueError(f"reference draw must be one of {DRAWS}, got {draw!r}")
         if storage not in ("memory", "disk") or (storage == "disk" and not folder):
@@ -40,7 +45,7 @@ class ReferencePool:
         if capacity == 1 or capacity < 0:
             raise ValueError(f"capacity must be 0 (unbounded) or >= 2 (theta_0 + a reservoir), got {capacity}")
         self.draw_policy, self.capacity, self.storage, self.folder = draw, capacity, storage, folder
-        self.seed, self.dtype, self.writer = seed, dtype, writer
+        self.seed, self.dtype, self.writer, self.sharded = seed, dtype, writer, sharded
         self.entries = []  # [{"step": int, "state": dict or None, "path": str or None}], theta_0 first
         self.pushes = 0  # snapshots pushed after theta_0, kept or not: n in the docstring
         if base_state is not None:
@@ -50,6 +55,11 @@ class ReferencePool:
         entry = {"step": step, "state": None, "path": None}  # path: a file name inside `folder`
         if self.storage == "memory":
             entry["state"] = {k: v.detach().to("cpu", self.dtype, copy=True) for k, v in state.items()}
+        elif self.sharded:
+            entry["path"] = f"snapshot_{step:08d}.dcp"
+            os.makedirs(self.folder, exist_ok=True)
+            checkpoint.write_sharded(os.path.join(self.folder, entry["path"]),
+                                     {k: v.detach().to(self.dtype) for k, v in state.items()}, point="pool")
         else:  # written whole or not at all (checkpoint.write_file): a kill never leaves a partial snapshot in use
             entry["path"] = f"snapshot_{step:08d}.safetensors"  # relative: the run directory may move
             if self.writer:
@@ -94,6 +104,9 @@ class ReferencePool:
     def load_into(self, i, module):
         """Copy snapshot i into `module` in place: no new allocation, no config re-read (SSPO swaps often)."""
         e = self.entries[i]
+        if self.sharded:  # each rank its shard, into the sharded reference's own tensors
+            checkpoint.read_sharded(os.path.join(self.folder, e["path"]), module.state_dict())
+            return e["step"]
         state = e["state"] if e["state"] is not None else load_file(os.path.join(self.folder, e["path"]))
         if isinstance(module, model.LoraReference):  # a LoRA run's snapshots are adapters (theta_0: adapters off)
             module.load(state, e["step"])
@@ -110,8 +123,9 @@ class ReferencePool:
         if self.storage == "disk" and self.writer and os.path.isdir(self.folder):
             keep = {e["path"] for e in self.entries} | set(also)
             for f in os.listdir(self.folder):
-                if f.endswith(".safetensors") and f not in keep:
-                    os.remove(os.path.join(self.folder, f))
+                if f.endswith((".safetensors", ".dcp")) and f not in keep:
+                    path = os.path.join(self.folder, f)
+                    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
     def state_dict(self):
         """For the training checkpoint. A memory pool carries its tensors; a disk pool only its file names."""
@@ -119,27 +133,27 @@ class ReferencePool:
 
     def load_state_dict(self, d):
         for e in d["entries"]:
-            if e["path"] is not None and not os.path.isfile(os.path.join(self.folder, e["path"])):
+            if e["path"] is not None and not os.path.exists(os.path.join(self.folder, e["path"])):
                 raise FileNotFoundError(f"reference snapshot {os.path.join(self.folder, e['path'])} (named in the "
                                         "checkpoint) is missing")
         self.entries, self.pushes = d["entries"], d["pushes"]
 
 
-def make_reference(cfg, unet, out, master, ckpt=None, path=None):
-    """-> (pool, reference UNet) of a run: one resident reference UNet, into which snapshots are copied in place. The
-    pool starts with theta_0, the policy as it is now (or comes from checkpoint `ckpt` at `path` on resume); a
-    method other than SSPO only ever draws theta_0 (Diffusion-DPO's frozen base).
+def make_pool(cfg, unet, out, master, ckpt=None, path=None):
+    """-> the reference pool of a run, whose snapshots are copied in place into its one resident reference UNet
+    (model.reference). The pool starts with theta_0, the policy as it is now (or comes from checkpoint `ckpt` at
+    `path` on resume); a method other than SSPO only ever draws theta_0 (Diffusion-DPO's frozen base).
     With LoRA there is no second UNet: the reference is the policy's UNet with its adapters off (theta_0) or with
     a snapshot in its 'ref' adapter (model.LoraReference), and the pool holds adapters only (ref_dtype: their
     storage; the reference computes with the policy's weights)."""
     ref_dtype = torch.bfloat16 if cfg["ref_dtype"] == "bfloat16" else torch.float32
-    ref_unet = model.reference(unet, ref_dtype)
     pool = ddp.together(True, ReferencePool, None if ckpt else model.trained_state(unet, cfg),  # a disk pool writes theta_0
                         cfg["ref_policy"] if cfg["method"] == "sspo" else "first", cfg["pool_capacity"],
-                        cfg["pool_storage"], os.path.join(out, "pool"), cfg["seed"], ref_dtype, master)
+                        cfg["pool_storage"], os.path.join(out, "pool"), cfg["seed"], ref_dtype, master,
+                        cfg["parallel"] == "fsdp")
     if ckpt:
         try:
             pool.load_state_dict(ckpt["pool"])
         except FileNotFoundError as e:
             raise SystemExit(f"error: {path}: {e}")
-    return pool, ref_unet
+    return pool

@@ -152,6 +152,9 @@ n_eval_images = 8               # images in the sample grid for real data (the t
 device = "auto"                 # 'auto' (cuda if available) | 'cpu' | 'cuda'
 mixed_precision = "bf16"        # bf16 autocast, fp32 masters: 'bf16' on CUDA (frozen models bf16) | 'bf16_cpu' CPU too | 'no'
 seed = 0                        # model init, data order, noise: a run is a pure function of its config
+parallel = "ddp"                # several processes: 'ddp' (each holds the whole model) | 'fsdp' (FSDP2: the policy, its
+                                # reference and EMA sharded per block over the processes, the optimizer state too; the
+                                # pool on disk, each rank its shard: models larger than one GPU, docs/memory.md)
 ddp_timeout = 1800              # seconds a collective waits for a rank that is gone before the run stops (gloo sees a
                                 # dead peer's closed socket at once; NCCL waits this long)
 text_cache = 4096               # distinct prompts whose frozen text-encoder output is kept (0: encode every micro-step)
@@ -216,6 +219,8 @@ def run_eval(m, unet, cfg, ds, device, autocast, step):
     unet.train()
     print0(f"eval step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in out.items()))
     ddp.log_json({"kind": "eval", "step": step, **out})
+    if ddp.rank() > 0:  # under FSDP every rank evaluates (the model is in pieces); rank 0 writes
+        return out
     path = os.path.join(cfg["out_dir"], "samples", f"step{step:06d}")
     if images.dim() == 5:  # clips: a strip of frames a row, and a GIF of the first 16
         data.save_clip_strip(images, path + ".png", labels)
@@ -251,7 +256,9 @@ def skip_update(cfg, step, loss, grad_norm, prompts, tallies):
 def load_for_training(cfg, source, ds, device, use_bf16, master):
     """The model parts from `source` (the run directory is an SD-layout folder: scratch and resume load from it),
     the UNet in train mode, the trained parameters (model.trainable: the UNet, its motion modules or its LoRA
-    adapter), AdamW and the EMA copy (None without ema_decay)."""
+    adapter), AdamW, the EMA copy (None without ema_decay) and the reference's UNet (None for a method without one).
+    Under parallel='fsdp' the three UNets are sharded (ddp.shard) once the copies are made: a sharded one cannot be
+    copied."""
     own = source == cfg["out_dir"]  # scratch or resume: a LoRA run's lora/ is resumed from ckpt.pt, not fused here
     try:
         m = model.load_model(source, device, torch.bfloat16 if use_bf16 else torch.float32, fuse_lora=not own,
@@ -271,10 +278,17 @@ def load_for_training(cfg, source, ds, device, use_bf16, master):
         params += list(m["text_encoder"].parameters())
     if cfg["grad_checkpointing"]:
         unet.enable_gradient_checkpointing()
+    ema = model.ema_copy(unet) if cfg["ema_decay"] > 0 else None
+    ref_unet = model.reference(unet, torch.bfloat16 if cfg["ref_dtype"] == "bfloat16" else torch.float32) \
+        if cfg["method"] in losses.REF_METHODS or cfg["log_theta0"] and cfg["method"] == "sft" else None  # SFT: log
+    if cfg["parallel"] == "fsdp":
+        for u in (unet, ref_unet, ema):
+            if u is not None:
+                ddp.shard(u, use_bf16)
+        params = list(unet.parameters())  # now each rank's shards
     opt = torch.optim.AdamW(params, lr=cfg["lr"], betas=(cfg["adam_beta1"], cfg["adam_beta2"]),
                             weight_decay=cfg["weight_decay"], fused=True)  # one kernel for all tensors (CPU too)
-    ema = model.ema_copy(unet) if cfg["ema_decay"] > 0 else None
-    return m, unet, params, opt, ema
+    return m, unet, params, opt, ema, ref_unet
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -303,7 +317,7 @@ def prepare(cfg, rank, world_size, device):
                                    frames=getattr(ds, "frames", 0))
     ddp.barrier()
     use_bf16 = device.type == "cuda" and cfg["mixed_precision"] != "no"  # frozen models in bf16
-    m, unet, params, opt, ema = load_for_training(cfg, source, ds, device, use_bf16, master)
+    m, unet, params, opt, ema, ref_unet = load_for_training(cfg, source, ds, device, use_bf16, master)
     # counts for the log: updates skipped for a non-finite loss or gradient; per epoch, what the data needed
     r = dict(m=m, unet=unet, params=params, opt=opt, ema=ema, ds=ds, stream=stream, ckpt=None, step=0,
              data_pos=(0, 0), tallies={"skipped_updates": 0, "data": dict.fromkeys(data.DATA_TALLIES, 0)},
@@ -311,8 +325,8 @@ def prepare(cfg, rank, world_size, device):
     if resume:
         r["ckpt"], r["step"], r["data_pos"], r["tallies"] = checkpoint.load_state(
             latest, cfg, world_size, unet, m["text_encoder"], ema, opt, r["tallies"], tidied, master)
-    if cfg["method"] in losses.REF_METHODS or cfg["log_theta0"] and cfg["method"] == "sft":  # SFT: for the log alone
-        r["pool"], r["ref_unet"] = replay.make_reference(cfg, unet, out, master, r["ckpt"], latest)
+    if ref_unet is not None:
+        r["pool"], r["ref_unet"] = replay.make_pool(cfg, unet, out, master, r["ckpt"], latest), ref_unet
     if resume:  # a kill may have come after a new checkpoint but before the old ones went
         ddp.together(master, checkpoint.drop_old_checkpoints, cfg, r["pool"])
         if r["step"] == cfg["max_steps"]:  # its last eval and save are done: running them again would log them twice
@@ -344,8 +358,9 @@ def main(cfg):
                                                                        "tallies"))
     ref_step = None  # the step of the snapshot in ref_unet (0: theta_0)
     # gradients as views into DDP's all-reduce buckets: one copy of the UNet's gradients, not two (3.4 GB on SD1.5)
+    fsdp = cfg["parallel"] == "fsdp"  # then every rank runs the eval and the save: the model is in pieces
     ddp_unet = DDP(unet, device_ids=[device.index] if device.type == "cuda" else None,
-                   gradient_as_bucket_view=True) if world_size > 1 else unet
+                   gradient_as_bucket_view=True) if world_size > 1 and not fsdp else unet
     policy = model.net(ddp_unet, cfg["guidance"])  # as diffusion.py calls a network (FLUX.1-dev trains at its guidance)
     reference = None if ref_unet is None else model.net(ref_unet, cfg["guidance"])
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if r["autocast"] else nullcontext()
@@ -368,12 +383,12 @@ def main(cfg):
         last = step == cfg["max_steps"]
         # once in a while (the last step too): eval + sample grid, then checkpoint
         if step % cfg["eval_every"] == 0 or last:
-            if master:
+            if master or fsdp:
                 res = run_eval(m, ema or unet, cfg, ds, device, autocast, step)
                 first_eval = first_eval or res
             ddp.barrier()
         if (step % cfg["save_every"] == 0 or last) and step > 0 and not (ckpt and step == ckpt["step"]):
-            ddp.together(master, checkpoint.save_checkpoint, cfg, unet, ema, m["text_encoder"], opt, step, data_pos,
+            ddp.together(master or fsdp, checkpoint.save_checkpoint, cfg, unet, ema, m["text_encoder"], opt, step, data_pos,
                          pool, tallies, world_size)
         if last:
             break
@@ -407,8 +422,7 @@ def main(cfg):
                                             cfg["self_sample_guidance"], cfg["self_sample_eta"], eta_noise)
                 stats_sum["t_sample"] = stats_sum.get("t_sample", 0.0) + time.time() - t0
                 judged = judge_self_samples(ds, m, batch, x0_l, device)  # tiny worlds: the log, ssr='oracle'
-            sync = nullcontext() if world_size == 1 or micro == cfg["grad_accum"] - 1 else ddp_unet.no_sync()
-            with sync, autocast:  # DDP syncs gradients on the last micro-step only
+            with ddp.grad_sync(ddp_unet, micro == cfg["grad_accum"] - 1), autocast:  # on the last micro-step only
                 e = diffusion.pair_errors(policy, reference, sched, x0_w, x0_l, eps, t, ctx, uncond, inversion,
                                           cfg["sdpo_mu"] if cfg["sdpo_safeguard"] else None, extra)
                 loss, stats = losses.OBJECTIVES[cfg["method"]]({**e, **judged[0]}, cfg)
@@ -417,14 +431,14 @@ def main(cfg):
             ddp.accumulate(stats_sum, {"loss": loss, **stats, **judged[1], **e["logged"]}, cfg["grad_accum"])
         if cfg["train_text_encoder"]:  # DDP averages the UNet's gradients; these we average here
             ddp.average_grads(m["text_encoder"])
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"] or float("inf"))
+        grad_norm = ddp.full(torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"] or float("inf")))
         if ddp.all_finite(stats_sum["loss"], grad_norm, device):  # every rank steps or none does
             opt.step()
             if ema is not None:
                 model.ema_update(ema, unet, cfg["ema_decay"])
         else:
             skip_update(cfg, step, stats_sum["loss"], grad_norm, prompts, tallies)
-        opt.zero_grad(set_to_none=world_size == 1)  # under DDP, zeroed in place: still the bucket views (freed, the
+        opt.zero_grad(set_to_none=ddp_unet is unet)  # under DDP, zeroed in place: still the bucket views (freed, the
         # next no_sync micro-steps would accumulate into new tensors, a second copy until the all-reduce)
         stats_sum["t_train"] = time.time() - t_start - stats_sum.get("t_sample", 0.0)  # seconds, this update
         step += 1
