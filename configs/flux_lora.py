@@ -1,8 +1,8 @@
 # SSPO on FLUX.1-dev (a 12B rectified-flow transformer, guidance-distilled) with rank-32 LoRA and Pick-a-Pic v2's
 # preferred images, 8 GPUs of 80 GB. Nothing here is a published SSPO run (the paper trains SD1.5 and AnimateDiff).
 #   torchrun --nproc_per_node=8 train_sspo.py configs/flux_lora.py --data_path=/path/to/pickapic_v2/train
-# Full fine-tuning does not fit: 11.9B parameters in fp32 with gradients and AdamW's moments are 190 GB a GPU under
-# DDP; it needs sharding (FSDP2), not implemented yet. FLUX.1-schnell (timestep-distilled, no schedule shift) is
+# Full fine-tuning does not fit DDP: 11.9B parameters in fp32 with gradients and AdamW's moments are 190 GB a GPU; it
+# is sharded in configs/flux_full.py (FSDP2). FLUX.1-schnell (timestep-distilled, no schedule shift) is
 # refused: its few-step sampler is not a training target.
 # effective batch: 8 GPUs x batch_size 4 x grad_accum 64 = 2048, the paper's (SSPO.md 6).
 # GPU memory: an ESTIMATE from byte counts, not measured. The transformer stays in fp32 under the adapters (it is the
