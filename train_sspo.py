@@ -5,6 +5,7 @@ SSPO setting) and the other objectives of the literature (losses.py).
 
     python train_sspo.py configs/tiny_base.py                     # one process, CPU or one GPU
     torchrun --nproc_per_node=8 train_sspo.py configs/sd15.py      # DDP (nccl on GPU, gloo on CPU)
+    torchrun --nproc_per_node=8 train_sspo.py configs/flux_full.py # FSDP2 (parallel='fsdp'): the model sharded
     python train_sspo.py configs/tiny_base.py --max_steps=50 --out_dir=out/try   # --key=value overrides
 
 Read top to bottom: every tunable with what it does, a few helpers of the loop, then main, whose optimizer update
@@ -357,8 +358,8 @@ def main(cfg):
     pool, ref_unet, ckpt, step, data_pos, tallies = (r[k] for k in ("pool", "ref_unet", "ckpt", "step", "data_pos",
                                                                        "tallies"))
     ref_step = None  # the step of the snapshot in ref_unet (0: theta_0)
-    # gradients as views into DDP's all-reduce buckets: one copy of the UNet's gradients, not two (3.4 GB on SD1.5)
     fsdp = cfg["parallel"] == "fsdp"  # then every rank runs the eval and the save: the model is in pieces
+    # gradients as views into DDP's all-reduce buckets: one copy of the UNet's gradients, not two (3.4 GB on SD1.5)
     ddp_unet = DDP(unet, device_ids=[device.index] if device.type == "cuda" else None,
                    gradient_as_bucket_view=True) if world_size > 1 and not fsdp else unet
     policy = model.net(ddp_unet, cfg["guidance"])  # as diffusion.py calls a network (FLUX.1-dev trains at its guidance)
@@ -388,8 +389,8 @@ def main(cfg):
                 first_eval = first_eval or res
             ddp.barrier()
         if (step % cfg["save_every"] == 0 or last) and step > 0 and not (ckpt and step == ckpt["step"]):
-            ddp.together(master or fsdp, checkpoint.save_checkpoint, cfg, unet, ema, m["text_encoder"], opt, step, data_pos,
-                         pool, tallies, world_size)
+            ddp.together(master or fsdp, checkpoint.save_checkpoint, cfg, unet, ema, m["text_encoder"], opt, step,
+                         data_pos, pool, tallies, world_size)
         if last:
             break
 
