@@ -26,7 +26,7 @@ def setup(cfg):
     want_cuda = cfg["device"] == "cuda" or (cfg["device"] == "auto" and torch.cuda.is_available())
     if cfg["device"] == "cuda" and not torch.cuda.is_available():
         raise SystemExit("config error: device='cuda' but no CUDA device is visible")
-    if ddp or cfg["parallel"] == "fsdp":
+    if ddp or cfg.get("parallel") == "fsdp":  # evaluate.py passes device and ddp_timeout alone
         alone = {} if ddp else dict(store=dist.HashStore(), rank=0, world_size=1)
         dist.init_process_group("nccl" if want_cuda else "gloo", timeout=datetime.timedelta(seconds=cfg["ddp_timeout"]),
                                 **alone)
