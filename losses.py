@@ -23,9 +23,10 @@ def sft_loss(err_w, ref_err_w=None):
 def dpo_loss(err_w, err_l, ref_err_w, ref_err_l, beta):
     """Diffusion-DPO (Wallace et al. 2023) in the convention of its reference code: the 1/2 explicit, T*omega(t)
     folded into beta (SD1.5: 5000). z > 0 when the policy improved on the winner more than on the loser."""
-    z = -0.5 * beta * ((err_w - ref_err_w) - (err_l - ref_err_l))
-    stats = {"implicit_acc": (z > 0).float().mean(), "err_w": err_w.mean(), "err_l": err_l.mean(),
-             "ref_err_w": ref_err_w.mean(), "ref_err_l": ref_err_l.mean()}
+    d_w, d_l = err_w - ref_err_w, err_l - ref_err_l  # policy minus reference: both rise when the winners are displaced
+    z = -0.5 * beta * (d_w - d_l)
+    stats = {"implicit_acc": (z > 0).float().mean(), "d_w": d_w.mean(), "d_l": d_l.mean(), "err_w": err_w.mean(),
+             "err_l": err_l.mean(), "ref_err_w": ref_err_w.mean(), "ref_err_l": ref_err_l.mean()}
     return -F.logsigmoid(z).mean(), {k: v.detach() for k, v in stats.items()}
 
 

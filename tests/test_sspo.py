@@ -31,6 +31,7 @@ def test_dpo_loss_by_hand():
     loss, stats = losses.dpo_loss(err_w, err_l, torch.tensor([0.2]), torch.tensor([0.2]), beta=10.0)
     assert loss.item() == pytest.approx(softplus(1.0), rel=1e-6)
     assert stats["implicit_acc"] == 1.0
+    assert stats["d_w"].item() == pytest.approx(-0.1) and stats["d_l"].item() == pytest.approx(0.1)  # logged apart
     loss.backward()
     assert err_w.grad.item() > 0 and err_l.grad.item() < 0  # descent lowers the winner's error, raises the loser's
     # the 1/2 convention: d loss / d err_w = (beta / 2) * sigmoid(-z)
