@@ -290,8 +290,8 @@ def drop_old_checkpoints(cfg, pool):
 
 
 # what a checkpoint's state depends on (the pool's entries: its draw policy, which decides what it keeps, and its size)
-RESUME_FIXED = ("parallel", "method", "dataset", "pool_storage", "ref_policy", "pool_capacity", "train_text_encoder", "lora_rank",
-                "lora_alpha", "lora_targets", "log_theta0")
+RESUME_FIXED = ("parallel", "method", "dataset", "pool_storage", "ref_policy", "pool_capacity", "train_text_encoder",
+                "lora_rank", "lora_alpha", "lora_targets", "log_theta0")
 
 
 def check_resumable(cfg, ckpt, world, path):

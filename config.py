@@ -104,6 +104,18 @@ def get_config(argv):
                          "the noise cannot be told from x_t = eps)")
     if cfg["train_text_encoder"] and cfg["method"] != "sft":
         raise SystemExit("config error: train_text_encoder is for SFT pretraining; alignment keeps the encoder frozen")
+    if cfg["parallel"] == "fsdp":
+        for key, bad, why in (
+                ("lora_rank", cfg["lora_rank"] > 0, "the base is frozen and the adapters small: DDP holds a LoRA run "
+                                                    "(FLUX.1-dev: 57.5 GB of states a GPU, docs/memory.md)"),
+                ("pool_storage", losses.needs_reference(cfg) and cfg["pool_storage"] == "memory",
+                 "each rank writes its shard of a snapshot to out_dir/pool: pool_storage='disk'"),
+                ("train_text_encoder", cfg["train_text_encoder"], "the text encoder is not sharded"),
+                ("trained_modules", cfg["trained_modules"] != "all", "FSDP trains the whole denoiser"),
+                ("channels_last", cfg["channels_last"], "not implemented for a sharded model"),
+                ("compile_unet", cfg["compile_unet"] != "off", "not implemented for a sharded model")):
+            if bad:
+                raise SystemExit(f"config error: parallel='fsdp' with {key}={cfg[key]!r}: {why}")
     if cfg["text_cache"] < 0:
         raise SystemExit(f"config error: text_cache must be >= 0 (0: no cache), got {cfg['text_cache']}")
     if cfg["pool_capacity"] < 0 or cfg["pool_capacity"] == 1:

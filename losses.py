@@ -161,3 +161,8 @@ OBJECTIVES = {
 }
 PAIR_METHODS = ("dpo", "dmpo", "kto", "mapo", "see_dpo", "dpo_cm")  # read image_l from the data
 REF_METHODS = ("dpo", "sspo", "dmpo", "kto", "see_dpo", "dpo_cm")    # compare with a frozen reference UNet
+
+
+def needs_reference(cfg):
+    """Whether a run keeps a reference UNet and its pool: the methods that compare with one, and SFT logging theta_0."""
+    return cfg["method"] in REF_METHODS or cfg["log_theta0"] and cfg["method"] == "sft"

@@ -33,7 +33,6 @@ from transformers import (CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeni
                           UMT5EncoderModel)
 
 import diffusion
-import losses
 
 # the libraries' per-file progress bars and their hint to install accelerate would bury our own progress bar
 for _lib in (diffusers, transformers):
@@ -340,20 +339,7 @@ LORA_DIR, LORA_FILE = "lora", "pytorch_lora_weights.safetensors"  # where a run 
 
 
 def check_config(cfg):
-    """SystemExit for what LoRA and FSDP here do not do, refused rather than silently trained otherwise."""
-    if cfg["parallel"] == "fsdp":
-        pool = cfg["method"] in losses.REF_METHODS or cfg["log_theta0"] and cfg["method"] == "sft"
-        for key, bad, why in (
-                ("lora_rank", cfg["lora_rank"] > 0, "the base is frozen and the adapters small: DDP holds a LoRA run "
-                                                    "(FLUX.1-dev: 57.5 GB of states a GPU, docs/memory.md)"),
-                ("pool_storage", pool and cfg["pool_storage"] == "memory", "each rank writes its shard of a snapshot "
-                                                                          "to out_dir/pool: pool_storage='disk'"),
-                ("train_text_encoder", cfg["train_text_encoder"], "the text encoder is not sharded"),
-                ("trained_modules", cfg["trained_modules"] != "all", "FSDP trains the whole denoiser"),
-                ("channels_last", cfg["channels_last"], "not implemented for a sharded model"),
-                ("compile_unet", cfg["compile_unet"] != "off", "not implemented for a sharded model")):
-            if bad:
-                raise SystemExit(f"config error: parallel='fsdp' with {key}={cfg[key]!r}: {why}")
+    """SystemExit for what LoRA here does not do, refused rather than silently trained otherwise."""
     if cfg["lora_rank"] < 0 or cfg["lora_alpha"] < 0:
         raise SystemExit(f"config error: lora_rank and lora_alpha must be >= 0 (lora_rank 0: full fine-tuning; "
                          f"lora_alpha 0: = lora_rank), got {cfg['lora_rank']} and {cfg['lora_alpha']}")

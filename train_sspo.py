@@ -281,7 +281,7 @@ def load_for_training(cfg, source, ds, device, use_bf16, master):
         unet.enable_gradient_checkpointing()
     ema = model.ema_copy(unet) if cfg["ema_decay"] > 0 else None
     ref_unet = model.reference(unet, torch.bfloat16 if cfg["ref_dtype"] == "bfloat16" else torch.float32) \
-        if cfg["method"] in losses.REF_METHODS or cfg["log_theta0"] and cfg["method"] == "sft" else None  # SFT: log
+        if losses.needs_reference(cfg) else None
     if cfg["parallel"] == "fsdp":
         for u in (unet, ref_unet, ema):
             if u is not None:

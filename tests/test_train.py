@@ -100,7 +100,7 @@ def test_every_config_in_configs_dir_is_valid():
             argv = [os.path.join("configs", name)]
             if name.startswith(("sd15", "sd35", "sdxl", "flux", "wan", "animatediff")):  # data path: the user's; check the rest
                 argv.append(f"--data_path={os.getcwd()}")
-            model.check_config(config.get_config(argv))  # what LoRA and FSDP refuse too
+            model.check_config(config.get_config(argv))  # what LoRA refuses too
 
 
 def test_sft_loss_by_hand():
